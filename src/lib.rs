@@ -1,5 +1,23 @@
 //! postflow: draw posterior weight samples from a flow-matching bundle through
 //! ONNX Runtime, with log-densities, and average the network's predictions.
+//!
+//! Start with [`Model::open`], then [`Model::sample`] or [`Model::log_prob`].
+pub mod bma;
+pub mod bundle;
+pub mod engine;
 pub mod error;
+pub mod metrics;
+pub mod model;
+pub mod ode;
+pub mod rng;
+pub mod runtime;
+pub mod sampler;
+pub mod trace;
 
+pub use bundle::Limits;
+pub use engine::Device;
 pub use error::{Error, ErrorKind, Result};
+pub use model::{Model, ModelOptions};
+pub use ode::{OdeStats, SolverKind};
+pub use sampler::{LogDensities, SampleOptions, Samples};
+pub use trace::{ProbeNoise, TraceMode};

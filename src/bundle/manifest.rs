@@ -1,0 +1,156 @@
+//! The manifest (`postflow.json`) as Rust types. Parsing checks types and
+//! required fields; cross-field rules live in `bundle::validate`.
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT: &str = "postflow-bundle";
+pub const FORMAT_VERSION: u64 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u64,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub task: Task,
+    pub input: Input,
+    pub network: Network,
+    pub flow: FlowSpec,
+    pub graphs: Graphs,
+    #[serde(default = "default_tensors_file")]
+    pub tensors: String,
+    #[serde(default)]
+    pub provenance: serde_json::Value,
+    #[serde(default)]
+    pub reference_metrics: serde_json::Value,
+}
+
+fn default_tensors_file() -> String {
+    "tensors.safetensors".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Task {
+    Classification {
+        classes: usize,
+        #[serde(default)]
+        class_names: Option<Vec<String>>,
+    },
+    Regression {
+        outputs: usize,
+        noise: Noise,
+    },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Noise {
+    Homoscedastic { sigma: f64 },
+    Heteroscedastic,
+}
+
+impl Task {
+    /// Width of the network's output `C`: classes, `k`, or `2k` for heteroscedastic regression.
+    pub fn net_outputs(&self) -> usize {
+        match self {
+            Task::Classification { classes, .. } => *classes,
+            Task::Regression { outputs, noise: Noise::Homoscedastic { .. } } => *outputs,
+            Task::Regression { outputs, noise: Noise::Heteroscedastic } => 2 * outputs,
+        }
+    }
+    /// Width of a prediction's mean: classes, or regression outputs.
+    pub fn prediction_outputs(&self) -> usize {
+        match self {
+            Task::Classification { classes, .. } => *classes,
+            Task::Regression { outputs, .. } => *outputs,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Input {
+    pub dim: usize,
+    #[serde(default)]
+    pub feature_names: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Network {
+    pub dim: usize,
+    pub layers: Vec<Layer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layer {
+    pub kind: LayerKind,
+    #[serde(rename = "in")]
+    pub inputs: usize,
+    #[serde(rename = "out")]
+    pub outputs: usize,
+    pub activation: Activation,
+    pub weight: Block,
+    pub bias: Block,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerKind {
+    Dense,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    Relu,
+    Identity,
+}
+
+/// A contiguous block of θ: `offset` and a row-major `shape`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Block {
+    pub offset: usize,
+    pub shape: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlowSpec {
+    pub dim: usize,
+    pub base: String,
+    pub time: [f64; 2],
+    pub geometry: String,
+    pub default_solver: DefaultSolver,
+    pub hutchinson: HutchinsonSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DefaultSolver {
+    pub method: String,
+    pub steps: u32,
+    #[serde(default)]
+    pub rtol: Option<f64>,
+    #[serde(default)]
+    pub atol: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HutchinsonSpec {
+    pub probes: u32,
+    pub noise: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Graphs {
+    pub flow: GraphSpec,
+    pub flow_jvp: GraphSpec,
+    pub net: GraphSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GraphSpec {
+    pub file: String,
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+}

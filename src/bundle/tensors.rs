@@ -1,0 +1,155 @@
+//! The bundle's tensors (`tensors.safetensors`), checked against the manifest.
+use ndarray::Array2;
+use safetensors::{Dtype, SafeTensors};
+
+use super::manifest::{Manifest, Task};
+use crate::{Error, Result};
+
+/// Eval-split targets and the HMC predictive on them.
+#[derive(Debug, Clone)]
+pub enum EvalTargets {
+    Classification { labels: Vec<i64>, hmc_probs: Array2<f32> },
+    Regression { y: Array2<f32>, hmc_mean: Array2<f32>, hmc_var: Array2<f32> },
+}
+
+/// Everything `tensors.safetensors` holds that the runtime uses, owned and validated.
+#[derive(Debug, Clone)]
+pub struct BundleTensors {
+    pub whiten_mean: Vec<f32>,
+    pub whiten_scale: Vec<f32>,
+    /// `Σ log scale`, the whitening's contribution to every log-density.
+    pub sum_log_scale: f64,
+    pub reference_theta: Vec<f32>,
+    pub posterior_theta: Array2<f32>,
+    pub eval_x: Array2<f32>,
+    pub eval: EvalTargets,
+}
+
+struct Table<'a>(SafeTensors<'a>);
+
+impl<'a> Table<'a> {
+    fn raw(&self, name: &str, dtype: Dtype, ndim: usize) -> Result<(Vec<usize>, &'a [u8])> {
+        let view = self
+            .0
+            .tensor(name)
+            .map_err(|_| Error::bundle(format!("tensor {name}: missing from the tensors file")))?;
+        if view.dtype() != dtype {
+            return Err(Error::bundle(format!(
+                "tensor {name}: dtype is {:?}, expected {dtype:?}",
+                view.dtype()
+            )));
+        }
+        if view.shape().len() != ndim {
+            return Err(Error::bundle(format!(
+                "tensor {name}: shape {:?} has rank {}, expected rank {ndim}",
+                view.shape(),
+                view.shape().len()
+            )));
+        }
+        Ok((view.shape().to_vec(), view.data()))
+    }
+
+    fn f32s(&self, name: &str, ndim: usize) -> Result<(Vec<usize>, Vec<f32>)> {
+        let (shape, data) = self.raw(name, Dtype::F32, ndim)?;
+        let values = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        Ok((shape, values))
+    }
+
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let (shape, v) = self.f32s(name, 1)?;
+        expect_shape(name, &shape, &[len])?;
+        Ok(v)
+    }
+
+    fn matrix(&self, name: &str, rows: Option<usize>, cols: usize) -> Result<Array2<f32>> {
+        let (shape, v) = self.f32s(name, 2)?;
+        let want_rows = rows.unwrap_or(shape[0]);
+        expect_shape(name, &shape, &[want_rows, cols])?;
+        Array2::from_shape_vec((shape[0], shape[1]), v).map_err(|e| Error::bundle(format!("tensor {name}: {e}")))
+    }
+}
+
+fn expect_shape(name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got != want {
+        return Err(Error::bundle(format!("tensor {name}: shape {got:?} disagrees with the manifest, expected {want:?}")));
+    }
+    Ok(())
+}
+
+fn require_finite(name: &str, values: &[f32]) -> Result<()> {
+    let bad: Vec<usize> = values.iter().enumerate().filter(|(_, v)| !v.is_finite()).map(|(i, _)| i).collect();
+    if let Some(first) = bad.first() {
+        return Err(Error::bundle(format!(
+            "tensor {name}: {} non-finite value(s) (NaN or Inf), first at flat index {first}",
+            bad.len()
+        )));
+    }
+    Ok(())
+}
+
+impl BundleTensors {
+    /// Parse and check the tensors file against a (validated) manifest.
+    pub fn parse(bytes: &[u8], manifest: &Manifest) -> Result<Self> {
+        let table = Table(
+            SafeTensors::deserialize(bytes).map_err(|e| Error::bundle(format!("tensors file: not valid safetensors: {e}")))?,
+        );
+        let d = manifest.network.dim;
+        let d_in = manifest.input.dim;
+
+        let whiten_mean = table.vector("flow.whiten.mean", d)?;
+        require_finite("flow.whiten.mean", &whiten_mean)?;
+        let whiten_scale = table.vector("flow.whiten.scale", d)?;
+        require_finite("flow.whiten.scale", &whiten_scale)?;
+        if let Some((i, s)) = whiten_scale.iter().enumerate().find(|(_, s)| **s <= 0.0) {
+            return Err(Error::bundle(format!(
+                "tensor flow.whiten.scale: scale must be > 0, found {s} at index {i}"
+            )));
+        }
+        let sum_log_scale = whiten_scale.iter().map(|s| f64::from(*s).ln()).sum();
+
+        let reference_theta = table.vector("reference.theta", d)?;
+        require_finite("reference.theta", &reference_theta)?;
+        let posterior_theta = table.matrix("posterior.theta", None, d)?;
+        if posterior_theta.nrows() == 0 {
+            return Err(Error::bundle("tensor posterior.theta: has no samples (M = 0)"));
+        }
+        require_finite("posterior.theta", posterior_theta.as_slice().unwrap_or(&[]))?;
+
+        let eval_x = table.matrix("eval.x", None, d_in)?;
+        let n = eval_x.nrows();
+        if n == 0 {
+            return Err(Error::bundle("tensor eval.x: has no rows (N = 0)"));
+        }
+        require_finite("eval.x", eval_x.as_slice().unwrap_or(&[]))?;
+
+        let eval = match &manifest.task {
+            Task::Classification { classes, .. } => {
+                let (shape, data) = table.raw("eval.y", Dtype::I64, 1)?;
+                expect_shape("eval.y", &shape, &[n])?;
+                let labels: Vec<i64> = data
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                    .collect();
+                if let Some((i, y)) = labels.iter().enumerate().find(|(_, y)| **y < 0 || **y >= *classes as i64) {
+                    return Err(Error::bundle(format!("tensor eval.y: label {y} at index {i} is outside [0, {classes})")));
+                }
+                let hmc_probs = table.matrix("eval.hmc_probs", Some(n), *classes)?;
+                require_finite("eval.hmc_probs", hmc_probs.as_slice().unwrap_or(&[]))?;
+                EvalTargets::Classification { labels, hmc_probs }
+            }
+            Task::Regression { outputs, .. } => {
+                let y = table.matrix("eval.y", Some(n), *outputs)?;
+                let hmc_mean = table.matrix("eval.hmc_mean", Some(n), *outputs)?;
+                let hmc_var = table.matrix("eval.hmc_var", Some(n), *outputs)?;
+                for (name, a) in [("eval.y", &y), ("eval.hmc_mean", &hmc_mean), ("eval.hmc_var", &hmc_var)] {
+                    require_finite(name, a.as_slice().unwrap_or(&[]))?;
+                }
+                if hmc_var.iter().any(|v| *v <= 0.0) {
+                    return Err(Error::bundle("tensor eval.hmc_var: variances must be > 0"));
+                }
+                EvalTargets::Regression { y, hmc_mean, hmc_var }
+            }
+        };
+        Ok(BundleTensors { whiten_mean, whiten_scale, sum_log_scale, reference_theta, posterior_theta, eval_x, eval })
+    }
+}

@@ -1,0 +1,289 @@
+//! ONNX Runtime sessions for a bundle's three graphs.
+//!
+//! `Session::run` needs `&mut Session`, yet a loaded model is shared by many
+//! threads. Each graph therefore has a small pool of sessions, each behind its
+//! own mutex: a caller takes any free session, creates another one while the
+//! pool is below its cap, and otherwise waits for one. A lock is held for one
+//! `run` only. (`docs/performance.md` compares pool sizes under 4 threads.)
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use ort::session::Session;
+use ort::value::{TensorElementType, TensorRef, ValueType};
+
+use crate::bundle::Manifest;
+use crate::{Error, Result};
+
+/// Where the graphs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// The CUDA execution provider on GPU `id` (needs the `cuda` feature and a CUDA build of ONNX Runtime).
+    Cuda(i32),
+}
+
+/// How sessions are built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionConfig {
+    pub device: Device,
+    /// Intra-op threads per session; 0 lets ONNX Runtime choose.
+    pub intra_op_threads: usize,
+    /// Most sessions per graph (concurrent runs of that graph); at least 1.
+    pub max_sessions: usize,
+}
+
+struct SessionPool {
+    graph: &'static str,
+    bytes: Vec<u8>,
+    slots: Box<[OnceLock<Mutex<Session>>]>,
+    creating: Mutex<()>,
+    next: AtomicUsize,
+}
+
+impl SessionPool {
+    fn new(graph: &'static str, bytes: Vec<u8>, first: Session, max: usize) -> Self {
+        let slots: Box<[OnceLock<Mutex<Session>>]> = (0..max.max(1)).map(|_| OnceLock::new()).collect();
+        let _ = slots[0].set(Mutex::new(first));
+        SessionPool { graph, bytes, slots, creating: Mutex::new(()), next: AtomicUsize::new(0) }
+    }
+
+    fn acquire(&self, config: &SessionConfig) -> Result<MutexGuard<'_, Session>> {
+        for slot in self.slots.iter() {
+            match slot.get() {
+                Some(m) => {
+                    if let Ok(guard) = m.try_lock() {
+                        return Ok(guard);
+                    }
+                }
+                None => {
+                    // Every session is busy: add one if nobody else is doing so.
+                    if let Ok(_creating) = self.creating.try_lock() {
+                        if slot.get().is_none() {
+                            let session = build_session(config, &self.bytes, self.graph)?;
+                            let _ = slot.set(Mutex::new(session));
+                        }
+                    }
+                    if let Some(m) = slot.get() {
+                        return Ok(m.lock().unwrap_or_else(|p| p.into_inner()));
+                    }
+                    break;
+                }
+            }
+        }
+        let live = self.slots.iter().take_while(|s| s.get().is_some()).count().max(1);
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % live;
+        let m = self.slots[i].get().expect("slot 0 is always filled");
+        Ok(m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn live_sessions(&self) -> usize {
+        self.slots.iter().filter(|s| s.get().is_some()).count()
+    }
+}
+
+fn build_session(config: &SessionConfig, bytes: &[u8], graph: &str) -> Result<Session> {
+    let env = crate::runtime::environment(None)?;
+    let fail = |what: &str, e: String| Error::runtime(format!("graph {graph}: {what}: {e}"));
+    let mut builder = Session::builder(env).map_err(|e| fail("session builder", e.to_string()))?;
+    if config.intra_op_threads > 0 {
+        builder = builder.with_intra_threads(config.intra_op_threads).map_err(|e| fail("intra-op threads", e.to_string()))?;
+    }
+    match config.device {
+        Device::Cpu => {}
+        #[cfg(feature = "cuda")]
+        Device::Cuda(id) => {
+            let ep = ort::ep::CUDA::default().with_device_id(id).build().error_on_failure();
+            builder = builder.with_execution_providers([ep]).map_err(|e| {
+                Error::unsupported(format!(
+                    "CUDA device {id} is not available to ONNX Runtime ({e}); a CUDA build of libonnxruntime and a visible GPU are needed"
+                ))
+            })?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(id) => {
+            return Err(Error::unsupported(format!(
+                "CUDA device {id} requested, but postflow was built without the `cuda` feature"
+            )))
+        }
+    }
+    builder.commit_from_memory(bytes).map_err(|e| fail("could not load the ONNX graph", e.to_string()))
+}
+
+/// The three graphs of a bundle, ready to run.
+pub struct Engine {
+    config: SessionConfig,
+    flow: SessionPool,
+    flow_jvp: SessionPool,
+    net: SessionPool,
+    names: GraphNames,
+    dim: usize,
+    input_dim: usize,
+    outputs: usize,
+}
+
+/// The I/O names from the manifest, in the format's order.
+#[derive(Debug, Clone)]
+struct GraphNames {
+    flow_in: [String; 2],
+    flow_out: String,
+    jvp_in: [String; 3],
+    jvp_out: [String; 2],
+    net_in: [String; 2],
+    net_out: String,
+}
+
+/// Expected dims of a graph input or output: `None` = a batch dimension (must be dynamic).
+type DimSpec = [Option<usize>];
+
+impl Engine {
+    /// Build one session per graph and check every input and output against the manifest.
+    pub fn new(manifest: &Manifest, graphs: crate::bundle::GraphBytes, config: SessionConfig) -> Result<Engine> {
+        crate::runtime::environment(None)?;
+        let d = manifest.network.dim;
+        let d_in = manifest.input.dim;
+        let c = manifest.task.net_outputs();
+        let g = &manifest.graphs;
+        let names = GraphNames {
+            flow_in: [g.flow.inputs[0].clone(), g.flow.inputs[1].clone()],
+            flow_out: g.flow.outputs[0].clone(),
+            jvp_in: [g.flow_jvp.inputs[0].clone(), g.flow_jvp.inputs[1].clone(), g.flow_jvp.inputs[2].clone()],
+            jvp_out: [g.flow_jvp.outputs[0].clone(), g.flow_jvp.outputs[1].clone()],
+            net_in: [g.net.inputs[0].clone(), g.net.inputs[1].clone()],
+            net_out: g.net.outputs[0].clone(),
+        };
+        let flow = build_session(&config, &graphs.flow, "flow")?;
+        check_io(&flow, "flow", true, &[(&names.flow_in[0], &[None]), (&names.flow_in[1], &[None, Some(d)])])?;
+        check_io(&flow, "flow", false, &[(&names.flow_out, &[None, Some(d)])])?;
+        let jvp = build_session(&config, &graphs.flow_jvp, "flow_jvp")?;
+        check_io(
+            &jvp,
+            "flow_jvp",
+            true,
+            &[(&names.jvp_in[0], &[None]), (&names.jvp_in[1], &[None, Some(d)]), (&names.jvp_in[2], &[None, None, Some(d)])],
+        )?;
+        check_io(&jvp, "flow_jvp", false, &[(&names.jvp_out[0], &[None, Some(d)]), (&names.jvp_out[1], &[None, None])])?;
+        let net = build_session(&config, &graphs.net, "net")?;
+        check_io(&net, "net", true, &[(&names.net_in[0], &[None, Some(d_in)]), (&names.net_in[1], &[None, Some(d)])])?;
+        check_io(&net, "net", false, &[(&names.net_out, &[None, None, Some(c)])])?;
+        let max = config.max_sessions.max(1);
+        Ok(Engine {
+            flow: SessionPool::new("flow", graphs.flow, flow, max),
+            flow_jvp: SessionPool::new("flow_jvp", graphs.flow_jvp, jvp, max),
+            net: SessionPool::new("net", graphs.net, net, max),
+            config,
+            names,
+            dim: d,
+            input_dim: d_in,
+            outputs: c,
+        })
+    }
+
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    /// Sessions created so far for (flow, flow_jvp, net).
+    pub fn live_sessions(&self) -> (usize, usize, usize) {
+        (self.flow.live_sessions(), self.flow_jvp.live_sessions(), self.net.live_sessions())
+    }
+
+    /// `v = flow(t, x)` for a batch of `b` states (`t` has length `b`, `x` and `v_out` `b·D`).
+    pub fn velocity(&self, t: &[f32], x: &[f32], v_out: &mut [f32]) -> Result<()> {
+        let b = t.len();
+        debug_assert_eq!(x.len(), b * self.dim);
+        let mut session = self.flow.acquire(&self.config)?;
+        let outputs = session.run(ort::inputs![
+            self.names.flow_in[0].as_str() => TensorRef::from_array_view(([b], t))?,
+            self.names.flow_in[1].as_str() => TensorRef::from_array_view(([b, self.dim], x))?,
+        ])?;
+        copy_output(&outputs, &self.names.flow_out, "flow", &[b, self.dim], v_out)
+    }
+
+    /// `v` and `quad[b,k] = eps[b,k]ᵀ J eps[b,k]` for `b` states and `k` tangents each.
+    pub fn velocity_jvp(&self, t: &[f32], x: &[f32], eps: &[f32], k: usize, v_out: &mut [f32], quad_out: &mut [f32]) -> Result<()> {
+        let b = t.len();
+        debug_assert_eq!(eps.len(), b * k * self.dim);
+        let mut session = self.flow_jvp.acquire(&self.config)?;
+        let outputs = session.run(ort::inputs![
+            self.names.jvp_in[0].as_str() => TensorRef::from_array_view(([b], t))?,
+            self.names.jvp_in[1].as_str() => TensorRef::from_array_view(([b, self.dim], x))?,
+            self.names.jvp_in[2].as_str() => TensorRef::from_array_view(([b, k, self.dim], eps))?,
+        ])?;
+        copy_output(&outputs, &self.names.jvp_out[0], "flow_jvp", &[b, self.dim], v_out)?;
+        copy_output(&outputs, &self.names.jvp_out[1], "flow_jvp", &[b, k], quad_out)
+    }
+
+    /// Network outputs `[S,N,C]` for `n` inputs `x` (`n·d_in`) and `s` weight vectors `theta` (`s·D`).
+    pub fn net(&self, x: &[f32], n: usize, theta: &[f32], s: usize, out: &mut [f32]) -> Result<()> {
+        debug_assert_eq!(x.len(), n * self.input_dim);
+        debug_assert_eq!(theta.len(), s * self.dim);
+        let mut session = self.net.acquire(&self.config)?;
+        let outputs = session.run(ort::inputs![
+            self.names.net_in[0].as_str() => TensorRef::from_array_view(([n, self.input_dim], x))?,
+            self.names.net_in[1].as_str() => TensorRef::from_array_view(([s, self.dim], theta))?,
+        ])?;
+        copy_output(&outputs, &self.names.net_out, "net", &[s, n, self.outputs], out)
+    }
+}
+
+fn copy_output(outputs: &ort::session::SessionOutputs<'_>, name: &str, graph: &str, shape: &[usize], out: &mut [f32]) -> Result<()> {
+    let value = outputs
+        .get(name)
+        .ok_or_else(|| Error::runtime(format!("graph {graph}: output {name:?} missing from the results")))?;
+    let (got_shape, data) = value
+        .try_extract_tensor::<f32>()
+        .map_err(|e| Error::runtime(format!("graph {graph}: output {name:?}: {e}")))?;
+    let dims: Vec<usize> = got_shape.iter().map(|d| *d as usize).collect();
+    if dims != shape {
+        return Err(Error::runtime(format!("graph {graph}: output {name:?} has shape {dims:?}, expected {shape:?}")));
+    }
+    out.copy_from_slice(data);
+    Ok(())
+}
+
+fn check_io(session: &Session, graph: &str, inputs: bool, expected: &[(&String, &DimSpec)]) -> Result<()> {
+    let (kind, outlets) = if inputs { ("input", session.inputs()) } else { ("output", session.outputs()) };
+    if outlets.len() != expected.len() {
+        let have: Vec<&str> = outlets.iter().map(|o| o.name()).collect();
+        return Err(Error::bundle(format!(
+            "graph {graph}: has {} {kind}s {have:?}, the format needs {}",
+            outlets.len(),
+            expected.len()
+        )));
+    }
+    for (name, dims) in expected {
+        let outlet = outlets.iter().find(|o| o.name() == name.as_str()).ok_or_else(|| {
+            let have: Vec<&str> = outlets.iter().map(|o| o.name()).collect();
+            Error::bundle(format!("graph {graph}: no {kind} named {name:?} (the manifest's graphs.{graph}); the graph has {have:?}"))
+        })?;
+        let ValueType::Tensor { ty, shape, .. } = outlet.dtype() else {
+            return Err(Error::bundle(format!("graph {graph}: {kind} {name:?} is not a tensor")));
+        };
+        if *ty != TensorElementType::Float32 {
+            return Err(Error::bundle(format!("graph {graph}: {kind} {name:?} has element type {ty:?}, expected float32")));
+        }
+        if shape.len() != dims.len() {
+            return Err(Error::bundle(format!(
+                "graph {graph}: {kind} {name:?} has rank {}, expected rank {}",
+                shape.len(),
+                dims.len()
+            )));
+        }
+        for (axis, (got, want)) in shape.iter().zip(dims.iter()).enumerate() {
+            match want {
+                Some(w) if *got >= 0 && *got as usize != *w => {
+                    return Err(Error::bundle(format!(
+                        "graph {graph}: {kind} {name:?} axis {axis} is {got}, the manifest says {w}"
+                    )))
+                }
+                None if *got >= 0 => {
+                    return Err(Error::bundle(format!(
+                        "graph {graph}: {kind} {name:?} axis {axis} is fixed to {got}; batch axes must be dynamic"
+                    )))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}

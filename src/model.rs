@@ -1,0 +1,115 @@
+//! A loaded bundle: validated contents plus ONNX Runtime sessions. This is the
+//! crate's main entry point; it is `Send + Sync` and meant to be shared.
+use std::path::{Path, PathBuf};
+
+use ndarray::ArrayView2;
+
+use crate::bundle::{Bundle, BundleTensors, Limits, Manifest};
+use crate::engine::{Device, Engine, SessionConfig};
+use crate::ode::{SolverConfig, SolverKind};
+use crate::sampler::{FlowContext, LogDensities, SampleOptions, Samples};
+use crate::trace::{ProbeNoise, TraceMode};
+use crate::Result;
+
+/// How to load a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelOptions {
+    pub device: Device,
+    /// Intra-op threads per ONNX Runtime session; 0 lets ONNX Runtime choose.
+    pub intra_op_threads: usize,
+    /// Path to `libonnxruntime.so`; `None` searches (see `runtime::library_candidates`).
+    pub onnxruntime_path: Option<PathBuf>,
+    /// Most concurrent sessions per graph; 0 means the number of CPU cores.
+    pub max_sessions: usize,
+    pub limits: Limits,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        ModelOptions { device: Device::Cpu, intra_op_threads: 0, onnxruntime_path: None, max_sessions: 0, limits: Limits::default() }
+    }
+}
+
+pub struct Model {
+    dir: PathBuf,
+    manifest: Manifest,
+    tensors: BundleTensors,
+    engine: Engine,
+}
+
+impl Model {
+    /// Open and validate a bundle folder, then create its sessions.
+    pub fn open(dir: impl AsRef<Path>, options: &ModelOptions) -> Result<Model> {
+        let bundle = Bundle::open(dir.as_ref(), &options.limits)?;
+        crate::runtime::environment(options.onnxruntime_path.as_deref())?;
+        let max_sessions = if options.max_sessions > 0 {
+            options.max_sessions
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        };
+        let config = SessionConfig { device: options.device, intra_op_threads: options.intra_op_threads, max_sessions };
+        let Bundle { dir, manifest, tensors, graphs } = bundle;
+        let engine = Engine::new(&manifest, graphs, config)?;
+        Ok(Model { dir, manifest, tensors, engine })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    pub fn tensors(&self) -> &BundleTensors {
+        &self.tensors
+    }
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+    /// Number of weights D.
+    pub fn weight_dim(&self) -> usize {
+        self.manifest.network.dim
+    }
+    pub fn input_dim(&self) -> usize {
+        self.manifest.input.dim
+    }
+
+    /// The bundle's default solver (method, steps, tolerances).
+    pub fn default_solver(&self) -> SolverConfig {
+        let s = &self.manifest.flow.default_solver;
+        let mut cfg = SolverConfig::fixed(SolverKind::parse(&s.method).unwrap_or(SolverKind::Rk4), s.steps);
+        if let Some(r) = s.rtol {
+            cfg.rtol = r;
+        }
+        if let Some(a) = s.atol {
+            cfg.atol = a;
+        }
+        cfg
+    }
+
+    /// The bundle's default Hutchinson trace mode.
+    pub fn default_hutchinson(&self) -> TraceMode {
+        let h = &self.manifest.flow.hutchinson;
+        TraceMode::Hutchinson { probes: h.probes, noise: ProbeNoise::parse(&h.noise).unwrap_or(ProbeNoise::Rademacher) }
+    }
+
+    fn flow(&self) -> FlowContext<'_> {
+        FlowContext {
+            engine: &self.engine,
+            dim: self.weight_dim(),
+            whiten_mean: &self.tensors.whiten_mean,
+            whiten_scale: &self.tensors.whiten_scale,
+            sum_log_scale: self.tensors.sum_log_scale,
+            default_solver: self.default_solver(),
+        }
+    }
+
+    /// Draw `n` posterior weight samples (and their log-densities when `options.trace` asks).
+    pub fn sample(&self, n: usize, options: &SampleOptions) -> Result<Samples> {
+        self.flow().sample(n, options)
+    }
+
+    /// Log-densities of given weights `[n, D]`.
+    pub fn log_prob(&self, theta: ArrayView2<f32>, options: &SampleOptions) -> Result<LogDensities> {
+        self.flow().log_prob(theta, options)
+    }
+}

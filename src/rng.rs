@@ -1,0 +1,39 @@
+//! Random streams. Every sample index gets its own Xoshiro256++ stream derived
+//! from the seed, so sample `i` is the same whatever the batch size, chunking
+//! or thread count. A stream first yields the sample's base point `x₀` (D standard
+//! normals), then its Hutchinson probes (K·D values).
+use rand::{RngCore, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+use rand_xoshiro::{SplitMix64, Xoshiro256PlusPlus};
+
+use crate::trace::ProbeNoise;
+
+/// The stream of sample `index` under `seed`: SplitMix64 mixes `(seed, index)` into
+/// a 64-bit key, which seeds Xoshiro256++ (itself through SplitMix64).
+pub fn sample_stream(seed: u64, index: u64) -> Xoshiro256PlusPlus {
+    let mut mixer = SplitMix64::seed_from_u64(seed);
+    let key = mixer.next_u64() ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut mixer = SplitMix64::seed_from_u64(key);
+    Xoshiro256PlusPlus::seed_from_u64(mixer.next_u64())
+}
+
+pub fn fill_standard_normal<R: RngCore>(rng: &mut R, out: &mut [f32]) {
+    for v in out {
+        *v = StandardNormal.sample(rng);
+    }
+}
+
+pub fn fill_probes<R: RngCore>(rng: &mut R, noise: ProbeNoise, out: &mut [f32]) {
+    match noise {
+        ProbeNoise::Gaussian => fill_standard_normal(rng, out),
+        ProbeNoise::Rademacher => {
+            // One random bit per entry, 64 entries per draw.
+            for chunk in out.chunks_mut(64) {
+                let bits = rng.next_u64();
+                for (j, v) in chunk.iter_mut().enumerate() {
+                    *v = if (bits >> j) & 1 == 1 { 1.0 } else { -1.0 };
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,367 @@
+//! Drawing weight samples (forward in time) and evaluating log-densities of
+//! given weights (backward in time) by integrating the flow ODE.
+//!
+//! Work is split into batches of `batch_size` samples so memory stays bounded
+//! for any number of samples; each sample's randomness comes from its own
+//! stream (`rng::sample_stream`), so batching never changes which sample is drawn.
+use std::f64::consts::PI;
+
+use ndarray::{Array2, ArrayView2};
+
+use crate::engine::Engine;
+use crate::ode::{self, OdeStats, SolverConfig, SolverKind, VectorField, Workspace};
+use crate::rng;
+use crate::trace::TraceMode;
+use crate::{Error, Result};
+
+/// Options for `sample` and `log_prob`. `None` fields take the bundle's defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleOptions {
+    pub seed: u64,
+    pub solver: Option<SolverKind>,
+    pub steps: Option<u32>,
+    pub rtol: Option<f64>,
+    pub atol: Option<f64>,
+    /// Cap on attempted steps for `dopri5`.
+    pub max_steps: u32,
+    pub trace: TraceMode,
+    /// Samples integrated together per ONNX Runtime call; 0 picks a default.
+    pub batch_size: usize,
+    /// Memory bound for the basis vectors of one exact-trace call.
+    pub exact_chunk_bytes: usize,
+}
+
+impl Default for SampleOptions {
+    fn default() -> Self {
+        SampleOptions {
+            seed: 0,
+            solver: None,
+            steps: None,
+            rtol: None,
+            atol: None,
+            max_steps: 10_000,
+            trace: TraceMode::None,
+            batch_size: 0,
+            exact_chunk_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Largest accepted `steps`, probe count and batch size: beyond these a request is a mistake.
+pub const MAX_STEPS: u32 = 1_000_000;
+pub const MAX_PROBES: u32 = 4_096;
+pub const DEFAULT_BATCH: usize = 128;
+
+/// Drawn samples: `theta` `[n, D]`, and log-densities when a trace mode was set.
+#[derive(Debug, Clone)]
+pub struct Samples {
+    pub theta: Array2<f32>,
+    pub log_density: Option<Vec<f32>>,
+    /// Standard error of each Hutchinson estimate (only with more than one probe).
+    pub log_density_stderr: Option<Vec<f32>>,
+    pub stats: OdeStats,
+}
+
+/// Log-densities of given weights.
+#[derive(Debug, Clone)]
+pub struct LogDensities {
+    pub log_density: Vec<f32>,
+    pub log_density_stderr: Option<Vec<f32>>,
+    pub stats: OdeStats,
+}
+
+/// What the sampler needs from a model: its engine and whitening.
+pub struct FlowContext<'a> {
+    pub engine: &'a Engine,
+    pub dim: usize,
+    pub whiten_mean: &'a [f32],
+    pub whiten_scale: &'a [f32],
+    pub sum_log_scale: f64,
+    pub default_solver: SolverConfig,
+}
+
+impl FlowContext<'_> {
+    fn solver(&self, o: &SampleOptions) -> Result<SolverConfig> {
+        let mut cfg = self.default_solver;
+        if let Some(kind) = o.solver {
+            cfg.kind = kind;
+        }
+        if let Some(steps) = o.steps {
+            cfg.steps = steps;
+        }
+        if let Some(r) = o.rtol {
+            cfg.rtol = r;
+        }
+        if let Some(a) = o.atol {
+            cfg.atol = a;
+        }
+        cfg.max_steps = o.max_steps;
+        if cfg.steps > MAX_STEPS || cfg.max_steps > MAX_STEPS {
+            return Err(Error::invalid(format!("steps {} exceeds the limit of {MAX_STEPS}", cfg.steps.max(cfg.max_steps))));
+        }
+        if let TraceMode::Hutchinson { probes, .. } = o.trace {
+            if probes == 0 || probes > MAX_PROBES {
+                return Err(Error::invalid(format!("probes must be in [1, {MAX_PROBES}], got {probes}")));
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn batch_size(&self, o: &SampleOptions) -> usize {
+        if o.batch_size > 0 {
+            o.batch_size
+        } else {
+            DEFAULT_BATCH
+        }
+    }
+
+    /// Draw `n` samples.
+    pub fn sample(&self, n: usize, o: &SampleOptions) -> Result<Samples> {
+        let solver = self.solver(o)?;
+        let d = self.dim;
+        let accs = o.trace.accumulators();
+        let mut theta = Array2::<f32>::zeros((n, d));
+        let mut logd = vec![0f32; if accs > 0 { n } else { 0 }];
+        let mut stderr = vec![0f32; if accs > 1 { n } else { 0 }];
+        let mut stats = OdeStats::default();
+        let mut work = BatchWork::default();
+        let bs = self.batch_size(o);
+        let mut start = 0;
+        while start < n {
+            let b = bs.min(n - start);
+            work.prepare(b, d, accs, o.trace);
+            for j in 0..b {
+                let mut stream = rng::sample_stream(o.seed, (start + j) as u64);
+                let x0 = &mut work.x[j * d..(j + 1) * d];
+                rng::fill_standard_normal(&mut stream, x0);
+                work.base_logp[j] = std_normal_logpdf(x0);
+                if let TraceMode::Hutchinson { probes, noise } = o.trace {
+                    let k = probes as usize;
+                    rng::fill_probes(&mut stream, noise, &mut work.eps[j * k * d..(j + 1) * k * d]);
+                }
+            }
+            stats += self.integrate(&solver, o, &mut work, b, 0.0, 1.0)?;
+            // θ = mean + scale ⊙ x₁; log q = log N(x₀) − ∫ tr J − Σ log scale.
+            let rows = theta.as_slice_mut().expect("standard layout");
+            for j in 0..b {
+                let x1 = &work.x[j * d..(j + 1) * d];
+                let out = &mut rows[(start + j) * d..(start + j + 1) * d];
+                for i in 0..d {
+                    out[i] = self.whiten_mean[i] + self.whiten_scale[i] * x1[i];
+                }
+                if accs > 0 {
+                    let est: Vec<f64> = work.acc[j * accs..(j + 1) * accs]
+                        .iter()
+                        .map(|a| work.base_logp[j] - a - self.sum_log_scale)
+                        .collect();
+                    let (mean, se) = mean_and_stderr(&est);
+                    logd[start + j] = mean as f32;
+                    if accs > 1 {
+                        stderr[start + j] = se as f32;
+                    }
+                }
+            }
+            start += b;
+        }
+        check_finite_rows(theta.view(), if accs > 0 { Some(&logd) } else { None }, "sampled weights")?;
+        Ok(Samples {
+            theta,
+            log_density: (accs > 0).then_some(logd),
+            log_density_stderr: (accs > 1).then_some(stderr),
+            stats,
+        })
+    }
+
+    /// Log-densities of the rows of `theta` (`[n, D]`), integrating from t = 1 back to 0.
+    /// Hutchinson probes for row `i` are those `sample` would use for sample `i` with the same seed.
+    pub fn log_prob(&self, theta: ArrayView2<f32>, o: &SampleOptions) -> Result<LogDensities> {
+        let d = self.dim;
+        if theta.ncols() != d {
+            return Err(Error::invalid(format!("theta has {} columns, the model has D = {d} weights", theta.ncols())));
+        }
+        if o.trace == TraceMode::None {
+            return Err(Error::invalid("log_prob needs a trace mode (hutchinson, hutchinson-gaussian or exact), not none"));
+        }
+        check_finite_rows(theta, None, "theta")?;
+        let solver = self.solver(o)?;
+        let n = theta.nrows();
+        let accs = o.trace.accumulators();
+        let mut logd = vec![0f32; n];
+        let mut stderr = vec![0f32; if accs > 1 { n } else { 0 }];
+        let mut stats = OdeStats::default();
+        let mut work = BatchWork::default();
+        let mut scratch = vec![0f32; d];
+        let bs = self.batch_size(o);
+        let mut start = 0;
+        while start < n {
+            let b = bs.min(n - start);
+            work.prepare(b, d, accs, o.trace);
+            for j in 0..b {
+                let row = theta.row(start + j);
+                let x1 = &mut work.x[j * d..(j + 1) * d];
+                for (i, (xv, tv)) in x1.iter_mut().zip(row.iter()).enumerate() {
+                    *xv = (tv - self.whiten_mean[i]) / self.whiten_scale[i];
+                }
+                if let TraceMode::Hutchinson { probes, noise } = o.trace {
+                    let mut stream = rng::sample_stream(o.seed, (start + j) as u64);
+                    rng::fill_standard_normal(&mut stream, &mut scratch); // the base point's draws
+                    let k = probes as usize;
+                    rng::fill_probes(&mut stream, noise, &mut work.eps[j * k * d..(j + 1) * k * d]);
+                }
+            }
+            stats += self.integrate(&solver, o, &mut work, b, 1.0, 0.0)?;
+            // Integrating backwards leaves acc = −∫₀¹ tr J, so log q = log N(x₀) + acc − Σ log scale.
+            for j in 0..b {
+                let base = std_normal_logpdf(&work.x[j * d..(j + 1) * d]);
+                let est: Vec<f64> =
+                    work.acc[j * accs..(j + 1) * accs].iter().map(|a| base + a - self.sum_log_scale).collect();
+                let (mean, se) = mean_and_stderr(&est);
+                logd[start + j] = mean as f32;
+                if accs > 1 {
+                    stderr[start + j] = se as f32;
+                }
+            }
+            start += b;
+        }
+        let bad: Vec<usize> = logd.iter().enumerate().filter(|(_, v)| !v.is_finite()).map(|(i, _)| i).collect();
+        if !bad.is_empty() {
+            return Err(non_finite_error("log-densities", &bad));
+        }
+        Ok(LogDensities { log_density: logd, log_density_stderr: (accs > 1).then_some(stderr), stats })
+    }
+
+    fn integrate(&self, solver: &SolverConfig, o: &SampleOptions, work: &mut BatchWork, b: usize, t0: f64, t1: f64) -> Result<OdeStats> {
+        let d = self.dim;
+        let chunk = (o.exact_chunk_bytes / (4 * d * b).max(1)).clamp(1, d);
+        let mut field = FlowField {
+            engine: self.engine,
+            trace: o.trace,
+            dim: d,
+            t: vec![0.0; b],
+            eps: &work.eps,
+            quad: &mut work.quad,
+            basis: &mut work.basis,
+            v_scratch: &mut work.v_scratch,
+            exact_chunk: chunk,
+        };
+        ode::integrate(&mut field, solver, t0, t1, &mut work.x, &mut work.acc, b, &mut work.ws)
+    }
+}
+
+/// Buffers for one batch, reused across batches.
+#[derive(Default)]
+struct BatchWork {
+    x: Vec<f32>,
+    acc: Vec<f64>,
+    eps: Vec<f32>,
+    quad: Vec<f32>,
+    basis: Vec<f32>,
+    v_scratch: Vec<f32>,
+    base_logp: Vec<f64>,
+    ws: Workspace,
+}
+
+impl BatchWork {
+    fn prepare(&mut self, b: usize, d: usize, accs: usize, trace: TraceMode) {
+        self.x.resize(b * d, 0.0);
+        self.acc.clear();
+        self.acc.resize(b * accs, 0.0);
+        self.base_logp.resize(b, 0.0);
+        if let TraceMode::Hutchinson { probes, .. } = trace {
+            self.eps.resize(b * probes as usize * d, 0.0);
+        }
+    }
+}
+
+/// The flow's velocity plus, per trace mode, the integrands of the log-density.
+struct FlowField<'a> {
+    engine: &'a Engine,
+    trace: TraceMode,
+    dim: usize,
+    t: Vec<f32>,
+    eps: &'a [f32],
+    quad: &'a mut Vec<f32>,
+    basis: &'a mut Vec<f32>,
+    v_scratch: &'a mut Vec<f32>,
+    exact_chunk: usize,
+}
+
+impl VectorField for FlowField<'_> {
+    fn eval(&mut self, t: f64, x: &[f32], _acc: &[f64], dx: &mut [f32], dacc: &mut [f64]) -> Result<()> {
+        self.t.iter_mut().for_each(|v| *v = t as f32);
+        let b = self.t.len();
+        let d = self.dim;
+        match self.trace {
+            TraceMode::None => self.engine.velocity(&self.t, x, dx),
+            TraceMode::Hutchinson { probes, .. } => {
+                let k = probes as usize;
+                self.quad.resize(b * k, 0.0);
+                self.engine.velocity_jvp(&self.t, x, self.eps, k, dx, self.quad)?;
+                for (a, q) in dacc.iter_mut().zip(self.quad.iter()) {
+                    *a = f64::from(*q);
+                }
+                Ok(())
+            }
+            TraceMode::Exact => {
+                // tr J = Σ_i e_iᵀ J e_i, a chunk of basis vectors per call.
+                dacc.iter_mut().for_each(|a| *a = 0.0);
+                self.v_scratch.resize(b * d, 0.0);
+                let mut first = 0;
+                while first < d {
+                    let kc = self.exact_chunk.min(d - first);
+                    self.basis.clear();
+                    self.basis.resize(b * kc * d, 0.0);
+                    for j in 0..b {
+                        for k in 0..kc {
+                            self.basis[(j * kc + k) * d + first + k] = 1.0;
+                        }
+                    }
+                    self.quad.resize(b * kc, 0.0);
+                    let v_out: &mut [f32] = if first == 0 { &mut *dx } else { &mut self.v_scratch[..] };
+                    self.engine.velocity_jvp(&self.t, x, self.basis, kc, v_out, self.quad)?;
+                    for j in 0..b {
+                        dacc[j] += self.quad[j * kc..(j + 1) * kc].iter().map(|q| f64::from(*q)).sum::<f64>();
+                    }
+                    first += kc;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn std_normal_logpdf(x: &[f32]) -> f64 {
+    let sq: f64 = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+    -0.5 * sq - 0.5 * x.len() as f64 * (2.0 * PI).ln()
+}
+
+/// Mean of per-probe estimates and its standard error (sample sd / √K; 0 for K = 1).
+fn mean_and_stderr(est: &[f64]) -> (f64, f64) {
+    let k = est.len() as f64;
+    let mean = est.iter().sum::<f64>() / k;
+    if est.len() < 2 {
+        return (mean, 0.0);
+    }
+    let var = est.iter().map(|e| (e - mean) * (e - mean)).sum::<f64>() / (k - 1.0);
+    (mean, (var / k).sqrt())
+}
+
+fn non_finite_error(what: &str, bad: &[usize]) -> Error {
+    let shown: Vec<String> = bad.iter().take(10).map(|i| i.to_string()).collect();
+    let more = if bad.len() > 10 { format!(" and {} more", bad.len() - 10) } else { String::new() };
+    Error::numeric(format!("{what}: {} sample(s) are NaN or Inf: {}{more}", bad.len(), shown.join(", ")))
+}
+
+fn check_finite_rows(theta: ArrayView2<f32>, logd: Option<&[f32]>, what: &str) -> Result<()> {
+    let bad: Vec<usize> = (0..theta.nrows())
+        .filter(|&i| {
+            theta.row(i).iter().any(|v| !v.is_finite()) || logd.is_some_and(|l| !l[i].is_finite())
+        })
+        .collect();
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(non_finite_error(what, &bad))
+    }
+}
