@@ -33,10 +33,7 @@ impl SampleWeights {
         if samples == 0 {
             return Err(Error::invalid("BMA needs at least one weight sample, got 0"));
         }
-        Ok(SampleWeights {
-            weights: vec![1.0 / samples as f64; samples],
-            ess: samples as f64,
-        })
+        Ok(SampleWeights { weights: vec![1.0 / samples as f64; samples], ess: samples as f64 })
     }
 
     /// Self-normalized importance weights from log-weights (any additive constant):
@@ -47,9 +44,7 @@ impl SampleWeights {
         if log_weights.is_empty() {
             return Err(Error::invalid("BMA needs at least one weight sample, got 0 log-weights"));
         }
-        let bad: Vec<usize> = (0..log_weights.len())
-            .filter(|&i| !log_weights[i].is_finite())
-            .collect();
+        let bad: Vec<usize> = (0..log_weights.len()).filter(|&i| !log_weights[i].is_finite()).collect();
         if !bad.is_empty() {
             return Err(Error::invalid(format!(
                 "{} of {} log-weights are NaN or infinite, at sample indices {}",
@@ -71,10 +66,9 @@ impl SampleWeights {
     pub fn new(samples: usize, log_weights: Option<&[f64]>) -> Result<Self> {
         match log_weights {
             None => Self::uniform(samples),
-            Some(lw) if lw.len() != samples => Err(Error::invalid(format!(
-                "expected {samples} log-weights (one per sample), got {}",
-                lw.len()
-            ))),
+            Some(lw) if lw.len() != samples => {
+                Err(Error::invalid(format!("expected {samples} log-weights (one per sample), got {}", lw.len())))
+            }
             Some(lw) => Self::from_log_weights(lw),
         }
     }
@@ -173,12 +167,7 @@ impl ClassificationAccumulator {
     /// Shape errors and cells added twice are refused before anything changes. A
     /// sample with a NaN or Inf logit in this chunk is recorded, skipped, and
     /// reported by [`Self::finish`]; see [`Self::non_finite_samples`] to stop early.
-    pub fn add(
-        &mut self,
-        sample_offset: usize,
-        input_offset: usize,
-        logits: ArrayView3<'_, f32>,
-    ) -> Result<()> {
+    pub fn add(&mut self, sample_offset: usize, input_offset: usize, logits: ArrayView3<'_, f32>) -> Result<()> {
         let (samples, inputs) = check_chunk(
             "logits",
             logits.dim(),
@@ -249,13 +238,7 @@ impl ClassificationAccumulator {
                 *mi = 0.0;
             }
         }
-        Ok(ClassificationPrediction {
-            probs,
-            total,
-            aleatoric,
-            epistemic,
-            ess: self.weights.ess,
-        })
+        Ok(ClassificationPrediction { probs, total, aleatoric, epistemic, ess: self.weights.ess })
     }
 }
 
@@ -284,9 +267,7 @@ impl RegressionAccumulator {
         }
         if let Noise::Homoscedastic { sigma } = noise {
             if !(sigma.is_finite() && sigma > 0.0) {
-                return Err(Error::invalid(format!(
-                    "homoscedastic noise sigma must be finite and > 0, got {sigma}"
-                )));
+                return Err(Error::invalid(format!("homoscedastic noise sigma must be finite and > 0, got {sigma}")));
             }
         }
         Ok(RegressionAccumulator {
@@ -329,9 +310,7 @@ impl RegressionAccumulator {
             // The log-variance columns (after the k means) must also exponentiate.
             let finite = sample.iter().all(|v| v.is_finite())
                 && (!hetero
-                    || sample
-                        .outer_iter()
-                        .all(|row| row.iter().skip(k).all(|&v| (v as f64).exp().is_finite())));
+                    || sample.outer_iter().all(|row| row.iter().skip(k).all(|&v| (v as f64).exp().is_finite())));
             if !finite {
                 self.non_finite.insert(s);
                 continue;
@@ -379,13 +358,7 @@ impl RegressionAccumulator {
             Noise::Heteroscedastic => self.var_sum,
         };
         let total = &aleatoric + &epistemic;
-        Ok(RegressionPrediction {
-            mean: self.mean,
-            aleatoric,
-            epistemic,
-            total,
-            ess: self.weights.ess,
-        })
+        Ok(RegressionPrediction { mean: self.mean, aleatoric, epistemic, total, ess: self.weights.ess })
     }
 }
 

@@ -86,7 +86,8 @@ fn build_session(config: &SessionConfig, bytes: &[u8], graph: &str) -> Result<Se
     let fail = |what: &str, e: String| Error::runtime(format!("graph {graph}: {what}: {e}"));
     let mut builder = Session::builder(env).map_err(|e| fail("session builder", e.to_string()))?;
     if config.intra_op_threads > 0 {
-        builder = builder.with_intra_threads(config.intra_op_threads).map_err(|e| fail("intra-op threads", e.to_string()))?;
+        builder =
+            builder.with_intra_threads(config.intra_op_threads).map_err(|e| fail("intra-op threads", e.to_string()))?;
     }
     match config.device {
         Device::Cpu => {}
@@ -159,9 +160,18 @@ impl Engine {
             &jvp,
             "flow_jvp",
             true,
-            &[(&names.jvp_in[0], &[None]), (&names.jvp_in[1], &[None, Some(d)]), (&names.jvp_in[2], &[None, None, Some(d)])],
+            &[
+                (&names.jvp_in[0], &[None]),
+                (&names.jvp_in[1], &[None, Some(d)]),
+                (&names.jvp_in[2], &[None, None, Some(d)]),
+            ],
         )?;
-        check_io(&jvp, "flow_jvp", false, &[(&names.jvp_out[0], &[None, Some(d)]), (&names.jvp_out[1], &[None, None])])?;
+        check_io(
+            &jvp,
+            "flow_jvp",
+            false,
+            &[(&names.jvp_out[0], &[None, Some(d)]), (&names.jvp_out[1], &[None, None])],
+        )?;
         let net = build_session(&config, &graphs.net, "net")?;
         check_io(&net, "net", true, &[(&names.net_in[0], &[None, Some(d_in)]), (&names.net_in[1], &[None, Some(d)])])?;
         check_io(&net, "net", false, &[(&names.net_out, &[None, None, Some(c)])])?;
@@ -200,7 +210,15 @@ impl Engine {
     }
 
     /// `v` and `quad[b,k] = eps[b,k]ᵀ J eps[b,k]` for `b` states and `k` tangents each.
-    pub fn velocity_jvp(&self, t: &[f32], x: &[f32], eps: &[f32], k: usize, v_out: &mut [f32], quad_out: &mut [f32]) -> Result<()> {
+    pub fn velocity_jvp(
+        &self,
+        t: &[f32],
+        x: &[f32],
+        eps: &[f32],
+        k: usize,
+        v_out: &mut [f32],
+        quad_out: &mut [f32],
+    ) -> Result<()> {
         let b = t.len();
         debug_assert_eq!(eps.len(), b * k * self.dim);
         let mut session = self.flow_jvp.acquire(&self.config)?;
@@ -226,7 +244,13 @@ impl Engine {
     }
 }
 
-fn copy_output(outputs: &ort::session::SessionOutputs<'_>, name: &str, graph: &str, shape: &[usize], out: &mut [f32]) -> Result<()> {
+fn copy_output(
+    outputs: &ort::session::SessionOutputs<'_>,
+    name: &str,
+    graph: &str,
+    shape: &[usize],
+    out: &mut [f32],
+) -> Result<()> {
     let value = outputs
         .get(name)
         .ok_or_else(|| Error::runtime(format!("graph {graph}: output {name:?} missing from the results")))?;
@@ -254,13 +278,17 @@ fn check_io(session: &Session, graph: &str, inputs: bool, expected: &[(&String, 
     for (name, dims) in expected {
         let outlet = outlets.iter().find(|o| o.name() == name.as_str()).ok_or_else(|| {
             let have: Vec<&str> = outlets.iter().map(|o| o.name()).collect();
-            Error::bundle(format!("graph {graph}: no {kind} named {name:?} (the manifest's graphs.{graph}); the graph has {have:?}"))
+            Error::bundle(format!(
+                "graph {graph}: no {kind} named {name:?} (the manifest's graphs.{graph}); the graph has {have:?}"
+            ))
         })?;
         let ValueType::Tensor { ty, shape, .. } = outlet.dtype() else {
             return Err(Error::bundle(format!("graph {graph}: {kind} {name:?} is not a tensor")));
         };
         if *ty != TensorElementType::Float32 {
-            return Err(Error::bundle(format!("graph {graph}: {kind} {name:?} has element type {ty:?}, expected float32")));
+            return Err(Error::bundle(format!(
+                "graph {graph}: {kind} {name:?} has element type {ty:?}, expected float32"
+            )));
         }
         if shape.len() != dims.len() {
             return Err(Error::bundle(format!(

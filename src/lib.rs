@@ -4,11 +4,13 @@
 //! Start with [`Model::open`], then [`Model::sample`] or [`Model::log_prob`].
 pub mod bma;
 pub mod bundle;
+pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod model;
 pub mod ode;
+pub mod predict;
 pub mod rng;
 pub mod runtime;
 pub mod sampler;
@@ -19,5 +21,6 @@ pub use engine::Device;
 pub use error::{Error, ErrorKind, Result};
 pub use model::{Model, ModelOptions};
 pub use ode::{OdeStats, SolverKind};
+pub use predict::{PredictOptions, Prediction};
 pub use sampler::{LogDensities, SampleOptions, Samples};
 pub use trace::{ProbeNoise, TraceMode};

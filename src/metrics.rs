@@ -374,7 +374,7 @@ fn acklam(p: f64) -> f64 {
         -3.969683028665376e+01,
         2.209460984245205e+02,
         -2.759285104469687e+02,
-        1.383577518672690e+02,
+        1.38357751867269e+02,
         -3.066479806614716e+01,
         2.506628277459239e+00,
     ];
@@ -393,12 +393,7 @@ fn acklam(p: f64) -> f64 {
         4.374664141464968e+00,
         2.938163982698783e+00,
     ];
-    const D: [f64; 4] = [
-        7.784695709041462e-03,
-        3.224671290700398e-01,
-        2.445134137142996e+00,
-        3.754408661907416e+00,
-    ];
+    const D: [f64; 4] = [7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00, 3.754408661907416e+00];
     const P_LOW: f64 = 0.02425;
     let tail = |q: f64| {
         (((((C[0] * q + C[1]) * q + C[2]) * q + C[3]) * q + C[4]) * q + C[5])
@@ -526,11 +521,7 @@ fn check_pair<'a, 'b, P: Real, Q: Real>(
     b: ArrayView2<'b, Q>,
 ) -> Result<(ArrayView2<'a, P>, ArrayView2<'b, Q>)> {
     if a.dim() != b.dim() {
-        return Err(Error::invalid(format!(
-            "shapes disagree: expected {:?} to match {:?}",
-            b.shape(),
-            a.shape()
-        )));
+        return Err(Error::invalid(format!("shapes disagree: expected {:?} to match {:?}", b.shape(), a.shape())));
     }
     check_not_empty("metric", a.len())?;
     Ok((a, b))
@@ -559,9 +550,7 @@ fn check_regression<'a, 'b, 'c, M: Real, V: Real, Y: Real>(
 fn check_variances(vars: impl Iterator<Item = f64>) -> Result<()> {
     for (i, v) in vars.enumerate() {
         if !(v.is_finite() && v > 0.0) {
-            return Err(Error::invalid(format!(
-                "variances must be finite and > 0, found {v} at flat index {i}"
-            )));
+            return Err(Error::invalid(format!("variances must be finite and > 0, found {v} at flat index {i}")));
         }
     }
     Ok(())

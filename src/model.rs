@@ -26,7 +26,13 @@ pub struct ModelOptions {
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        ModelOptions { device: Device::Cpu, intra_op_threads: 0, onnxruntime_path: None, max_sessions: 0, limits: Limits::default() }
+        ModelOptions {
+            device: Device::Cpu,
+            intra_op_threads: 0,
+            onnxruntime_path: None,
+            max_sessions: 0,
+            limits: Limits::default(),
+        }
     }
 }
 

@@ -255,7 +255,13 @@ fn combine(w: &[f64], h: f64, yx: &mut [f32], ya: &mut [f64], kx: &[Vec<f32>], k
 }
 
 /// Per-sample RMS norm of an error scaled by `atol + rtol·max(|y_old|, |y_new|)`; the max over samples.
-fn error_norm(cfg: &SolverConfig, groups: usize, old: (&[f32], &[f64]), new: (&[f32], &[f64]), err: (&[f32], &[f64])) -> f64 {
+fn error_norm(
+    cfg: &SolverConfig,
+    groups: usize,
+    old: (&[f32], &[f64]),
+    new: (&[f32], &[f64]),
+    err: (&[f32], &[f64]),
+) -> f64 {
     let gx = old.0.len() / groups;
     let ga = old.1.len() / groups;
     let mut worst: f64 = 0.0;

@@ -23,13 +23,14 @@ struct Loaded {
 static LOADED: OnceLock<Loaded> = OnceLock::new();
 static LOADING: Mutex<()> = Mutex::new(());
 
-/// Where the library is looked for, in order: an explicit path, `POSTFLOW_ORT_LIB`,
+/// Where the library is looked for, in order: an explicit path (then nothing else:
+/// a caller who names a library gets that one or an error), `POSTFLOW_ORT_LIB`,
 /// `ORT_DYLIB_PATH`, the repository's set-up folder (`.ort/`), then the system loader.
 pub fn library_candidates(explicit: Option<&Path>) -> Vec<PathBuf> {
-    let mut paths = Vec::new();
     if let Some(p) = explicit {
-        paths.push(p.to_path_buf());
+        return vec![p.to_path_buf()];
     }
+    let mut paths = Vec::new();
     for var in [ENV_LIBRARY, ENV_ORT_DYLIB] {
         if let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) {
             paths.push(PathBuf::from(v));

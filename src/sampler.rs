@@ -18,6 +18,9 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampleOptions {
     pub seed: u64,
+    /// Index of the first sample: sample `i` of a call is stream `first_index + i`, so a
+    /// long run split into calls gives the same samples as one call.
+    pub first_index: u64,
     pub solver: Option<SolverKind>,
     pub steps: Option<u32>,
     pub rtol: Option<f64>,
@@ -35,6 +38,7 @@ impl Default for SampleOptions {
     fn default() -> Self {
         SampleOptions {
             seed: 0,
+            first_index: 0,
             solver: None,
             steps: None,
             rtol: None,
@@ -97,7 +101,10 @@ impl FlowContext<'_> {
         }
         cfg.max_steps = o.max_steps;
         if cfg.steps > MAX_STEPS || cfg.max_steps > MAX_STEPS {
-            return Err(Error::invalid(format!("steps {} exceeds the limit of {MAX_STEPS}", cfg.steps.max(cfg.max_steps))));
+            return Err(Error::invalid(format!(
+                "steps {} exceeds the limit of {MAX_STEPS}",
+                cfg.steps.max(cfg.max_steps)
+            )));
         }
         if let TraceMode::Hutchinson { probes, .. } = o.trace {
             if probes == 0 || probes > MAX_PROBES {
@@ -132,7 +139,7 @@ impl FlowContext<'_> {
             let b = bs.min(n - start);
             work.prepare(b, d, accs, o.trace);
             for j in 0..b {
-                let mut stream = rng::sample_stream(o.seed, (start + j) as u64);
+                let mut stream = rng::sample_stream(o.seed, o.first_index + (start + j) as u64);
                 let x0 = &mut work.x[j * d..(j + 1) * d];
                 rng::fill_standard_normal(&mut stream, x0);
                 work.base_logp[j] = std_normal_logpdf(x0);
@@ -181,7 +188,9 @@ impl FlowContext<'_> {
             return Err(Error::invalid(format!("theta has {} columns, the model has D = {d} weights", theta.ncols())));
         }
         if o.trace == TraceMode::None {
-            return Err(Error::invalid("log_prob needs a trace mode (hutchinson, hutchinson-gaussian or exact), not none"));
+            return Err(Error::invalid(
+                "log_prob needs a trace mode (hutchinson, hutchinson-gaussian or exact), not none",
+            ));
         }
         check_finite_rows(theta, None, "theta")?;
         let solver = self.solver(o)?;
@@ -204,7 +213,7 @@ impl FlowContext<'_> {
                     *xv = (tv - self.whiten_mean[i]) / self.whiten_scale[i];
                 }
                 if let TraceMode::Hutchinson { probes, noise } = o.trace {
-                    let mut stream = rng::sample_stream(o.seed, (start + j) as u64);
+                    let mut stream = rng::sample_stream(o.seed, o.first_index + (start + j) as u64);
                     rng::fill_standard_normal(&mut stream, &mut scratch); // the base point's draws
                     let k = probes as usize;
                     rng::fill_probes(&mut stream, noise, &mut work.eps[j * k * d..(j + 1) * k * d]);
@@ -231,7 +240,15 @@ impl FlowContext<'_> {
         Ok(LogDensities { log_density: logd, log_density_stderr: (accs > 1).then_some(stderr), stats })
     }
 
-    fn integrate(&self, solver: &SolverConfig, o: &SampleOptions, work: &mut BatchWork, b: usize, t0: f64, t1: f64) -> Result<OdeStats> {
+    fn integrate(
+        &self,
+        solver: &SolverConfig,
+        o: &SampleOptions,
+        work: &mut BatchWork,
+        b: usize,
+        t0: f64,
+        t1: f64,
+    ) -> Result<OdeStats> {
         let d = self.dim;
         let chunk = (o.exact_chunk_bytes / (4 * d * b).max(1)).clamp(1, d);
         let mut field = FlowField {
@@ -355,9 +372,7 @@ fn non_finite_error(what: &str, bad: &[usize]) -> Error {
 
 fn check_finite_rows(theta: ArrayView2<f32>, logd: Option<&[f32]>, what: &str) -> Result<()> {
     let bad: Vec<usize> = (0..theta.nrows())
-        .filter(|&i| {
-            theta.row(i).iter().any(|v| !v.is_finite()) || logd.is_some_and(|l| !l[i].is_finite())
-        })
+        .filter(|&i| theta.row(i).iter().any(|v| !v.is_finite()) || logd.is_some_and(|l| !l[i].is_finite()))
         .collect();
     if bad.is_empty() {
         Ok(())

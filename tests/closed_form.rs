@@ -32,7 +32,8 @@ fn log_prob_of_closed_form_points() {
     let model = open("affine_cls");
     let exp = Expected::load("affine_cls");
     let d = exp.d;
-    let theta = Array2::from_shape_vec((exp.points.len(), d), exp.points.iter().flat_map(|p| p.0.clone()).collect()).unwrap();
+    let theta =
+        Array2::from_shape_vec((exp.points.len(), d), exp.points.iter().flat_map(|p| p.0.clone()).collect()).unwrap();
     let lp = model.log_prob(theta.view(), &opts(0, TraceMode::Exact)).unwrap();
     for (i, (_, want)) in exp.points.iter().enumerate() {
         let got = f64::from(lp.log_density[i]);
@@ -59,7 +60,12 @@ fn sample_mean_and_covariance_match_closed_form() {
     for i in 0..d {
         for j in 0..d {
             let sd = ((exp.cov[i][i] * exp.cov[j][j] + exp.cov[i][j].powi(2)) / n as f64).sqrt();
-            assert!((cov[[i, j]] - exp.cov[i][j]).abs() < 5.0 * sd, "cov[{i},{j}] {} vs {} (sd {sd})", cov[[i, j]], exp.cov[i][j]);
+            assert!(
+                (cov[[i, j]] - exp.cov[i][j]).abs() < 5.0 * sd,
+                "cov[{i},{j}] {} vs {} (sd {sd})",
+                cov[[i, j]],
+                exp.cov[i][j]
+            );
         }
     }
 }
@@ -70,11 +76,17 @@ fn hutchinson_errors(probes: u32, noise: ProbeNoise, n: usize) -> (f64, f64, f64
     let exp = Expected::load("affine_cls");
     let s = model.sample(n, &opts(11, TraceMode::Hutchinson { probes, noise })).unwrap();
     let logd = s.log_density.unwrap();
-    let errs: Vec<f64> =
-        s.theta.rows().into_iter().zip(&logd).map(|(r, l)| f64::from(*l) - exp.log_density(r.as_slice().unwrap())).collect();
+    let errs: Vec<f64> = s
+        .theta
+        .rows()
+        .into_iter()
+        .zip(&logd)
+        .map(|(r, l)| f64::from(*l) - exp.log_density(r.as_slice().unwrap()))
+        .collect();
     let mean = errs.iter().sum::<f64>() / n as f64;
     let sd = (errs.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / (n as f64 - 1.0)).sqrt();
-    let reported = s.log_density_stderr.map(|se| se.iter().map(|v| f64::from(*v)).sum::<f64>() / n as f64).unwrap_or(0.0);
+    let reported =
+        s.log_density_stderr.map(|se| se.iter().map(|v| f64::from(*v)).sum::<f64>() / n as f64).unwrap_or(0.0);
     (mean, sd, reported)
 }
 
@@ -134,7 +146,12 @@ fn same_seed_same_samples_and_batch_size_does_not_matter() {
 fn every_solver_reaches_the_closed_form() {
     let model = open("affine_cls");
     let exp = Expected::load("affine_cls");
-    for (kind, steps, tol) in [(SolverKind::Euler, 400, 0.2), (SolverKind::Heun, 64, 2e-2), (SolverKind::Rk4, 32, 1e-4), (SolverKind::Dopri5, 0, 1e-3)] {
+    for (kind, steps, tol) in [
+        (SolverKind::Euler, 400, 0.2),
+        (SolverKind::Heun, 64, 2e-2),
+        (SolverKind::Rk4, 32, 1e-4),
+        (SolverKind::Dopri5, 0, 1e-3),
+    ] {
         let o = SampleOptions {
             solver: Some(kind),
             steps: (steps > 0).then_some(steps),

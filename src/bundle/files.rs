@@ -24,11 +24,7 @@ pub fn resolve_in_bundle(dir: &Path, name: &str, field: &str) -> Result<PathBuf>
                     "{field}: file name {name:?} contains '..'; it must stay inside the bundle folder"
                 )))
             }
-            _ => {
-                return Err(Error::bundle(format!(
-                    "{field}: file name {name:?} is not a plain relative path"
-                )))
-            }
+            _ => return Err(Error::bundle(format!("{field}: file name {name:?} is not a plain relative path"))),
         }
     }
     let root = dir.canonicalize().map_err(|e| Error::io(dir, &e))?;

@@ -112,8 +112,7 @@ pub fn parse_manifest(bytes: &[u8], limits: &Limits) -> Result<Manifest> {
         }
         None => return Err(Error::bundle("manifest field format_version: missing or not an integer")),
     }
-    let manifest: Manifest =
-        serde_json::from_value(value).map_err(|e| Error::bundle(format!("manifest: {e}")))?;
+    let manifest: Manifest = serde_json::from_value(value).map_err(|e| Error::bundle(format!("manifest: {e}")))?;
     validate_manifest(&manifest, limits)?;
     Ok(manifest)
 }
@@ -128,14 +127,20 @@ fn validate_manifest(m: &Manifest, limits: &Limits) -> Result<()> {
     }
     let d = m.network.dim;
     if d == 0 || d > limits.max_weight_dim {
-        return Err(field_err("network.dim", format!("{d} is outside [1, {}] (Limits::max_weight_dim)", limits.max_weight_dim)));
+        return Err(field_err(
+            "network.dim",
+            format!("{d} is outside [1, {}] (Limits::max_weight_dim)", limits.max_weight_dim),
+        ));
     }
     if m.flow.dim != d {
         return Err(field_err("flow.dim", format!("{} disagrees with network.dim {d}", m.flow.dim)));
     }
     let d_in = m.input.dim;
     if d_in == 0 || d_in > limits.max_input_dim {
-        return Err(field_err("input.dim", format!("{d_in} is outside [1, {}] (Limits::max_input_dim)", limits.max_input_dim)));
+        return Err(field_err(
+            "input.dim",
+            format!("{d_in} is outside [1, {}] (Limits::max_input_dim)", limits.max_input_dim),
+        ));
     }
     if let Some(names) = &m.input.feature_names {
         if names.len() != d_in {
@@ -149,7 +154,10 @@ fn validate_manifest(m: &Manifest, limits: &Limits) -> Result<()> {
             }
             if let Some(names) = class_names {
                 if names.len() != *classes {
-                    return Err(field_err("task.class_names", format!("has {} names for {classes} classes", names.len())));
+                    return Err(field_err(
+                        "task.class_names",
+                        format!("has {} names for {classes} classes", names.len()),
+                    ));
                 }
             }
         }
@@ -190,7 +198,8 @@ fn validate_manifest(m: &Manifest, limits: &Limits) -> Result<()> {
     if m.flow.hutchinson.probes == 0 {
         return Err(field_err("flow.hutchinson.probes", "must be >= 1"));
     }
-    crate::trace::ProbeNoise::parse(&m.flow.hutchinson.noise).map_err(|e| field_err("flow.hutchinson.noise", e.message()))?;
+    crate::trace::ProbeNoise::parse(&m.flow.hutchinson.noise)
+        .map_err(|e| field_err("flow.hutchinson.noise", e.message()))?;
 
     let expected: [(&str, &manifest::GraphSpec, &[&str], &[&str]); 3] = [
         ("flow", &m.graphs.flow, &["t", "x"], &["v"]),
@@ -207,7 +216,12 @@ fn validate_manifest(m: &Manifest, limits: &Limits) -> Result<()> {
         if spec.outputs.len() != outputs.len() {
             return Err(field_err(
                 &format!("graphs.{graph}.outputs"),
-                format!("lists {} names, the format needs {} ({})", spec.outputs.len(), outputs.len(), outputs.join(", ")),
+                format!(
+                    "lists {} names, the format needs {} ({})",
+                    spec.outputs.len(),
+                    outputs.len(),
+                    outputs.join(", ")
+                ),
             ));
         }
     }
@@ -217,7 +231,10 @@ fn validate_manifest(m: &Manifest, limits: &Limits) -> Result<()> {
 fn validate_layers(m: &Manifest, limits: &Limits) -> Result<()> {
     let layers = &m.network.layers;
     if layers.is_empty() || layers.len() > limits.max_layers {
-        return Err(field_err("network.layers", format!("needs between 1 and {} layers, has {}", limits.max_layers, layers.len())));
+        return Err(field_err(
+            "network.layers",
+            format!("needs between 1 and {} layers, has {}", limits.max_layers, layers.len()),
+        ));
     }
     let d = m.network.dim;
     let mut covered: Vec<(usize, usize, String)> = Vec::with_capacity(2 * layers.len());
@@ -235,14 +252,25 @@ fn validate_layers(m: &Manifest, limits: &Limits) -> Result<()> {
         if layer.activation != want_act {
             return Err(field_err(
                 &f("activation"),
-                format!("{:?} where the format needs {:?} ({} layer)", layer.activation, want_act, if last { "last" } else { "hidden" }),
+                format!(
+                    "{:?} where the format needs {:?} ({} layer)",
+                    layer.activation,
+                    want_act,
+                    if last { "last" } else { "hidden" }
+                ),
             ));
         }
         if layer.weight.shape != [layer.outputs, layer.inputs] {
-            return Err(field_err(&f("weight.shape"), format!("{:?}, expected [out, in] = [{}, {}]", layer.weight.shape, layer.outputs, layer.inputs)));
+            return Err(field_err(
+                &f("weight.shape"),
+                format!("{:?}, expected [out, in] = [{}, {}]", layer.weight.shape, layer.outputs, layer.inputs),
+            ));
         }
         if layer.bias.shape != [layer.outputs] {
-            return Err(field_err(&f("bias.shape"), format!("{:?}, expected [out] = [{}]", layer.bias.shape, layer.outputs)));
+            return Err(field_err(
+                &f("bias.shape"),
+                format!("{:?}, expected [out] = [{}]", layer.bias.shape, layer.outputs),
+            ));
         }
         let wlen = layer.outputs.checked_mul(layer.inputs).ok_or_else(|| field_err(&f("weight.shape"), "overflows"))?;
         covered.push((layer.weight.offset, wlen, f("weight")));
@@ -260,7 +288,8 @@ fn validate_layers(m: &Manifest, limits: &Limits) -> Result<()> {
     let mut next = 0usize;
     for (offset, len, name) in &covered {
         if *offset != next {
-            let what = if *offset < next { "overlaps the previous block" } else { "leaves a gap after the previous block" };
+            let what =
+                if *offset < next { "overlaps the previous block" } else { "leaves a gap after the previous block" };
             return Err(field_err(&format!("{name}.offset"), format!("{offset} {what} (expected {next})")));
         }
         next = offset.checked_add(*len).ok_or_else(|| field_err(&format!("{name}.offset"), "overflows"))?;

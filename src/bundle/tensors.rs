@@ -29,15 +29,10 @@ struct Table<'a>(SafeTensors<'a>);
 
 impl<'a> Table<'a> {
     fn raw(&self, name: &str, dtype: Dtype, ndim: usize) -> Result<(Vec<usize>, &'a [u8])> {
-        let view = self
-            .0
-            .tensor(name)
-            .map_err(|_| Error::bundle(format!("tensor {name}: missing from the tensors file")))?;
+        let view =
+            self.0.tensor(name).map_err(|_| Error::bundle(format!("tensor {name}: missing from the tensors file")))?;
         if view.dtype() != dtype {
-            return Err(Error::bundle(format!(
-                "tensor {name}: dtype is {:?}, expected {dtype:?}",
-                view.dtype()
-            )));
+            return Err(Error::bundle(format!("tensor {name}: dtype is {:?}, expected {dtype:?}", view.dtype())));
         }
         if view.shape().len() != ndim {
             return Err(Error::bundle(format!(
@@ -71,7 +66,9 @@ impl<'a> Table<'a> {
 
 fn expect_shape(name: &str, got: &[usize], want: &[usize]) -> Result<()> {
     if got != want {
-        return Err(Error::bundle(format!("tensor {name}: shape {got:?} disagrees with the manifest, expected {want:?}")));
+        return Err(Error::bundle(format!(
+            "tensor {name}: shape {got:?} disagrees with the manifest, expected {want:?}"
+        )));
     }
     Ok(())
 }
@@ -91,7 +88,8 @@ impl BundleTensors {
     /// Parse and check the tensors file against a (validated) manifest.
     pub fn parse(bytes: &[u8], manifest: &Manifest) -> Result<Self> {
         let table = Table(
-            SafeTensors::deserialize(bytes).map_err(|e| Error::bundle(format!("tensors file: not valid safetensors: {e}")))?,
+            SafeTensors::deserialize(bytes)
+                .map_err(|e| Error::bundle(format!("tensors file: not valid safetensors: {e}")))?,
         );
         let d = manifest.network.dim;
         let d_in = manifest.input.dim;
@@ -101,9 +99,7 @@ impl BundleTensors {
         let whiten_scale = table.vector("flow.whiten.scale", d)?;
         require_finite("flow.whiten.scale", &whiten_scale)?;
         if let Some((i, s)) = whiten_scale.iter().enumerate().find(|(_, s)| **s <= 0.0) {
-            return Err(Error::bundle(format!(
-                "tensor flow.whiten.scale: scale must be > 0, found {s} at index {i}"
-            )));
+            return Err(Error::bundle(format!("tensor flow.whiten.scale: scale must be > 0, found {s} at index {i}")));
         }
         let sum_log_scale = whiten_scale.iter().map(|s| f64::from(*s).ln()).sum();
 
@@ -131,7 +127,9 @@ impl BundleTensors {
                     .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
                     .collect();
                 if let Some((i, y)) = labels.iter().enumerate().find(|(_, y)| **y < 0 || **y >= *classes as i64) {
-                    return Err(Error::bundle(format!("tensor eval.y: label {y} at index {i} is outside [0, {classes})")));
+                    return Err(Error::bundle(format!(
+                        "tensor eval.y: label {y} at index {i} is outside [0, {classes})"
+                    )));
                 }
                 let hmc_probs = table.matrix("eval.hmc_probs", Some(n), *classes)?;
                 require_finite("eval.hmc_probs", hmc_probs.as_slice().unwrap_or(&[]))?;

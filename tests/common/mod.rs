@@ -27,7 +27,8 @@ impl Expected {
     pub fn load(name: &str) -> Expected {
         let path = fixture(&format!("{name}.expected.json"));
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        let vec = |x: &serde_json::Value| -> Vec<f64> { x.as_array().unwrap().iter().map(|a| a.as_f64().unwrap()).collect() };
+        let vec =
+            |x: &serde_json::Value| -> Vec<f64> { x.as_array().unwrap().iter().map(|a| a.as_f64().unwrap()).collect() };
         let mat = |x: &serde_json::Value| -> Vec<Vec<f64>> { x.as_array().unwrap().iter().map(vec).collect() };
         let points = v["points"]
             .as_array()

@@ -1,0 +1,151 @@
+//! The `postflow` command line: `info`, `sample`, `log-prob`, `predict`, `eval`.
+//! Errors print one `error: …` line on stderr and exit with status 1.
+mod arrays;
+mod progress;
+mod sample;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{Model, ModelOptions, ProbeNoise, Result, SampleOptions, SolverKind, TraceMode};
+
+#[derive(Parser)]
+#[command(
+    name = "postflow",
+    version,
+    about = "Posterior weight samples and calibrated predictions from a postflow bundle"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Draw posterior weight samples (and log-densities) from a bundle.
+    Sample(sample::SampleArgs),
+    /// Log-densities of given weight samples under a bundle's flow.
+    LogProb(sample::LogProbArgs),
+}
+
+/// Options shared by every command that loads a model.
+#[derive(Args, Clone)]
+pub(crate) struct ModelArgs {
+    /// Bundle folder.
+    pub bundle: PathBuf,
+    /// Path to libonnxruntime.so (default: POSTFLOW_ORT_LIB, ORT_DYLIB_PATH, the repo's .ort/, the system).
+    #[arg(long, value_name = "PATH")]
+    pub onnxruntime: Option<PathBuf>,
+    /// Run on CUDA device ID (needs the `cuda` feature and a CUDA build of ONNX Runtime).
+    #[arg(long, value_name = "ID")]
+    pub cuda: Option<i32>,
+    /// Intra-op threads per ONNX Runtime session (0: ONNX Runtime's default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+impl ModelArgs {
+    pub fn open(&self) -> Result<Model> {
+        let options = ModelOptions {
+            device: self.cuda.map_or(crate::Device::Cpu, crate::Device::Cuda),
+            intra_op_threads: self.threads,
+            onnxruntime_path: self.onnxruntime.clone(),
+            ..ModelOptions::default()
+        };
+        Model::open(&self.bundle, &options)
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum SolverArg {
+    Euler,
+    Heun,
+    Rk4,
+    Dopri5,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub(crate) enum TraceArg {
+    None,
+    Hutchinson,
+    HutchinsonGaussian,
+    Exact,
+}
+
+/// Solver and trace flags; unset ones take the bundle's defaults.
+#[derive(Args, Clone)]
+pub(crate) struct SolverArgs {
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// ODE solver (default: the bundle's).
+    #[arg(long, value_enum)]
+    pub solver: Option<SolverArg>,
+    /// Steps of a fixed-step solver (default: the bundle's).
+    #[arg(long)]
+    pub steps: Option<u32>,
+    /// Relative tolerance (dopri5).
+    #[arg(long)]
+    pub rtol: Option<f64>,
+    /// Absolute tolerance (dopri5).
+    #[arg(long)]
+    pub atol: Option<f64>,
+    /// Samples per ONNX Runtime call (0: default).
+    #[arg(long, default_value_t = 0)]
+    pub batch: usize,
+}
+
+impl SolverArgs {
+    pub fn options(&self, trace: TraceMode) -> SampleOptions {
+        SampleOptions {
+            seed: self.seed,
+            solver: self.solver.map(|s| match s {
+                SolverArg::Euler => SolverKind::Euler,
+                SolverArg::Heun => SolverKind::Heun,
+                SolverArg::Rk4 => SolverKind::Rk4,
+                SolverArg::Dopri5 => SolverKind::Dopri5,
+            }),
+            steps: self.steps,
+            rtol: self.rtol,
+            atol: self.atol,
+            trace,
+            batch_size: self.batch,
+            ..SampleOptions::default()
+        }
+    }
+}
+
+/// The trace mode from flags; `probes` defaults to the bundle's.
+pub(crate) fn trace_mode(model: &Model, trace: TraceArg, probes: Option<u32>) -> TraceMode {
+    let default_probes = match model.default_hutchinson() {
+        TraceMode::Hutchinson { probes, .. } => probes,
+        _ => 1,
+    };
+    let probes = probes.unwrap_or(default_probes);
+    match trace {
+        TraceArg::None => TraceMode::None,
+        TraceArg::Hutchinson => TraceMode::Hutchinson { probes, noise: ProbeNoise::Rademacher },
+        TraceArg::HutchinsonGaussian => TraceMode::Hutchinson { probes, noise: ProbeNoise::Gaussian },
+        TraceArg::Exact => TraceMode::Exact,
+    }
+}
+
+/// Run the CLI; returns the process exit status.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Sample(args) => sample::run_sample(&args),
+        Command::LogProb(args) => sample::run_log_prob(&args),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {}", e.message().replace('\n', " "));
+            1
+        }
+    }
+}
