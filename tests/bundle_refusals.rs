@@ -1,0 +1,284 @@
+//! Every refusal of `docs/bundle-format.md`, each fed by a broken copy of a good
+//! fixture bundle, each with its message checked; and the process stays healthy.
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use postflow::{ErrorKind, Limits, Model, ModelOptions, SampleOptions};
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+
+/// A temporary copy of a fixture bundle.
+struct Copy {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+fn copy_of(name: &str) -> Copy {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::create_dir(&path).unwrap();
+    for entry in std::fs::read_dir(common::fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), path.join(entry.file_name())).unwrap();
+    }
+    Copy { _dir: dir, path }
+}
+
+fn edit_manifest(dir: &Path, f: impl FnOnce(&mut Value)) {
+    let p = dir.join("postflow.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
+
+fn edit_tensors(dir: &Path, f: impl FnOnce(&mut Tensors)) {
+    let p = dir.join("tensors.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let table = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Tensors = table
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    f(&mut tensors);
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, dt, sh, data)| (n.clone(), safetensors::tensor::TensorView::new(*dt, sh.clone(), data).unwrap()))
+        .collect();
+    std::fs::write(&p, safetensors::serialize(views, None::<HashMap<String, String>>).unwrap()).unwrap();
+}
+
+fn set_f32(tensors: &mut Tensors, name: &str, index: usize, value: f32) {
+    let t = tensors.iter_mut().find(|t| t.0 == name).unwrap();
+    t.3[index * 4..index * 4 + 4].copy_from_slice(&value.to_le_bytes());
+}
+
+fn open_err(dir: &Path) -> postflow::Error {
+    match Model::open(dir, &ModelOptions::default()) {
+        Ok(_) => panic!("{} opened but should have been refused", dir.display()),
+        Err(e) => e,
+    }
+}
+
+/// Refused with `kind`, and a message containing every fragment.
+fn assert_refused(dir: &Path, kind: ErrorKind, fragments: &[&str]) {
+    let e = open_err(dir);
+    assert_eq!(e.kind(), kind, "kind of: {}", e.message());
+    for f in fragments {
+        assert!(e.message().contains(f), "message {:?} lacks {f:?}", e.message());
+    }
+    // The process is still healthy: a good bundle loads and samples.
+    let good = common::open("affine_cls");
+    good.sample(2, &SampleOptions::default()).unwrap();
+}
+
+fn manifest_case(f: impl FnOnce(&mut Value), kind: ErrorKind, fragments: &[&str]) {
+    let c = copy_of("affine_cls");
+    edit_manifest(&c.path, f);
+    assert_refused(&c.path, kind, fragments);
+}
+
+#[test]
+fn unknown_format_and_version() {
+    manifest_case(|m| m["format"] = "onnx-bundle".into(), ErrorKind::Bundle, &["format", "onnx-bundle"]);
+    manifest_case(|m| m["format_version"] = 2.into(), ErrorKind::Bundle, &["format_version", "unsupported version 2"]);
+    manifest_case(
+        |m| m["format_version"] = "1".into(),
+        ErrorKind::Bundle,
+        &["format_version", "missing or not an integer"],
+    );
+}
+
+#[test]
+fn file_names_must_stay_inside_the_bundle() {
+    manifest_case(
+        |m| m["graphs"]["flow"]["file"] = "/etc/passwd".into(),
+        ErrorKind::Bundle,
+        &["graphs.flow.file", "absolute"],
+    );
+    manifest_case(
+        |m| m["graphs"]["net"]["file"] = "../net.onnx".into(),
+        ErrorKind::Bundle,
+        &["graphs.net.file", "'..'"],
+    );
+    manifest_case(|m| m["tensors"] = "sub/../../x".into(), ErrorKind::Bundle, &["tensors", "'..'"]);
+    manifest_case(
+        |m| m["graphs"]["flow_jvp"]["file"] = "missing.onnx".into(),
+        ErrorKind::Bundle,
+        &["graphs.flow_jvp.file", "does not exist"],
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn symlink_leaving_the_bundle_is_refused() {
+    let c = copy_of("affine_cls");
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("flow.onnx");
+    std::fs::copy(c.path.join("flow.onnx"), &target).unwrap();
+    std::fs::remove_file(c.path.join("flow.onnx")).unwrap();
+    std::os::unix::fs::symlink(&target, c.path.join("flow.onnx")).unwrap();
+    assert_refused(&c.path, ErrorKind::Bundle, &["graphs.flow.file", "outside the bundle folder"]);
+}
+
+#[test]
+fn non_finite_and_non_positive_whitening() {
+    for (name, value, fragment) in [
+        ("flow.whiten.mean", f32::NAN, "non-finite"),
+        ("flow.whiten.scale", f32::INFINITY, "non-finite"),
+        ("flow.whiten.scale", 0.0, "must be > 0"),
+        ("flow.whiten.scale", -1.0, "must be > 0"),
+        ("posterior.theta", f32::NAN, "non-finite"),
+        ("reference.theta", f32::NEG_INFINITY, "non-finite"),
+    ] {
+        let c = copy_of("affine_cls");
+        edit_tensors(&c.path, |t| set_f32(t, name, 3, value));
+        assert_refused(&c.path, ErrorKind::Bundle, &[name, fragment]);
+    }
+}
+
+#[test]
+fn dimensions_that_disagree() {
+    manifest_case(|m| m["flow"]["dim"] = 18.into(), ErrorKind::Bundle, &["flow.dim", "disagrees with network.dim 17"]);
+    manifest_case(|m| m["input"]["dim"] = 3.into(), ErrorKind::Bundle, &["input.feature_names", "input.dim 3"]);
+    manifest_case(
+        |m| {
+            m["input"]["dim"] = 3.into();
+            m["input"]["feature_names"] = Value::Null;
+        },
+        ErrorKind::Bundle,
+        &["network.layers[0].in"],
+    );
+    manifest_case(|m| m["task"]["classes"] = 3.into(), ErrorKind::Bundle, &["task"]);
+    manifest_case(|m| m["network"]["layers"][1]["bias"]["offset"] = 16.into(), ErrorKind::Bundle, &["offset"]);
+    manifest_case(|m| m["network"]["dim"] = 20.into(), ErrorKind::Bundle, &["disagrees"]);
+    manifest_case(
+        |m| m["network"]["layers"][0]["activation"] = "identity".into(),
+        ErrorKind::Bundle,
+        &["network.layers[0].activation"],
+    );
+    manifest_case(
+        |m| m["flow"]["default_solver"]["method"] = "rk45".into(),
+        ErrorKind::Bundle,
+        &["flow.default_solver.method"],
+    );
+    manifest_case(|m| m["flow"]["hutchinson"]["probes"] = 0.into(), ErrorKind::Bundle, &["flow.hutchinson.probes"]);
+    manifest_case(
+        |m| m["graphs"]["flow"]["inputs"] = serde_json::json!(["t"]),
+        ErrorKind::Bundle,
+        &["graphs.flow.inputs"],
+    );
+}
+
+#[test]
+fn tensors_of_wrong_shape_dtype_or_missing() {
+    let c = copy_of("affine_cls");
+    edit_tensors(&c.path, |t| {
+        let w = t.iter_mut().find(|t| t.0 == "flow.whiten.mean").unwrap();
+        w.2 = vec![16];
+        w.3.truncate(16 * 4);
+    });
+    assert_refused(&c.path, ErrorKind::Bundle, &["flow.whiten.mean", "[16]", "[17]"]);
+
+    let c = copy_of("affine_cls");
+    edit_tensors(&c.path, |t| {
+        let w = t.iter_mut().find(|t| t.0 == "reference.theta").unwrap();
+        w.1 = Dtype::I32;
+    });
+    assert_refused(&c.path, ErrorKind::Bundle, &["reference.theta", "dtype"]);
+
+    let c = copy_of("affine_cls");
+    edit_tensors(&c.path, |t| t.retain(|t| t.0 != "eval.hmc_probs"));
+    assert_refused(&c.path, ErrorKind::Bundle, &["eval.hmc_probs", "missing"]);
+
+    let c = copy_of("affine_cls");
+    edit_tensors(&c.path, |t| {
+        let y = t.iter_mut().find(|t| t.0 == "eval.y").unwrap();
+        y.3[0..8].copy_from_slice(&7i64.to_le_bytes());
+    });
+    assert_refused(&c.path, ErrorKind::Bundle, &["eval.y", "outside [0, 2)"]);
+
+    let c = copy_of("affine_cls");
+    std::fs::write(c.path.join("tensors.safetensors"), b"not safetensors at all").unwrap();
+    assert_refused(&c.path, ErrorKind::Bundle, &["not valid safetensors"]);
+}
+
+#[test]
+fn declared_sizes_over_the_limits_are_refused_before_allocating() {
+    manifest_case(
+        |m| m["network"]["dim"] = 1_000_000_000_000u64.into(),
+        ErrorKind::Bundle,
+        &["network.dim", "max_weight_dim"],
+    );
+    let c = copy_of("affine_cls");
+    let limits = Limits { max_tensors_bytes: 100, ..Limits::default() };
+    let e = Model::open(&c.path, &ModelOptions { limits, ..ModelOptions::default() }).err().unwrap();
+    assert!(e.message().contains("over the limit of 100 bytes"), "{}", e.message());
+}
+
+#[test]
+fn graphs_that_disagree_with_the_manifest() {
+    // Wrong input name declared in the manifest.
+    manifest_case(
+        |m| m["graphs"]["flow"]["inputs"] = serde_json::json!(["time", "x"]),
+        ErrorKind::Bundle,
+        &["graph flow", "no input named \"time\""],
+    );
+    // A graph for another D (the regression fixture's net has D = 13).
+    let c = copy_of("affine_cls");
+    std::fs::copy(common::fixture("affine_reg").join("net.onnx"), c.path.join("net.onnx")).unwrap();
+    assert_refused(&c.path, ErrorKind::Bundle, &["graph net", "axis 1"]);
+    // flow.onnx where flow_jvp.onnx belongs: wrong number of inputs.
+    let c = copy_of("affine_cls");
+    std::fs::copy(c.path.join("flow.onnx"), c.path.join("flow_jvp.onnx")).unwrap();
+    assert_refused(&c.path, ErrorKind::Bundle, &["graph flow_jvp", "inputs"]);
+    // A truncated ONNX file.
+    let c = copy_of("affine_cls");
+    let bytes = std::fs::read(c.path.join("flow.onnx")).unwrap();
+    std::fs::write(c.path.join("flow.onnx"), &bytes[..bytes.len() / 2]).unwrap();
+    assert_refused(&c.path, ErrorKind::Runtime, &["graph flow", "could not load the ONNX graph"]);
+}
+
+#[test]
+fn not_a_bundle() {
+    let e = open_err(Path::new("/definitely/not/here"));
+    assert_eq!(e.kind(), ErrorKind::Io);
+    assert!(e.message().contains("/definitely/not/here"));
+    let c = copy_of("affine_cls");
+    std::fs::remove_file(c.path.join("postflow.json")).unwrap();
+    assert_refused(&c.path, ErrorKind::Bundle, &["manifest", "does not exist"]);
+    let c = copy_of("affine_cls");
+    std::fs::write(c.path.join("postflow.json"), b"{ not json").unwrap();
+    assert_refused(&c.path, ErrorKind::Bundle, &["not valid JSON"]);
+    let file = c.path.join("flow.onnx");
+    assert_refused(&file, ErrorKind::Bundle, &["not a bundle folder"]);
+}
+
+#[test]
+fn a_loaded_model_survives_its_files_being_removed() {
+    let c = copy_of("affine_cls");
+    let model = Model::open(&c.path, &ModelOptions::default()).unwrap();
+    let before = model.sample(4, &SampleOptions::default()).unwrap();
+    std::fs::remove_dir_all(&c.path).unwrap();
+    let after = model.sample(4, &SampleOptions::default()).unwrap();
+    assert_eq!(before.theta, after.theta);
+}
+
+#[test]
+fn cuda_without_support_is_a_clear_error() {
+    let options = ModelOptions { device: postflow::Device::Cuda(0), ..ModelOptions::default() };
+    match Model::open(common::fixture("affine_cls"), &options) {
+        Ok(_) => {
+            // Only possible on a CUDA build with a GPU: then CUDA must really work.
+            assert!(cfg!(feature = "cuda"));
+        }
+        Err(e) => {
+            assert_eq!(e.kind(), ErrorKind::Unsupported, "{}", e.message());
+            assert!(e.message().contains("CUDA"), "{}", e.message());
+        }
+    }
+}
