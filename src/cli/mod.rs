@@ -136,7 +136,19 @@ pub(crate) fn trace_mode(model: &Model, trace: TraceArg, probes: Option<u32>) ->
 
 /// Run the CLI; returns the process exit status.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
+            e.exit()
+        }
+        Err(e) => {
+            // Usage errors too are one line; `--help` has the details.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            eprintln!("error: {first} (see --help)");
+            return 2;
+        }
+    };
     let result = match cli.command {
         Command::Sample(args) => sample::run_sample(&args),
         Command::LogProb(args) => sample::run_log_prob(&args),

@@ -1,0 +1,171 @@
+//! The `postflow` binary end to end: outputs, defaults and one-line errors.
+mod common;
+
+use std::process::{Command, Output};
+
+use safetensors::SafeTensors;
+
+fn postflow(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_postflow")).args(args).output().expect("run postflow")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failed run: non-zero exit and exactly one line starting with `error:`.
+fn assert_one_line_error(o: &Output, fragment: &str) {
+    assert!(!o.status.success(), "expected failure, stderr: {}", stderr(o));
+    let err = stderr(o);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "stderr should be one line: {err:?}");
+    assert!(lines[0].starts_with("error: "), "{err:?}");
+    assert!(err.contains(fragment), "{err:?} lacks {fragment:?}");
+}
+
+fn shapes(path: &std::path::Path) -> Vec<(String, Vec<usize>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let t = SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<(String, Vec<usize>)> = t.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn sample_then_log_prob() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = common::fixture("affine_cls");
+    let samples = dir.path().join("s.safetensors");
+    let o = postflow(&[
+        "sample",
+        bundle.to_str().unwrap(),
+        "-n",
+        "50",
+        "--trace",
+        "hutchinson",
+        "--probes",
+        "3",
+        "--seed",
+        "9",
+        "-q",
+        "-o",
+        samples.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        shapes(&samples),
+        vec![("log_density".into(), vec![50]), ("log_density_stderr".into(), vec![50]), ("theta".into(), vec![50, 17])]
+    );
+    // Same samples as the library with the same seed.
+    let model = common::open("affine_cls");
+    let lib = model
+        .sample(
+            50,
+            &postflow::SampleOptions {
+                seed: 9,
+                trace: postflow::TraceMode::Hutchinson { probes: 3, noise: postflow::ProbeNoise::Rademacher },
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let bytes = std::fs::read(&samples).unwrap();
+    let table = SafeTensors::deserialize(&bytes).unwrap();
+    let theta: Vec<f32> = table
+        .tensor("theta")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(theta, lib.theta.as_slice().unwrap());
+
+    let lp = dir.path().join("lp.safetensors");
+    let o = postflow(&[
+        "log-prob",
+        bundle.to_str().unwrap(),
+        "--theta",
+        samples.to_str().unwrap(),
+        "--trace",
+        "exact",
+        "-o",
+        lp.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(shapes(&lp), vec![("log_density".into(), vec![50])]);
+
+    // Without a trace only theta is written.
+    let plain = dir.path().join("plain.safetensors");
+    let o = postflow(&["sample", bundle.to_str().unwrap(), "-n", "5", "-q", "-o", plain.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(shapes(&plain), vec![("theta".into(), vec![5, 17])]);
+}
+
+#[test]
+fn errors_are_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let out = out.to_str().unwrap();
+    let bundle = common::fixture("affine_cls");
+    let bundle = bundle.to_str().unwrap();
+    assert_one_line_error(&postflow(&["sample", "/no/such/bundle", "-n", "2", "-o", out]), "/no/such/bundle");
+    assert_one_line_error(&postflow(&["sample", bundle, "-n", "0", "-o", out]), "-n must be at least 1");
+    assert_one_line_error(
+        &postflow(&["sample", bundle, "-n", "2", "--onnxruntime", "/no/libonnxruntime.so", "-o", out]),
+        "tried: /no/libonnxruntime.so: not found",
+    );
+    assert_one_line_error(
+        &postflow(&["sample", bundle, "-n", "2", "--solver", "dopri5", "--rtol=-1", "-o", out]),
+        "rtol must be finite and > 0",
+    );
+    assert_one_line_error(&postflow(&["sample", bundle, "-n", "2", "--steps", "0", "-o", out]), "steps must be >= 1");
+    assert_one_line_error(
+        &postflow(&["sample", bundle, "-n", "2", "--trace", "hutchinson", "--probes", "100000", "-o", out]),
+        "probes must be in",
+    );
+    assert_one_line_error(
+        &postflow(&["log-prob", bundle, "--theta", "/no/theta.safetensors", "-o", out]),
+        "/no/theta.safetensors",
+    );
+    // Weights of the wrong width.
+    let other = dir.path().join("reg.safetensors");
+    let reg = common::fixture("affine_reg");
+    assert!(postflow(&["sample", reg.to_str().unwrap(), "-n", "3", "-q", "-o", other.to_str().unwrap()])
+        .status
+        .success());
+    assert_one_line_error(
+        &postflow(&["log-prob", bundle, "--theta", other.to_str().unwrap(), "-o", out]),
+        "theta has 13 columns, the model has D = 17",
+    );
+    let own = dir.path().join("own.safetensors");
+    assert!(postflow(&["sample", bundle, "-n", "3", "-q", "-o", own.to_str().unwrap()]).status.success());
+    assert_one_line_error(
+        &postflow(&["log-prob", bundle, "--theta", own.to_str().unwrap(), "--trace", "none", "-o", out]),
+        "needs a trace mode",
+    );
+}
+
+#[test]
+fn a_missing_onnxruntime_names_every_path_tried() {
+    let o = Command::new(env!("CARGO_BIN_EXE_postflow"))
+        .args(["sample", common::fixture("affine_cls").to_str().unwrap(), "-n", "1", "-o", "/tmp/never"])
+        .env("POSTFLOW_ORT_LIB", "/nowhere/a.so")
+        .env("ORT_DYLIB_PATH", "/nowhere/b.so")
+        .output()
+        .unwrap();
+    // The repository's .ort/ may still provide the library; if it does, sampling works.
+    if !o.status.success() {
+        let err = stderr(&o);
+        assert!(err.contains("/nowhere/a.so") && err.contains("/nowhere/b.so"), "{err}");
+    } else {
+        assert!(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".ort/libonnxruntime.so").exists());
+    }
+}
+
+#[test]
+fn usage_errors_are_one_line_too() {
+    let o = postflow(&["sample", "x", "-n", "2", "--solver", "rk5", "-o", "y"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_one_line_error(&o, "rk5");
+    let o = postflow(&["bogus-command"]);
+    assert_one_line_error(&o, "bogus-command");
+}
