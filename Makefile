@@ -28,8 +28,9 @@ test-rust:
 test-c:
 	@if [ -f tests/c/Makefile ]; then $(MAKE) -C tests/c all; fi
 
+PYTEST_DIRS := $(wildcard train/tests bindings/python/tests)
 test-python:
-	$(PY) -m pytest -q train/tests $(wildcard bindings/python/tests)
+	@if [ -n "$(PYTEST_DIRS)" ]; then $(PY) -m pytest -q $(PYTEST_DIRS); fi
 
 # Regenerate the committed closed-form fixture bundles.
 fixtures: setup
