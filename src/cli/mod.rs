@@ -1,6 +1,11 @@
 //! The `postflow` command line: `info`, `sample`, `log-prob`, `predict`, `eval`.
 //! Errors print one `error: …` line on stderr and exit with status 1.
 mod arrays;
+mod eval;
+mod info;
+mod input;
+mod plot;
+mod predict;
 mod progress;
 mod sample;
 
@@ -23,10 +28,16 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Describe a bundle: task, dimensions, graphs, solver, provenance, reference metrics.
+    Info(info::InfoArgs),
     /// Draw posterior weight samples (and log-densities) from a bundle.
     Sample(sample::SampleArgs),
     /// Log-densities of given weight samples under a bundle's flow.
     LogProb(sample::LogProbArgs),
+    /// Predictions with their uncertainty decomposition for inputs from CSV or .npy.
+    Predict(predict::PredictArgs),
+    /// Flow BMA vs HMC BMA vs MAP on the bundle's eval split.
+    Eval(eval::EvalArgs),
 }
 
 /// Options shared by every command that loads a model.
@@ -152,6 +163,9 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Sample(args) => sample::run_sample(&args),
         Command::LogProb(args) => sample::run_log_prob(&args),
+        Command::Info(args) => info::run_info(&args),
+        Command::Predict(args) => predict::run_predict(&args),
+        Command::Eval(args) => eval::run_eval(&args),
     };
     match result {
         Ok(()) => 0,

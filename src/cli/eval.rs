@@ -1,0 +1,342 @@
+//! `postflow eval`: the flow's BMA (drawn now), the HMC BMA stored in the bundle and
+//! the MAP net, side by side on the bundle's eval split, with the manifest's
+//! `reference_metrics` beside them.
+//!
+//! Formulas are the ones of `metrics` and `bma` for every method: HMC from
+//! `eval.hmc_probs` (or `eval.hmc_mean`/`eval.hmc_var`), MAP as a BMA over the single
+//! sample `reference.theta` (its NLL from the log-softmax of the logits, which stays
+//! finite where a probability underflows), the flow as a BMA over its samples.
+//! The flow's sampling noise is estimated by a delete-a-group jackknife over
+//! [`JACKKNIFE_GROUPS`] contiguous groups of samples.
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use clap::Args;
+use ndarray::{Array2, ArrayView2, Axis};
+use serde_json::{json, Map, Value};
+
+use super::predict::{draw, recorded_flow_samples, DEFAULT_SAMPLES};
+use super::{plot, ModelArgs, SolverArg};
+use crate::bundle::{EvalTargets, Task};
+use crate::metrics::{nll_from_logits, ClassificationMetrics, RegressionMetrics};
+use crate::{Error, Model, PredictOptions, Prediction, Result, SampleOptions, SolverKind};
+
+/// Groups of the delete-a-group jackknife for the flow metrics' standard errors.
+pub const JACKKNIFE_GROUPS: usize = 10;
+
+#[derive(Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Flow samples (default: the manifest's reference_metrics.flow_samples, else 400).
+    #[arg(short = 'n', long = "num-samples")]
+    n: Option<usize>,
+    /// Random seed (default: the manifest's reference_metrics.seed, else 0).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// ODE solver (default: reference_metrics.solver.method, else the bundle's).
+    #[arg(long, value_enum)]
+    solver: Option<SolverArg>,
+    /// Steps of a fixed-step solver (default: reference_metrics.solver.steps, else the bundle's).
+    #[arg(long)]
+    steps: Option<u32>,
+    /// Relative tolerance (dopri5).
+    #[arg(long)]
+    rtol: Option<f64>,
+    /// Absolute tolerance (dopri5).
+    #[arg(long)]
+    atol: Option<f64>,
+    /// Samples per ONNX Runtime call (0: default).
+    #[arg(long, default_value_t = 0)]
+    batch: usize,
+    /// Machine-readable JSON instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Write a reliability diagram (classification) or coverage plot (regression) as SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+}
+
+/// A predictive on the eval split, in f64.
+pub(super) enum Predictive {
+    Classification(Array2<f64>),
+    Regression { mean: Array2<f64>, var: Array2<f64> },
+}
+
+/// Flow, HMC and MAP predictives with the eval targets, for the plot.
+pub(super) struct EvalPredictives {
+    pub flow: Predictive,
+    pub hmc: Predictive,
+    pub map: Predictive,
+    pub targets: EvalTargets,
+}
+
+fn predictive(p: &Prediction) -> Predictive {
+    match p {
+        Prediction::Classification(c) => Predictive::Classification(c.probs.clone()),
+        Prediction::Regression(r) => Predictive::Regression { mean: r.mean.clone(), var: r.total.clone() },
+    }
+}
+
+/// The metrics of one predictive as JSON; agreement and TV against HMC when `vs_hmc`.
+fn metrics_of(p: &Predictive, targets: &EvalTargets, vs_hmc: bool) -> Result<Value> {
+    let v = match (p, targets) {
+        (Predictive::Classification(probs), EvalTargets::Classification { labels, hmc_probs }) => {
+            let reference = vs_hmc.then(|| hmc_probs.view());
+            serde_json::to_value(ClassificationMetrics::compute(probs, labels.as_slice(), reference)?)
+        }
+        (Predictive::Regression { mean, var }, EvalTargets::Regression { y, .. }) => {
+            serde_json::to_value(RegressionMetrics::compute(mean, var, y)?)
+        }
+        _ => return Err(Error::invalid("predictive and eval targets are of different tasks")),
+    };
+    v.map_err(|e| Error::invalid(e.to_string()))
+}
+
+fn hmc_predictive(targets: &EvalTargets) -> Predictive {
+    match targets {
+        EvalTargets::Classification { hmc_probs, .. } => Predictive::Classification(hmc_probs.mapv(f64::from)),
+        EvalTargets::Regression { hmc_mean, hmc_var, .. } => {
+            Predictive::Regression { mean: hmc_mean.mapv(f64::from), var: hmc_var.mapv(f64::from) }
+        }
+    }
+}
+
+/// Delete-a-group jackknife standard errors of the flow metrics, or `None` with
+/// fewer than two samples per group.
+fn jackknife(
+    model: &Model,
+    x: ArrayView2<f32>,
+    theta: ArrayView2<f32>,
+    targets: &EvalTargets,
+) -> Result<Option<Value>> {
+    let s = theta.nrows();
+    let g = JACKKNIFE_GROUPS;
+    if s < 2 * g {
+        return Ok(None);
+    }
+    let mut estimates: Vec<Map<String, Value>> = Vec::with_capacity(g);
+    for k in 0..g {
+        let (lo, hi) = (k * s / g, (k + 1) * s / g);
+        let keep: Vec<usize> = (0..s).filter(|i| *i < lo || *i >= hi).collect();
+        let sub = theta.select(Axis(0), &keep);
+        let p = model.predict(x, sub.view(), None, &PredictOptions::default())?;
+        match metrics_of(&predictive(&p), targets, true)? {
+            Value::Object(m) => estimates.push(m),
+            _ => unreachable!("metrics serialize to objects"),
+        }
+    }
+    let mut se = Map::new();
+    for key in estimates[0].keys() {
+        let vals: Vec<f64> = estimates.iter().filter_map(|m| m.get(key).and_then(Value::as_f64)).collect();
+        if vals.len() != g {
+            continue;
+        }
+        let mean = vals.iter().sum::<f64>() / g as f64;
+        let var = (g as f64 - 1.0) / g as f64 * vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>();
+        se.insert(key.clone(), json!(var.sqrt()));
+    }
+    Ok(Some(Value::Object(se)))
+}
+
+pub fn run_eval(args: &EvalArgs) -> Result<()> {
+    let model = args.model.open()?;
+    let rm = model.manifest().reference_metrics.clone();
+    let n = args.n.or_else(|| recorded_flow_samples(&model)).unwrap_or(DEFAULT_SAMPLES);
+    let seed = args.seed.or_else(|| rm.get("seed").and_then(Value::as_u64)).unwrap_or(0);
+    let recorded_solver = rm.get("solver");
+    let solver = match args.solver {
+        Some(s) => Some(match s {
+            SolverArg::Euler => SolverKind::Euler,
+            SolverArg::Heun => SolverKind::Heun,
+            SolverArg::Rk4 => SolverKind::Rk4,
+            SolverArg::Dopri5 => SolverKind::Dopri5,
+        }),
+        None => match recorded_solver.and_then(|s| s.get("method")).and_then(Value::as_str) {
+            Some(name) => Some(SolverKind::parse(name).map_err(|e| e.context("manifest reference_metrics.solver"))?),
+            None => None,
+        },
+    };
+    let steps = args.steps.or_else(|| {
+        recorded_solver.and_then(|s| s.get("steps")).and_then(Value::as_u64).and_then(|s| u32::try_from(s).ok())
+    });
+    let options = SampleOptions {
+        seed,
+        solver,
+        steps,
+        rtol: args.rtol,
+        atol: args.atol,
+        batch_size: args.batch,
+        ..SampleOptions::default()
+    };
+    let default = model.default_solver();
+    let kind = solver.unwrap_or(default.kind);
+    let solver_json = if kind == SolverKind::Dopri5 {
+        json!({"method": kind.name(), "rtol": args.rtol.unwrap_or(default.rtol), "atol": args.atol.unwrap_or(default.atol)})
+    } else {
+        json!({"method": kind.name(), "steps": steps.unwrap_or(default.steps)})
+    };
+
+    let drawn = draw(&model, n, &options, args.model.quiet)?;
+    let x = model.tensors().eval_x.view();
+    let targets = model.tensors().eval.clone();
+    let flow_pred = model.predict(x, drawn.theta.view(), None, &PredictOptions::default())?;
+    let flow = predictive(&flow_pred);
+    let hmc = hmc_predictive(&targets);
+    let d = model.weight_dim();
+    let reference = Array2::from_shape_vec((1, d), model.tensors().reference_theta.clone()).expect("[1, D]");
+    let map = predictive(&model.predict(x, reference.view(), None, &PredictOptions::default())?);
+
+    let flow_metrics = metrics_of(&flow, &targets, true)?;
+    let hmc_metrics = metrics_of(&hmc, &targets, false)?;
+    let mut map_metrics = metrics_of(&map, &targets, true)?;
+    if let EvalTargets::Classification { labels, .. } = &targets {
+        let logits = model.net_outputs(x, reference.view())?;
+        map_metrics["nll"] = json!(nll_from_logits(logits.index_axis(Axis(0), 0), labels.as_slice())?);
+    }
+    let stderr = jackknife(&model, x, drawn.theta.view(), &targets)?;
+
+    let task_name = match model.manifest().task {
+        Task::Classification { .. } => "classification",
+        Task::Regression { .. } => "regression",
+    };
+    let report = json!({
+        "bundle": model.dir().display().to_string(),
+        "name": model.manifest().name,
+        "task": task_name,
+        "n_eval": x.nrows(),
+        "flow": {
+            "samples": n,
+            "seed": seed,
+            "solver": solver_json,
+            "seconds": drawn.seconds,
+            "samples_per_second": n as f64 / drawn.seconds,
+            "function_evaluations": drawn.stats.nfe,
+        },
+        "methods": {"flow": flow_metrics, "hmc": hmc_metrics, "map": map_metrics},
+        "flow_stderr": stderr,
+        "reference_metrics": rm,
+    });
+
+    if let Some(path) = &args.plot {
+        let data = EvalPredictives { flow, hmc, map, targets };
+        plot::write(path, &model.manifest().name, &data)?;
+    }
+
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| Error::invalid(e.to_string()))?;
+        println!("{text}");
+    } else {
+        print!("{}", eval_text(&model, &report));
+    }
+    if let Some(path) = &args.plot {
+        if !args.model.quiet {
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn eval_text(model: &Model, r: &Value) -> String {
+    let mut o = String::new();
+    let task = &model.manifest().task;
+    let what = match task {
+        Task::Classification { classes, .. } => format!("classification, {classes} classes"),
+        Task::Regression { outputs, .. } => format!("regression, {outputs} output(s)"),
+    };
+    let _ = writeln!(o, "{} ({what}): {} eval inputs", r["name"].as_str().unwrap_or(""), r["n_eval"]);
+    let f = &r["flow"];
+    let solver = &f["solver"];
+    let solver_text = match solver.get("steps") {
+        Some(steps) => format!("{} {steps} steps", solver["method"].as_str().unwrap_or("")),
+        None => format!("{} rtol {} atol {}", solver["method"].as_str().unwrap_or(""), solver["rtol"], solver["atol"]),
+    };
+    let _ = writeln!(
+        o,
+        "flow: {} samples (seed {}, {solver_text}) in {:.2} s: {:.0} posterior samples/s",
+        f["samples"],
+        f["seed"],
+        f["seconds"].as_f64().unwrap_or(0.0),
+        f["samples_per_second"].as_f64().unwrap_or(0.0)
+    );
+    let _ = writeln!(o);
+    let recorded = r["reference_metrics"].get("methods").and_then(Value::as_object);
+    let mut rows: Vec<(String, Value)> = Vec::new();
+    let labels = [("flow", "flow BMA"), ("hmc", "HMC BMA"), ("map", "MAP")];
+    for (key, label) in labels {
+        rows.push((label.to_string(), r["methods"][key].clone()));
+        if key == "flow" {
+            if let Some(se) = r["flow_stderr"].as_object() {
+                let se: Map<String, Value> = se
+                    .iter()
+                    .map(|(k, v)| (k.clone(), json!(format!("±{}", fmt_num(v.as_f64().unwrap_or(0.0))))))
+                    .collect();
+                rows.push(("  ± jackknife SE".to_string(), Value::Object(se)));
+            }
+        }
+        if let Some(m) = recorded.and_then(|m| m.get(key)) {
+            rows.push(("  manifest".to_string(), m.clone()));
+        }
+    }
+    if let Some(m) = recorded {
+        for (key, v) in m.iter().filter(|(k, _)| !matches!(k.as_str(), "flow" | "hmc" | "map")) {
+            rows.push((format!("{key} (manifest)"), v.clone()));
+        }
+    }
+    o.push_str(&metrics_table(task, &rows));
+    let rm = &r["reference_metrics"];
+    if let (Some(_), Some(fs)) = (recorded, rm.get("flow_samples")) {
+        let mut note = format!("\nmanifest flow metrics: {fs} samples");
+        if let Some(seed) = rm.get("seed") {
+            let _ = write!(note, ", seed {seed}");
+        }
+        if let Some(s) = rm.get("solver") {
+            let _ = write!(note, ", {}", s["method"].as_str().unwrap_or("?"));
+            if let Some(steps) = s.get("steps") {
+                let _ = write!(note, " {steps} steps");
+            }
+        }
+        let _ = writeln!(o, "{note} (the pipeline's own sampler: expect agreement within sampling noise)");
+    }
+    o
+}
+
+fn fmt_num(x: f64) -> String {
+    if !x.is_finite() {
+        return x.to_string();
+    }
+    if x.abs() >= 1000.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.4}")
+    }
+}
+
+/// A text table of metrics: one row per (label, JSON object of metric → number or text).
+pub(super) fn metrics_table(task: &Task, rows: &[(String, Value)]) -> String {
+    let columns: &[&str] = match task {
+        Task::Classification { .. } => &["accuracy", "nll", "ece", "brier", "agreement", "tv"],
+        Task::Regression { .. } => &["rmse", "nll", "coverage90"],
+    };
+    let label_width = rows.iter().map(|(l, _)| l.chars().count()).max().unwrap_or(6).max(6);
+    let mut o = String::new();
+    let _ = write!(o, "{:<label_width$}", "method");
+    for c in columns {
+        let _ = write!(o, " {c:>10}");
+    }
+    o.push('\n');
+    for (label, values) in rows {
+        let _ = write!(o, "{label:<label_width$}");
+        for c in columns {
+            let cell = match values.get(*c) {
+                Some(Value::Number(n)) => fmt_num(n.as_f64().unwrap_or(f64::NAN)),
+                Some(Value::String(s)) => s.clone(),
+                Some(Value::Null) => "inf/nan".to_string(),
+                _ => "—".to_string(),
+            };
+            let _ = write!(o, " {cell:>10}");
+        }
+        o.push('\n');
+    }
+    o
+}

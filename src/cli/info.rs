@@ -1,0 +1,236 @@
+//! `postflow info`: what a bundle holds, without starting ONNX Runtime.
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::{json, Value};
+
+use super::eval::metrics_table;
+use crate::bundle::{Bundle, Limits, Manifest, Noise, Task};
+use crate::{Error, Result};
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// Bundle folder.
+    bundle: PathBuf,
+    /// Machine-readable JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run_info(args: &InfoArgs) -> Result<()> {
+    let bundle = Bundle::open(&args.bundle, &Limits::default())?;
+    let v = info_json(&bundle);
+    let text = if args.json {
+        serde_json::to_string_pretty(&v).map_err(|e| Error::invalid(e.to_string()))? + "\n"
+    } else {
+        info_text(&bundle, &v)
+    };
+    print!("{text}");
+    Ok(())
+}
+
+fn task_json(task: &Task) -> Value {
+    match task {
+        Task::Classification { classes, class_names } => json!({
+            "kind": "classification",
+            "classes": classes,
+            "class_names": class_names.clone().unwrap_or_else(|| (0..*classes).map(|c| c.to_string()).collect()),
+        }),
+        Task::Regression { outputs, noise } => json!({
+            "kind": "regression",
+            "outputs": outputs,
+            "noise": match noise {
+                Noise::Homoscedastic { sigma } => json!({"kind": "homoscedastic", "sigma": sigma}),
+                Noise::Heteroscedastic => json!({"kind": "heteroscedastic"}),
+            },
+        }),
+    }
+}
+
+fn info_json(bundle: &Bundle) -> Value {
+    let m: &Manifest = &bundle.manifest;
+    let graph = |spec: &crate::bundle::manifest::GraphSpec, bytes: usize| json!({"file": spec.file, "inputs": spec.inputs, "outputs": spec.outputs, "bytes": bytes});
+    let layers: Vec<Value> = m
+        .network
+        .layers
+        .iter()
+        .map(|l| json!({"in": l.inputs, "out": l.outputs, "activation": l.activation}))
+        .collect();
+    json!({
+        "bundle": bundle.dir.display().to_string(),
+        "name": m.name,
+        "description": m.description,
+        "format_version": m.format_version,
+        "task": task_json(&m.task),
+        "dimensions": {
+            "d_in": m.input.dim,
+            "D": m.network.dim,
+            "C": m.task.net_outputs(),
+        },
+        "feature_names": m.input.feature_names,
+        "network": layers,
+        "graphs": {
+            "flow": graph(&m.graphs.flow, bundle.graphs.flow.len()),
+            "flow_jvp": graph(&m.graphs.flow_jvp, bundle.graphs.flow_jvp.len()),
+            "net": graph(&m.graphs.net, bundle.graphs.net.len()),
+        },
+        "tensors": {
+            "file": m.tensors,
+            "posterior_samples": bundle.tensors.posterior_theta.nrows(),
+            "eval_inputs": bundle.tensors.eval_x.nrows(),
+        },
+        "default_solver": m.flow.default_solver,
+        "hutchinson": m.flow.hutchinson,
+        "provenance": m.provenance,
+        "reference_metrics": m.reference_metrics,
+    })
+}
+
+/// `key.sub: value` lines for a JSON object, arrays of scalars inline.
+fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                flatten(&key, v, out);
+            }
+        }
+        Value::Array(items) if items.iter().any(|i| i.is_object() || i.is_array()) => {
+            for (i, v) in items.iter().enumerate() {
+                flatten(&format!("{prefix}[{i}]"), v, out);
+            }
+        }
+        Value::String(s) => out.push((prefix.to_string(), s.clone())),
+        other => out.push((prefix.to_string(), other.to_string())),
+    }
+}
+
+fn info_text(bundle: &Bundle, v: &Value) -> String {
+    let m = &bundle.manifest;
+    let mut o = String::new();
+    let _ = writeln!(o, "bundle       {}", bundle.dir.display());
+    let _ = writeln!(o, "name         {}", m.name);
+    if !m.description.is_empty() {
+        let _ = writeln!(o, "description  {}", m.description);
+    }
+    let task = match &m.task {
+        Task::Classification { classes, .. } => {
+            let names: Vec<String> = v["task"]["class_names"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|n| n.as_str().unwrap_or("").to_string())
+                .collect();
+            format!("classification, {classes} classes ({})", names.join(", "))
+        }
+        Task::Regression { outputs, noise } => match noise {
+            Noise::Homoscedastic { sigma } => {
+                format!("regression, {outputs} output(s), homoscedastic noise σ = {sigma}")
+            }
+            Noise::Heteroscedastic => {
+                format!("regression, {outputs} output(s), heteroscedastic noise (net predicts log σ²)")
+            }
+        },
+    };
+    let _ = writeln!(o, "task         {task}");
+    let _ = writeln!(
+        o,
+        "dimensions   d_in = {}, D = {} weights, C = {} net outputs",
+        m.input.dim,
+        m.network.dim,
+        m.task.net_outputs()
+    );
+    if let Some(names) = &m.input.feature_names {
+        let shown: Vec<&str> = names.iter().take(8).map(String::as_str).collect();
+        let more = if names.len() > 8 { format!(", … ({} more)", names.len() - 8) } else { String::new() };
+        let _ = writeln!(o, "features     {}{more}", shown.join(", "));
+    }
+    let mut arch = m.input.dim.to_string();
+    for l in &m.network.layers {
+        let act = match l.activation {
+            crate::bundle::Activation::Relu => "relu",
+            crate::bundle::Activation::Identity => "identity",
+        };
+        let _ = write!(arch, " → {} ({act})", l.outputs);
+    }
+    let _ = writeln!(o, "network      {arch}");
+    let graphs = [
+        ("flow", &m.graphs.flow, bundle.graphs.flow.len()),
+        ("flow_jvp", &m.graphs.flow_jvp, bundle.graphs.flow_jvp.len()),
+        ("net", &m.graphs.net, bundle.graphs.net.len()),
+    ];
+    for (i, (name, spec, bytes)) in graphs.iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "{}{name:<9} {} ({}): ({}) → ({})",
+            if i == 0 { "graphs       " } else { "             " },
+            spec.file,
+            human_bytes(*bytes),
+            spec.inputs.join(", "),
+            spec.outputs.join(", ")
+        );
+    }
+    let _ = writeln!(
+        o,
+        "tensors      {}: posterior.theta {} samples, eval split {} inputs",
+        m.tensors,
+        bundle.tensors.posterior_theta.nrows(),
+        bundle.tensors.eval_x.nrows()
+    );
+    let s = &m.flow.default_solver;
+    let mut solver = format!("{}, {} steps", s.method, s.steps);
+    if let Some(r) = s.rtol {
+        let _ = write!(solver, ", rtol {r}");
+    }
+    if let Some(a) = s.atol {
+        let _ = write!(solver, ", atol {a}");
+    }
+    let _ = writeln!(o, "solver       {solver}");
+    let _ = writeln!(o, "hutchinson   {} probe(s), {} noise", m.flow.hutchinson.probes, m.flow.hutchinson.noise);
+    let mut prov = Vec::new();
+    flatten("", &m.provenance, &mut prov);
+    if !prov.is_empty() {
+        let _ = writeln!(o, "provenance");
+        for (k, v) in prov {
+            let _ = writeln!(o, "  {k}: {v}");
+        }
+    }
+    if let Some(methods) = m.reference_metrics.get("methods").and_then(Value::as_object) {
+        let rm = &m.reference_metrics;
+        let mut head = String::from("reference metrics");
+        if let Some(split) = rm.get("split").and_then(Value::as_str) {
+            let _ = write!(head, " on the {split} split");
+        }
+        if let Some(n) = rm.get("n") {
+            let _ = write!(head, " (n = {n})");
+        }
+        if let Some(fs) = rm.get("flow_samples") {
+            let _ = write!(head, "; flow: {fs} samples");
+            if let Some(seed) = rm.get("seed") {
+                let _ = write!(head, ", seed {seed}");
+            }
+            if let Some(sv) = rm.get("solver") {
+                let method = sv.get("method").and_then(Value::as_str).unwrap_or("?");
+                let _ = write!(head, ", {method}");
+                if let Some(steps) = sv.get("steps") {
+                    let _ = write!(head, " {steps} steps");
+                }
+            }
+        }
+        let _ = writeln!(o, "{head}");
+        let rows: Vec<(String, Value)> = methods.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        o.push_str(&metrics_table(&m.task, &rows));
+    }
+    o
+}
+
+fn human_bytes(n: usize) -> String {
+    if n < 1 << 10 {
+        format!("{n} B")
+    } else if n < 1 << 20 {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    } else {
+        format!("{:.1} MiB", n as f64 / (1 << 20) as f64)
+    }
+}

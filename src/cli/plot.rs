@@ -1,0 +1,96 @@
+//! `postflow eval --plot`: an SVG reliability diagram (classification) or interval
+//! coverage plot (regression) of the flow, HMC and MAP predictives. Plotters' SVG
+//! backend writes text as SVG `<text>`, so no font files are needed.
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use super::eval::{EvalPredictives, Predictive};
+use crate::bundle::EvalTargets;
+use crate::metrics::{interval_coverage, reliability_bins, ECE_BINS};
+use crate::{Error, Result};
+
+/// Nominal levels of the coverage plot.
+const LEVELS: [f64; 11] = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95];
+
+type Curve = (&'static str, RGBColor, Vec<(f64, f64)>);
+
+/// Write the plot for `data` to `path`.
+pub(super) fn write(path: &Path, name: &str, data: &EvalPredictives) -> Result<()> {
+    let methods = [
+        ("flow BMA", RGBColor(31, 119, 180), &data.flow),
+        ("HMC BMA", RGBColor(44, 160, 44), &data.hmc),
+        ("MAP", RGBColor(214, 39, 40), &data.map),
+    ];
+    let mut curves: Vec<Curve> = Vec::new();
+    let (title, x_desc, y_desc) = match &data.targets {
+        EvalTargets::Classification { labels, .. } => {
+            for (label, color, p) in methods {
+                let Predictive::Classification(probs) = p else { unreachable!("classification predictive") };
+                let bins = reliability_bins(probs, labels.as_slice(), ECE_BINS)?;
+                let points = bins.iter().filter(|b| b.count > 0).map(|b| (b.confidence, b.accuracy)).collect();
+                curves.push((label, color, points));
+            }
+            (format!("{name}: reliability ({ECE_BINS} bins)"), "confidence (top label)", "accuracy")
+        }
+        EvalTargets::Regression { y, .. } => {
+            for (label, color, p) in methods {
+                let Predictive::Regression { mean, var } = p else { unreachable!("regression predictive") };
+                let points = LEVELS
+                    .iter()
+                    .map(|&l| interval_coverage(mean, var, y, l).map(|c| (l, c)))
+                    .collect::<Result<Vec<_>>>()?;
+                curves.push((label, color, points));
+            }
+            (format!("{name}: central interval coverage"), "nominal level", "observed coverage")
+        }
+    };
+    draw(path, &title, x_desc, y_desc, &curves)
+        .map_err(|e| Error::invalid(format!("{}: could not write the plot: {e}", path.display())))
+}
+
+fn draw(
+    path: &Path,
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    curves: &[Curve],
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (640, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(54)
+        .build_cartesian_2d(0f64..1f64, 0f64..1f64)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 16))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    chart
+        .draw_series(DashedLineSeries::new([(0.0, 0.0), (1.0, 1.0)], 6, 4, BLACK.mix(0.5).stroke_width(1)))?
+        .label("ideal")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLACK.mix(0.5)));
+    for (label, color, points) in curves {
+        let color = *color;
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))?
+            .label(*label)
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.3))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

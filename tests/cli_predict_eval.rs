@@ -1,0 +1,434 @@
+//! `postflow info`, `predict` and `eval` end to end.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use postflow::{PredictOptions, Prediction, SampleOptions};
+use serde_json::Value;
+
+fn postflow(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_postflow")).args(args).output().expect("run postflow")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = postflow(args);
+    assert!(o.status.success(), "postflow {args:?} failed: {}", stderr(&o));
+    stdout(&o)
+}
+
+fn json(args: &[&str]) -> Value {
+    serde_json::from_str(&ok(args)).unwrap_or_else(|e| panic!("postflow {args:?}: not JSON: {e}"))
+}
+
+/// A failed run: non-zero exit and exactly one line starting with `error:`, containing every fragment.
+fn assert_one_line_error(o: &Output, fragments: &[&str]) {
+    assert!(!o.status.success(), "expected failure, stdout: {}", stdout(o));
+    let err = stderr(o);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "stderr should be one line: {err:?}");
+    assert!(lines[0].starts_with("error: "), "{err:?}");
+    for f in fragments {
+        assert!(err.contains(f), "{err:?} lacks {f:?}");
+    }
+}
+
+/// Equal up to JSON parsing: serde_json's default float parser may be one ulp off.
+fn same(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-15 * a.abs().max(b.abs())
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A `.npy` (version 1.0) file with a 2-D array.
+fn write_npy(path: &Path, descr: &str, shape: (usize, usize), data: &[u8]) {
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': ({}, {}), }}", shape.0, shape.1);
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend((header.len() as u16).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(data);
+    std::fs::write(path, out).unwrap();
+}
+
+const INPUTS: [[f32; 2]; 4] = [[0.5, 1.0], [-1.25, 2.0], [3.0, -0.75], [0.0, 0.0]];
+
+// ------------------------------------------------------------------------ info
+
+#[test]
+fn info_text_and_json() {
+    let bundle = common::fixture("affine_cls");
+    let v = json(&["info", path_str(&bundle), "--json"]);
+    assert_eq!(v["name"], "affine_cls");
+    assert_eq!(v["task"]["kind"], "classification");
+    assert_eq!(v["task"]["classes"], 2);
+    assert_eq!(v["dimensions"]["d_in"], 2);
+    assert_eq!(v["dimensions"]["D"], 17);
+    assert_eq!(v["dimensions"]["C"], 2);
+    assert_eq!(v["graphs"]["net"]["file"], "net.onnx");
+    assert_eq!(v["graphs"]["flow_jvp"]["inputs"], serde_json::json!(["t", "x", "eps"]));
+    assert_eq!(v["default_solver"]["method"], "rk4");
+    assert_eq!(v["default_solver"]["steps"], 32);
+    assert_eq!(v["hutchinson"]["probes"], 1);
+    assert_eq!(v["tensors"]["posterior_samples"], 16);
+    assert_eq!(v["tensors"]["eval_inputs"], 32);
+    assert_eq!(v["provenance"]["seed"], 1001);
+    assert_eq!(v["reference_metrics"]["methods"]["hmc"]["accuracy"], 0.4375);
+
+    let text = ok(&["info", path_str(&bundle)]);
+    for fragment in [
+        "affine_cls",
+        "classification, 2 classes",
+        "d_in = 2, D = 17 weights, C = 2 net outputs",
+        "2 → 3 (relu) → 2 (identity)",
+        "net.onnx",
+        "rk4, 32 steps",
+        "1 probe(s), rademacher",
+        "seed: 1001",
+        "reference metrics",
+        "0.4375",
+    ] {
+        assert!(text.contains(fragment), "info lacks {fragment:?}:\n{text}");
+    }
+
+    let reg = json(&["info", path_str(&common::fixture("affine_hetero")), "--json"]);
+    assert_eq!(reg["task"]["noise"]["kind"], "heteroscedastic");
+    assert_eq!(reg["dimensions"]["C"], 2);
+    let text = ok(&["info", path_str(&common::fixture("affine_reg"))]);
+    assert!(text.contains("homoscedastic noise σ = 0.3"), "{text}");
+
+    assert_one_line_error(&postflow(&["info", "/no/such/bundle"]), &["/no/such/bundle"]);
+}
+
+// --------------------------------------------------------------------- predict
+
+/// CSV output parsed into a header and rows of numbers.
+fn parse_csv(text: &str) -> (Vec<String>, Vec<Vec<f64>>) {
+    let mut lines = text.lines();
+    let header = lines.next().unwrap().split(',').map(String::from).collect();
+    let rows = lines.map(|l| l.split(',').map(|c| c.parse::<f64>().unwrap()).collect()).collect();
+    (header, rows)
+}
+
+#[test]
+fn predict_csv_npy_and_samples_agree_with_the_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = common::fixture("affine_cls");
+    let b = path_str(&bundle);
+    let with_header = dir.path().join("with_header.csv");
+    let no_header = dir.path().join("no_header.csv");
+    let body: String = INPUTS.iter().map(|r| format!("{},{}\n", r[0], r[1])).collect();
+    std::fs::write(&with_header, format!("x0,x1\n{body}")).unwrap();
+    std::fs::write(&no_header, format!("\n{}", body.replace('\n', "\r\n"))).unwrap();
+    let npy32 = dir.path().join("x32.npy");
+    let npy64 = dir.path().join("x64.npy");
+    let flat: Vec<f32> = INPUTS.iter().flatten().copied().collect();
+    write_npy(&npy32, "<f4", (4, 2), &flat.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    write_npy(&npy64, "<f8", (4, 2), &flat.iter().flat_map(|v| f64::from(*v).to_le_bytes()).collect::<Vec<u8>>());
+
+    let base = ["predict", b, "-n", "64", "--seed", "3", "-q"];
+    let run = |input: &Path, extra: &[&str]| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(["--input", path_str(input)]);
+        args.extend(extra);
+        ok(&args)
+    };
+    let csv = run(&with_header, &[]);
+    assert_eq!(csv, run(&no_header, &[]));
+    assert_eq!(csv, run(&npy32, &[]));
+    assert_eq!(csv, run(&npy64, &[]));
+
+    let (header, rows) = parse_csv(&csv);
+    assert_eq!(
+        header,
+        ["p_0", "p_1", "predicted", "total_entropy", "aleatoric_entropy", "epistemic_entropy"].map(String::from)
+    );
+    assert_eq!(rows.len(), INPUTS.len());
+
+    // The library with the same seed gives the same numbers.
+    let model = common::open("affine_cls");
+    let x = ndarray::Array2::from_shape_vec((4, 2), flat.clone()).unwrap();
+    let lib = model
+        .sample_predict(64, &SampleOptions { seed: 3, ..Default::default() }, x.view(), &PredictOptions::default())
+        .unwrap();
+    let Prediction::Classification(p) = &lib else { panic!("classification") };
+    for (n, row) in rows.iter().enumerate() {
+        assert_eq!(row[0], p.probs[[n, 0]]);
+        assert_eq!(row[1], p.probs[[n, 1]]);
+        assert_eq!(row[2] as usize, usize::from(p.probs[[n, 1]] > p.probs[[n, 0]]));
+        assert_eq!(row[3], p.total[n]);
+        assert_eq!(row[4], p.aleatoric[n]);
+        assert_eq!(row[5], p.epistemic[n]);
+        assert!((row[3] - row[4] - row[5]).abs() < 1e-12);
+    }
+
+    // JSON has the same numbers.
+    let v: Value = serde_json::from_str(&run(&npy32, &["--json"])).unwrap();
+    assert_eq!(v["task"], "classification");
+    assert_eq!(v["samples"], 64);
+    assert_eq!(v["classes"], serde_json::json!(["0", "1"]));
+    let preds = v["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), 4);
+    for (n, pr) in preds.iter().enumerate() {
+        assert!(same(pr["probs"][1].as_f64().unwrap(), p.probs[[n, 1]]));
+        assert!(same(pr["entropy"]["epistemic"].as_f64().unwrap(), p.epistemic[n]));
+        assert_eq!(pr["predicted"].as_u64().unwrap() as f64, rows[n][2]);
+    }
+
+    // --samples with the weights `postflow sample` wrote gives the same prediction; -o writes a file.
+    let samples = dir.path().join("s.safetensors");
+    ok(&["sample", b, "-n", "64", "--seed", "3", "-q", "-o", path_str(&samples)]);
+    let out = dir.path().join("pred.csv");
+    ok(&["predict", b, "-i", path_str(&with_header), "--samples", path_str(&samples), "-q", "-o", path_str(&out)]);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), csv);
+}
+
+#[test]
+fn predict_regression_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.csv");
+    std::fs::write(&input, "x0\n-1\n0.5\n2\n").unwrap();
+    for (name, sigma2) in [("affine_reg", Some(0.09)), ("affine_hetero", None)] {
+        let bundle = common::fixture(name);
+        let csv = ok(&["predict", path_str(&bundle), "-i", path_str(&input), "-n", "40", "-q"]);
+        let (header, rows) = parse_csv(&csv);
+        assert_eq!(header, ["mean", "total_var", "aleatoric_var", "epistemic_var"].map(String::from));
+        assert_eq!(rows.len(), 3);
+        for r in &rows {
+            assert!((r[1] - r[2] - r[3]).abs() <= 1e-12 * r[1], "{name}: total = aleatoric + epistemic: {r:?}");
+            assert!(r[3] > 0.0, "{name}: epistemic variance of disagreeing samples");
+            if let Some(s2) = sigma2 {
+                assert!((r[2] - s2).abs() < 1e-12, "{name}: aleatoric = σ² ({r:?})");
+            }
+        }
+        let v = json(&["predict", path_str(&bundle), "-i", path_str(&input), "-n", "40", "-q", "--json"]);
+        assert_eq!(v["task"], "regression");
+        assert!(same(v["predictions"][2]["mean"][0].as_f64().unwrap(), rows[2][0]));
+        assert!(same(v["predictions"][2]["variance"]["epistemic"][0].as_f64().unwrap(), rows[2][3]));
+    }
+}
+
+#[test]
+fn bad_input_files_give_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = common::fixture("affine_cls");
+    let b = path_str(&bundle);
+    let check = |name: &str, content: &[u8], fragments: &[&str]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        let o = postflow(&["predict", b, "-i", path_str(&path), "-n", "4", "-q"]);
+        let mut all = vec![name];
+        all.extend(fragments);
+        assert_one_line_error(&o, &all);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(o.stdout.is_empty(), "{name}: nothing on stdout");
+    };
+    check("ragged.csv", b"x0,x1\n1,2\n3,4,5\n", &["line 3", "3 columns, expected 2", "ragged"]);
+    check("ragged2.csv", b"1,2\n3\n", &["line 2", "1 columns, expected 2"]);
+    check("wide.csv", b"1,2,3\n4,5,6\n", &["line 1", "3 columns", "takes 2 features"]);
+    check("narrow_header.csv", b"a\n1\n", &["line 1", "header has 1 columns", "takes 2 features"]);
+    check("text.csv", b"x0,x1\n1,2\n3,abc\n", &["line 3, column 2", "\"abc\" is not a number"]);
+    check("half_text.csv", b"1,x\n", &["line 1, column 2", "\"x\" is not a number"]);
+    check("empty.csv", b"", &["no input rows"]);
+    check("blank.csv", b"\n\n  \n", &["no input rows"]);
+    check("header_only.csv", b"x0,x1\n", &["no input rows"]);
+    check("nan.csv", b"1,2\nNaN,3\n", &["line 2, column 1", "not finite"]);
+    check("inf.csv", b"1,inf\n", &["line 1, column 2", "not finite"]);
+    check("overflow.csv", b"1,1e39\n", &["line 1, column 2", "not finite"]);
+
+    let npy = |name: &str, descr: &str, shape: (usize, usize), data: &[u8], fragments: &[&str]| {
+        let path = dir.path().join(name);
+        write_npy(&path, descr, shape, data);
+        let mut all = vec![name];
+        all.extend(fragments);
+        assert_one_line_error(&postflow(&["predict", b, "-i", path_str(&path), "-n", "4", "-q"]), &all);
+    };
+    let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    npy("nan.npy", "<f4", (2, 2), &f32s(&[1.0, 2.0, 3.0, f32::NAN]), &["row 2, column 2", "not finite"]);
+    npy("wide.npy", "<f4", (1, 3), &f32s(&[1.0, 2.0, 3.0]), &["3 columns", "takes 2 features"]);
+    npy("empty.npy", "<f4", (0, 2), &[], &["no inputs"]);
+    npy("int.npy", "<i8", (1, 2), &[0; 16], &["\"<i8\" is not supported"]);
+    npy("short.npy", "<f8", (2, 2), &[0; 16], &["needs 32"]);
+    let garbage = dir.path().join("garbage.npy");
+    std::fs::write(&garbage, b"not an npy file at all").unwrap();
+    assert_one_line_error(&postflow(&["predict", b, "-i", path_str(&garbage), "-q"]), &["garbage.npy", "magic"]);
+    assert_one_line_error(&postflow(&["predict", b, "-i", "/no/such/input.csv", "-q"]), &["/no/such/input.csv"]);
+
+    // Weights of the wrong width in --samples.
+    let good = dir.path().join("good.csv");
+    std::fs::write(&good, "1,2\n").unwrap();
+    let reg_samples = dir.path().join("reg.safetensors");
+    ok(&["sample", path_str(&common::fixture("affine_reg")), "-n", "3", "-q", "-o", path_str(&reg_samples)]);
+    assert_one_line_error(
+        &postflow(&["predict", b, "-i", path_str(&good), "--samples", path_str(&reg_samples), "-q"]),
+        &["reg.safetensors", "13 columns", "D = 17"],
+    );
+    // -n and --samples together is a usage error.
+    let o = postflow(&["predict", b, "-i", path_str(&good), "-n", "3", "--samples", path_str(&reg_samples)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_one_line_error(&o, &["--samples"]);
+}
+
+// ------------------------------------------------------------------------ eval
+
+/// Tolerance for HMC and MAP against `reference_metrics`: relative 1e-5 (absolute below 1).
+/// Both sides apply the same formulas to the same float32 arrays (the HMC predictive
+/// stored in the bundle; the MAP net's outputs), summing in float64; what differs is
+/// summation order, numpy's float64 vs our f64 `exp`/`ln`, and for MAP that the pipeline's
+/// net outputs may come from another float32 evaluation of the same graph (a few ulps of
+/// f32, ~1e-7 relative), which moves NLL and Brier by about that relative amount. 1e-5
+/// leaves two orders of margin and still catches any formula difference (a changed bin
+/// edge, a missing ½, a log base) which shows at 1e-3 or more.
+const EXACT_TOL: f64 = 1e-5;
+
+fn close(a: f64, b: f64, tol: f64) -> bool {
+    (a - b).abs() <= tol * b.abs().max(1.0)
+}
+
+/// Bundles to check: the fixtures, every `models/*/` folder holding a bundle, and any
+/// extra bundle folders listed in `POSTFLOW_EVAL_BUNDLES` (separated by `:`).
+fn eval_bundles() -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> =
+        ["affine_cls", "affine_reg", "affine_hetero"].iter().map(|n| common::fixture(n)).collect();
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    if let Ok(entries) = std::fs::read_dir(&models) {
+        let mut found: Vec<PathBuf> =
+            entries.flatten().map(|e| e.path()).filter(|p| p.join("postflow.json").is_file()).collect();
+        found.sort();
+        out.extend(found);
+    }
+    if let Some(extra) = std::env::var_os("POSTFLOW_EVAL_BUNDLES") {
+        out.extend(std::env::split_paths(&extra).filter(|p| !p.as_os_str().is_empty()));
+    }
+    out
+}
+
+/// Flow metrics against the manifest's: both are Monte Carlo estimates with the same number
+/// of samples (the pipeline's from its own JAX sampler, ours from postflow's, so never the
+/// same draws), so their difference has standard deviation about √2 × the jackknife standard
+/// error `eval` reports. Allowed: 4 × √2 × SE (a z-score of 4 on the difference), with a
+/// floor of 3/N for the counting metrics (accuracy, agreement, coverage: a few inputs near a
+/// tie may flip with other draws, which a jackknife over our own draws cannot see) and
+/// 0.01 × max(1, |value|) for the others (solver round-off between float32 JAX and ONNX
+/// Runtime, and the jackknife's own noise).
+fn flow_tolerance(metric: &str, se: f64, n_eval: f64, reference: f64) -> f64 {
+    let floor = match metric {
+        "accuracy" | "agreement" | "coverage90" => 3.0 / n_eval,
+        _ => 0.01 * reference.abs().max(1.0),
+    };
+    (4.0 * std::f64::consts::SQRT_2 * se).max(floor)
+}
+
+#[test]
+fn eval_reproduces_reference_metrics() {
+    let mut report = Vec::new();
+    for bundle in eval_bundles() {
+        let name = bundle.file_name().unwrap().to_string_lossy().into_owned();
+        let v = json(&["eval", path_str(&bundle), "--json", "-q"]);
+        let rm = &v["reference_metrics"];
+        let recorded = rm["methods"].as_object().unwrap_or_else(|| panic!("{name}: no reference_metrics.methods"));
+        assert_eq!(rm["n"].as_u64(), v["n_eval"].as_u64(), "{name}: eval split size");
+        for method in ["hmc", "map"] {
+            let want = recorded.get(method).unwrap_or_else(|| panic!("{name}: no reference_metrics for {method}"));
+            for (metric, w) in want.as_object().unwrap() {
+                let Some(w) = w.as_f64() else { continue };
+                let got = v["methods"][method][metric]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{name}: eval reports no {method}.{metric}"));
+                assert!(
+                    close(got, w, EXACT_TOL),
+                    "{name}: {method}.{metric} = {got}, manifest {w} (diff {:e}){}",
+                    got - w,
+                    if metric == "ece" { " — check the ECE bin rule (Rust: (i/15, (i+1)/15])" } else { "" }
+                );
+                report.push(format!("{name} {method}.{metric}: {got} vs {w}"));
+            }
+        }
+        // The flow, when the manifest records its metrics and the settings they came from.
+        let settings = ["flow_samples", "seed", "solver"].iter().all(|k| !rm[k].is_null());
+        if let (Some(want), true) = (recorded.get("flow"), settings) {
+            assert_eq!(v["flow"]["samples"], rm["flow_samples"], "{name}: eval uses the recorded sample count");
+            assert_eq!(v["flow"]["seed"], rm["seed"], "{name}: eval uses the recorded seed");
+            assert_eq!(v["flow"]["solver"]["method"], rm["solver"]["method"], "{name}: recorded solver");
+            let n_eval = v["n_eval"].as_f64().unwrap();
+            for (metric, w) in want.as_object().unwrap() {
+                let Some(w) = w.as_f64() else { continue };
+                let got = v["methods"]["flow"][metric].as_f64().unwrap();
+                let se = v["flow_stderr"][metric].as_f64().unwrap_or(0.0);
+                let tol = flow_tolerance(metric, se, n_eval, w);
+                assert!(
+                    (got - w).abs() <= tol,
+                    "{name}: flow.{metric} = {got}, manifest {w}: off by {:e}, more than sampling noise allows ({tol:e}, SE {se:e})",
+                    got - w
+                );
+                report.push(format!("{name} flow.{metric}: {got} vs {w} (tol {tol:e})"));
+            }
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+}
+
+#[test]
+fn eval_settings_table_and_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = common::fixture("affine_cls");
+    let b = path_str(&bundle);
+    let v = json(&["eval", b, "-n", "40", "--seed", "5", "--solver", "heun", "--steps", "8", "--json", "-q"]);
+    assert_eq!(v["flow"]["samples"], 40);
+    assert_eq!(v["flow"]["seed"], 5);
+    assert_eq!(v["flow"]["solver"], serde_json::json!({"method": "heun", "steps": 8}));
+    assert!(v["flow"]["samples_per_second"].as_f64().unwrap() > 0.0);
+    for key in ["accuracy", "nll", "ece", "brier", "agreement", "tv"] {
+        assert!(v["methods"]["flow"][key].is_number(), "flow.{key}");
+        assert!(v["flow_stderr"][key].is_number(), "flow_stderr.{key}");
+    }
+    assert!(v["methods"]["hmc"].get("agreement").is_none());
+
+    // The flow numbers are those of the library with the same settings.
+    let model = common::open("affine_cls");
+    let opts =
+        SampleOptions { seed: 5, solver: Some(postflow::SolverKind::Heun), steps: Some(8), ..Default::default() };
+    let x = model.tensors().eval_x.clone();
+    let p = model.sample_predict(40, &opts, x.view(), &PredictOptions::default()).unwrap();
+    let postflow::bundle::EvalTargets::Classification { labels, hmc_probs } = &model.tensors().eval else { panic!() };
+    let m = postflow::metrics::ClassificationMetrics::compute(&p.mean(), labels.as_slice(), Some(hmc_probs.view()))
+        .unwrap();
+    assert!(same(v["methods"]["flow"]["nll"].as_f64().unwrap(), m.nll));
+    assert!(same(v["methods"]["flow"]["tv"].as_f64().unwrap(), m.tv.unwrap()));
+
+    let svg = dir.path().join("rel.svg");
+    let text = ok(&["eval", b, "-n", "40", "-q", "--plot", path_str(&svg)]);
+    for fragment in ["flow BMA", "HMC BMA", "MAP", "manifest", "jackknife", "posterior samples/s", "accuracy"] {
+        assert!(text.contains(fragment), "table lacks {fragment:?}:\n{text}");
+    }
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.trim_end().ends_with("</svg>"));
+    for label in ["reliability", "confidence", "flow BMA", "HMC BMA", "MAP", "<polyline"] {
+        assert!(plot.contains(label), "plot lacks {label:?}");
+    }
+
+    let svg = dir.path().join("cov.svg");
+    let text = ok(&["eval", path_str(&common::fixture("affine_hetero")), "-n", "40", "-q", "--plot", path_str(&svg)]);
+    assert!(text.contains("coverage90") && text.contains("rmse"), "{text}");
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.contains("coverage") && plot.contains("flow BMA"), "coverage plot");
+
+    assert_one_line_error(&postflow(&["eval", b, "-n", "0", "-q"]), &["-n must be at least 1"]);
+    assert_one_line_error(
+        &postflow(&["eval", b, "-n", "4", "-q", "--plot", "/no/such/dir/p.svg"]),
+        &["/no/such/dir/p.svg"],
+    );
+}
