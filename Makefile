@@ -35,3 +35,28 @@ test-python:
 # Regenerate the committed closed-form fixture bundles.
 fixtures: setup
 	$(PY) tests/fixtures/make_fixtures.py
+
+# ---- C API (issue 5): header, install, example ------------------------------
+.PHONY: header install example-c
+PREFIX ?= /usr/local
+PF_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+
+# Rewrite include/postflow.h from src/ffi/ (cbindgen runs in build.rs).
+header:
+	POSTFLOW_BLESS_HEADER=1 cargo test --release --locked --test header
+
+# Install lib/libpostflow.{so,a}, include/postflow.h and lib/pkgconfig/postflow.pc under $(PREFIX).
+install:
+	cargo build --release --locked --lib
+	install -d $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/include
+	install -m 755 target/release/libpostflow.so $(DESTDIR)$(PREFIX)/lib/libpostflow.so
+	install -m 644 target/release/libpostflow.a $(DESTDIR)$(PREFIX)/lib/libpostflow.a
+	install -m 644 include/postflow.h $(DESTDIR)$(PREFIX)/include/postflow.h
+	printf '%s\n' 'prefix=$(PREFIX)' 'libdir=$${prefix}/lib' 'includedir=$${prefix}/include' '' \
+		'Name: postflow' 'Description: Posterior weight samples and Bayesian model averaging from flow bundles (C API)' \
+		'Version: $(PF_VERSION)' 'Libs: -L$${libdir} -lpostflow' 'Libs.private: -lpthread -ldl -lm' \
+		'Cflags: -I$${includedir}' > $(DESTDIR)$(PREFIX)/lib/pkgconfig/postflow.pc
+
+# Build and run examples/c/minimal.c against a temporary install, through pkg-config.
+example-c:
+	$(MAKE) -C tests/c example

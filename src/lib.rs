@@ -7,6 +7,9 @@ pub mod bundle;
 pub mod cli;
 pub mod engine;
 pub mod error;
+pub mod ffi;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod model;
 pub mod ode;

@@ -128,7 +128,7 @@ impl FlowContext<'_> {
         let solver = self.solver(o)?;
         let d = self.dim;
         let accs = o.trace.accumulators();
-        let mut theta = Array2::<f32>::zeros((n, d));
+        let mut theta = zeroed_samples(n, d)?;
         let mut logd = vec![0f32; if accs > 0 { n } else { 0 }];
         let mut stderr = vec![0f32; if accs > 1 { n } else { 0 }];
         let mut stats = OdeStats::default();
@@ -346,6 +346,17 @@ impl VectorField for FlowField<'_> {
             }
         }
     }
+}
+
+/// `[n, D]` zeros, or an error when `n·D` overflows or cannot be allocated (instead of
+/// the allocator aborting the process on an absurd `n`).
+fn zeroed_samples(n: usize, d: usize) -> Result<Array2<f32>> {
+    let too_many = || Error::invalid(format!("{n} samples of D = {d} weights do not fit in memory"));
+    let len = n.checked_mul(d).filter(|l| *l <= isize::MAX as usize / 4).ok_or_else(too_many)?;
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len).map_err(|_| too_many())?;
+    buf.resize(len, 0f32);
+    Ok(Array2::from_shape_vec((n, d), buf).expect("n·D elements"))
 }
 
 fn std_normal_logpdf(x: &[f32]) -> f64 {

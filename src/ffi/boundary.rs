@@ -79,7 +79,7 @@ pub(crate) fn non_null<T>(p: *const T, what: &str) -> Result<()> {
     if p.is_null() {
         return Err(Error::invalid(format!("{what} is NULL")));
     }
-    if !(p as usize).is_multiple_of(std::mem::align_of::<T>()) {
+    if (p as usize) % std::mem::align_of::<T>() != 0 {
         return Err(Error::invalid(format!("{what} is not aligned to {} bytes", std::mem::align_of::<T>())));
     }
     Ok(())
@@ -87,9 +87,9 @@ pub(crate) fn non_null<T>(p: *const T, what: &str) -> Result<()> {
 
 /// `a * b`, or an error when it overflows.
 pub(crate) fn mul(a: usize, b: usize, what: &str) -> Result<usize> {
-    a.checked_mul(b).filter(|n| n.checked_mul(4).is_some_and(|bytes| bytes <= isize::MAX as usize)).ok_or_else(|| {
-        Error::invalid(format!("{what} = {a} x {b} is too large"))
-    })
+    a.checked_mul(b)
+        .filter(|n| n.checked_mul(4).is_some_and(|bytes| bytes <= isize::MAX as usize))
+        .ok_or_else(|| Error::invalid(format!("{what} = {a} x {b} is too large")))
 }
 
 /// An input array: non-NULL and holding exactly `need` elements.
@@ -118,16 +118,17 @@ pub(crate) fn output_len(p: *const f32, len: usize, need: usize, name: &str, sha
     Ok(())
 }
 
-/// Copy `src` into the caller's buffer `dst` (already checked by [`output_len`]).
+/// Copy at most `count` values of `src` into the caller's buffer `dst` (already
+/// checked by [`output_len`] to hold `count` floats); a NULL `dst` is skipped.
 ///
 /// # Safety
-/// `dst` is NULL or points to at least `src.len()` writable floats not overlapping `src`.
-pub(crate) unsafe fn write_out(dst: *mut f32, src: impl ExactSizeIterator<Item = f32>) {
+/// `dst` is NULL or points to at least `count` writable floats.
+pub(crate) unsafe fn write_out(dst: *mut f32, count: usize, src: impl Iterator<Item = f32>) {
     if dst.is_null() {
         return;
     }
-    for (i, v) in src.enumerate() {
-        // SAFETY: `dst` has room for `src.len()` floats (checked by `output_len`).
+    for (i, v) in src.take(count).enumerate() {
+        // SAFETY: i < count and `dst` has room for `count` floats (caller contract, checked by `output_len`).
         unsafe { dst.add(i).write(v) };
     }
 }

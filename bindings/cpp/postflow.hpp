@@ -1,0 +1,178 @@
+// postflow C++17 wrapper: header-only RAII over the C API in postflow.h.
+//
+//   postflow::Model model("bundle_dir");
+//   postflow::SampleOptions opts;            // = pf_sample_options_default()
+//   opts.trace = PF_TRACE_HUTCHINSON;
+//   postflow::Samples s = model.sample(100, opts);
+//   postflow::Prediction p = model.predict(x, n_inputs, s.theta, s.n, &s.log_density);
+//
+// Failures throw postflow::Error (status() and what() = the C message).
+// Model is move-only; one Model may be used from many threads at once.
+#ifndef POSTFLOW_HPP
+#define POSTFLOW_HPP
+
+#include <postflow.h>
+
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace postflow {
+
+/// A failed call: the pf_status and the library's message.
+class Error : public std::runtime_error {
+public:
+    Error(pf_status status, const std::string &message) : std::runtime_error(message), status_(status) {}
+    pf_status status() const noexcept { return status_; }
+
+private:
+    pf_status status_;
+};
+
+namespace detail {
+inline void check(pf_status status) {
+    if (status != PF_OK) {
+        throw Error(status, std::string(pf_status_string(status)) + ": " + pf_last_error_message());
+    }
+}
+}  // namespace detail
+
+/// Library version at run time ("0.1.0").
+inline std::string version() { return pf_version(); }
+
+/// pf_model_options with the defaults filled in.
+struct ModelOptions : pf_model_options {
+    ModelOptions() : pf_model_options() { detail::check(pf_model_options_init(this, sizeof(pf_model_options))); }
+};
+
+/// pf_sample_options with the defaults filled in.
+struct SampleOptions : pf_sample_options {
+    SampleOptions() : pf_sample_options() { detail::check(pf_sample_options_init(this, sizeof(pf_sample_options))); }
+};
+
+/// Draws: theta is n x weight_dim (row-major); log_density/stderr_ have n entries when a trace mode was set.
+struct Samples {
+    std::size_t n = 0;
+    std::size_t weight_dim = 0;
+    std::vector<float> theta;
+    std::vector<float> log_density;
+    std::vector<float> stderr_;
+};
+
+/// A BMA prediction: mean is N x output_dim, the uncertainties N x uncertainty_dim.
+struct Prediction {
+    std::size_t n_inputs = 0;
+    std::vector<float> mean, total, aleatoric, epistemic;
+    double ess = 0.0;
+};
+
+class Model {
+public:
+    explicit Model(const std::string &bundle_dir, const pf_model_options *options = nullptr) {
+        detail::check(pf_model_load(bundle_dir.c_str(), options, &handle_));
+        info_.struct_size = sizeof(info_);
+        try {
+            detail::check(pf_model_get_info(handle_, &info_));
+        } catch (...) {
+            pf_model_free(handle_);
+            throw;
+        }
+    }
+    ~Model() { pf_model_free(handle_); }
+    Model(const Model &) = delete;
+    Model &operator=(const Model &) = delete;
+    Model(Model &&other) noexcept : handle_(std::exchange(other.handle_, nullptr)), info_(other.info_) {}
+    Model &operator=(Model &&other) noexcept {
+        if (this != &other) {
+            pf_model_free(handle_);
+            handle_ = std::exchange(other.handle_, nullptr);
+            info_ = other.info_;
+        }
+        return *this;
+    }
+
+    /// The C handle (still owned by this object); NULL after a move.
+    const pf_model *get() const noexcept { return handle_; }
+    const pf_model_info &info() const noexcept { return info_; }
+    std::size_t weight_dim() const noexcept { return info_.weight_dim; }
+    std::size_t input_dim() const noexcept { return info_.input_dim; }
+    std::size_t output_dim() const noexcept { return info_.output_dim; }
+    std::size_t uncertainty_dim() const noexcept { return info_.uncertainty_dim; }
+    bool is_classification() const noexcept { return info_.task == PF_TASK_CLASSIFICATION; }
+
+    /// Draw n samples; log-densities (and standard errors) when options.trace != PF_TRACE_NONE.
+    Samples sample(std::size_t n, const SampleOptions &options = SampleOptions()) const {
+        Samples s;
+        s.n = n;
+        s.weight_dim = info_.weight_dim;
+        s.theta.resize(n * info_.weight_dim);
+        const bool dens = options.trace != PF_TRACE_NONE;
+        if (dens) {
+            s.log_density.resize(n);
+            s.stderr_.resize(n);
+        }
+        detail::check(pf_sample(handle_, &options, n, s.theta.data(), s.theta.size(), dens ? s.log_density.data() : nullptr,
+                                s.log_density.size(), dens ? s.stderr_.data() : nullptr, s.stderr_.size()));
+        return s;
+    }
+
+    /// log q(theta) of n_samples rows (theta.size() must be n_samples x weight_dim).
+    std::vector<float> log_prob(const std::vector<float> &theta, std::size_t n_samples, const SampleOptions &options) const {
+        std::vector<float> out(n_samples);
+        detail::check(pf_log_prob(handle_, &options, theta.data(), n_samples, theta.size(), out.data(), out.size(), nullptr, 0));
+        return out;
+    }
+
+    /// BMA at x (n_inputs x input_dim) over theta (n_samples x weight_dim), optional log-weights.
+    Prediction predict(const std::vector<float> &x, std::size_t n_inputs, const std::vector<float> &theta,
+                       std::size_t n_samples, const std::vector<float> *log_weights = nullptr) const {
+        if (log_weights && log_weights->size() != n_samples) {
+            throw Error(PF_ERR_INVALID_ARGUMENT, "PF_ERR_INVALID_ARGUMENT: log_weights must have n_samples entries");
+        }
+        Prediction p;
+        pf_prediction out = prepare(p, n_inputs);
+        detail::check(pf_predict(handle_, x.data(), n_inputs, x.size(), theta.data(), n_samples, theta.size(),
+                                 log_weights ? log_weights->data() : nullptr, &out));
+        p.ess = out.ess;
+        return p;
+    }
+
+    /// Draw n_samples and average at x in one call.
+    Prediction sample_predict(std::size_t n_samples, const std::vector<float> &x, std::size_t n_inputs,
+                              const SampleOptions &options = SampleOptions()) const {
+        Prediction p;
+        pf_prediction out = prepare(p, n_inputs);
+        detail::check(pf_sample_predict(handle_, &options, n_samples, x.data(), n_inputs, x.size(), &out));
+        p.ess = out.ess;
+        return p;
+    }
+
+private:
+    pf_prediction prepare(Prediction &p, std::size_t n_inputs) const {
+        p.n_inputs = n_inputs;
+        p.mean.resize(n_inputs * info_.output_dim);
+        p.total.resize(n_inputs * info_.uncertainty_dim);
+        p.aleatoric.resize(n_inputs * info_.uncertainty_dim);
+        p.epistemic.resize(n_inputs * info_.uncertainty_dim);
+        pf_prediction out{};
+        out.struct_size = sizeof(out);
+        out.mean = p.mean.data();
+        out.mean_len = p.mean.size();
+        out.total = p.total.data();
+        out.total_len = p.total.size();
+        out.aleatoric = p.aleatoric.data();
+        out.aleatoric_len = p.aleatoric.size();
+        out.epistemic = p.epistemic.data();
+        out.epistemic_len = p.epistemic.size();
+        return out;
+    }
+
+    pf_model *handle_ = nullptr;
+    pf_model_info info_{};
+};
+
+}  // namespace postflow
+
+#endif  // POSTFLOW_HPP

@@ -1,0 +1,104 @@
+// Tests of the C++ wrapper (bindings/cpp/postflow.hpp); run by tests/c/Makefile.
+#include "postflow.hpp"
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <type_traits>
+
+static int failures = 0;
+#define CHECK(cond)                                                       \
+    do {                                                                  \
+        if (!(cond)) {                                                    \
+            std::fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond); \
+            failures++;                                                   \
+        }                                                                 \
+    } while (0)
+
+static std::string fixture(const char *name) {
+    const char *root = std::getenv("POSTFLOW_FIXTURES");
+    return std::string(root && *root ? root : "tests/fixtures/bundles") + "/" + name;
+}
+
+template <class F>
+static void expect_error(F f, pf_status status, const char *substr) {
+    try {
+        f();
+        std::fprintf(stderr, "FAIL: expected %s\n", pf_status_string(status));
+        failures++;
+    } catch (const postflow::Error &e) {
+        if (e.status() != status || std::strstr(e.what(), substr) == nullptr) {
+            std::fprintf(stderr, "FAIL: got %s / \"%s\", expected %s / \"%s\"\n", pf_status_string(e.status()), e.what(),
+                         pf_status_string(status), substr);
+            failures++;
+        }
+    }
+}
+
+int main() {
+    static_assert(!std::is_copy_constructible<postflow::Model>::value, "Model is move-only");
+    static_assert(std::is_nothrow_move_constructible<postflow::Model>::value, "Model moves");
+    CHECK(postflow::version() == PF_VERSION_STRING);
+
+    expect_error([] { postflow::Model m("/nonexistent/bundle"); }, PF_ERR_IO, "/nonexistent/bundle");
+
+    postflow::Model cls(fixture("affine_cls"));
+    CHECK(cls.is_classification() && cls.weight_dim() == 17 && cls.input_dim() == 2 && cls.output_dim() == 2);
+
+    postflow::SampleOptions o;
+    o.seed = 42;
+    o.trace = PF_TRACE_HUTCHINSON;
+    o.probes = 4;
+    postflow::Samples s = cls.sample(6, o);
+    CHECK(s.theta.size() == 6 * 17 && s.log_density.size() == 6 && s.stderr_.size() == 6);
+
+    // Same as the C API directly.
+    std::vector<float> theta(6 * 17), logd(6);
+    CHECK(pf_sample(cls.get(), &o, 6, theta.data(), theta.size(), logd.data(), 6, nullptr, 0) == PF_OK);
+    CHECK(theta == s.theta && logd == s.log_density);
+
+    postflow::SampleOptions ex;
+    ex.trace = PF_TRACE_EXACT;
+    ex.seed = 42;
+    postflow::Samples se = cls.sample(6, ex);
+    std::vector<float> lp = cls.log_prob(se.theta, 6, ex);
+    CHECK(lp.size() == 6 && se.theta == s.theta);
+    for (std::size_t i = 0; i < 6; i++) CHECK(std::fabs(lp[i] - se.log_density[i]) < 1e-2f);
+
+    std::vector<float> x = {0.5f, -1.0f, 1.5f, 0.25f};
+    postflow::Prediction p = cls.predict(x, 2, s.theta, 6, &s.log_density);
+    CHECK(p.mean.size() == 4 && p.total.size() == 2 && p.ess > 1.0 && p.ess <= 6.0);
+    CHECK(std::fabs(p.mean[0] + p.mean[1] - 1.0f) < 1e-5f);
+    postflow::Prediction q = cls.sample_predict(8, x, 2, o);
+    CHECK(q.mean.size() == 4 && std::fabs(q.ess - 8.0) < 1e-9);
+
+    // Errors carry status and message.
+    expect_error([&] { cls.predict(x, 3, s.theta, 6); }, PF_ERR_INVALID_ARGUMENT, "x_len is 4");
+    expect_error([&] { cls.sample(0, o); }, PF_ERR_INVALID_ARGUMENT, "n_samples is 0");
+    postflow::SampleOptions none;
+    expect_error([&] { cls.log_prob(s.theta, 6, none); }, PF_ERR_INVALID_ARGUMENT, "PF_TRACE_NONE");
+
+    // Moves transfer ownership; the moved-from object frees nothing.
+    postflow::Model moved(std::move(cls));
+    CHECK(cls.get() == nullptr && moved.get() != nullptr);
+    postflow::Model reg(fixture("affine_reg"));
+    reg = std::move(moved);
+    CHECK(reg.is_classification());
+
+    // One model, several threads.
+    std::vector<postflow::Samples> results(4);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 4; i++) threads.emplace_back([&, i] { results[i] = reg.sample(6, o); });
+    for (auto &t : threads) t.join();
+    for (auto &r : results) CHECK(r.theta == s.theta);
+
+    if (failures) {
+        std::fprintf(stderr, "test_cpp: %d failures\n", failures);
+        return 1;
+    }
+    std::printf("test_cpp: all checks passed\n");
+    return 0;
+}

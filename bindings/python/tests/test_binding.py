@@ -1,0 +1,207 @@
+"""Tests of the ctypes binding, mirroring tests/c/test_postflow.c."""
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import postflow
+
+ROOT = Path(__file__).resolve().parents[3]
+FIXTURES = ROOT / "tests" / "fixtures" / "bundles"
+REFERENCE = ROOT / "target" / "c-tests" / "reference.txt"
+CLS_X = np.array([[0.5, -1.0], [1.5, 0.25], [-0.75, 2.0], [0.0, 0.0]], dtype=np.float32)
+REG_X = np.array([[-1.0], [0.2], [1.7]], dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def cls():
+    with postflow.Model(FIXTURES / "affine_cls") as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def reg():
+    with postflow.Model(FIXTURES / "affine_reg") as m:
+        yield m
+
+
+def reference():
+    if not REFERENCE.exists():
+        pytest.skip(f"{REFERENCE} not written yet (make -C tests/c reference)")
+    out = {}
+    for line in REFERENCE.read_text().splitlines():
+        name, n, *vals = line.split()
+        assert int(n) == len(vals)
+        out[name] = np.array([float(v) for v in vals])
+    return out
+
+
+def test_version_and_library():
+    assert postflow.version() == "0.1.0"
+    assert postflow.library_path().endswith("libpostflow.so")
+
+
+def test_info(cls, reg):
+    assert (cls.task, cls.input_dim, cls.output_dim, cls.weight_dim, cls.uncertainty_dim) == ("classification", 2, 2, 17, 1)
+    assert (reg.task, reg.input_dim, reg.output_dim, reg.weight_dim, reg.uncertainty_dim) == ("regression", 1, 1, 13, 1)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(postflow.IoError) as e:
+        postflow.Model(tmp_path / "missing")
+    assert e.value.status == postflow.ERR_IO and "missing" in e.value.message
+    bad = tmp_path / "corrupt"
+    shutil.copytree(FIXTURES / "affine_cls", bad)
+    (bad / "postflow.json").write_bytes((FIXTURES / "affine_cls" / "postflow.json").read_bytes()[:200])
+    with pytest.raises(postflow.BundleError, match="manifest: not valid JSON"):
+        postflow.Model(bad)
+    with pytest.raises(postflow.InvalidArgumentError, match="options->device is 7"):
+        postflow.Model(FIXTURES / "affine_cls", device=7)
+    with pytest.raises(postflow.InvalidArgumentError, match="device_id is -1"):
+        postflow.Model(FIXTURES / "affine_cls", device="cuda", device_id=-1)
+    try:
+        postflow.Model(FIXTURES / "affine_cls", device="cuda").close()  # only where CUDA is available
+    except postflow.Error as e:
+        assert e.status in (postflow.ERR_UNSUPPORTED, postflow.ERR_RUNTIME) and "CUDA" in e.message.upper()
+
+
+def test_matches_the_rust_api(cls, reg):
+    ref = reference()
+    s = cls.sample(6, seed=42, trace="hutchinson", probes=4)
+    np.testing.assert_allclose(s.theta.ravel(), ref["cls_theta"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(s.log_density, ref["cls_logd"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(s.stderr, ref["cls_stderr"], rtol=1e-6, atol=1e-6)
+    logd, se = cls.log_prob(s.theta, trace="exact")
+    np.testing.assert_allclose(logd, ref["cls_logprob_exact"], rtol=1e-6, atol=1e-6)
+    assert np.all(se == 0)
+    p = cls.predict(CLS_X, s.theta, log_weights=s.log_density)
+    for name in ("mean", "total", "aleatoric", "epistemic"):
+        np.testing.assert_allclose(getattr(p, name).ravel(), ref[f"cls_predict_{name}"], rtol=1e-6, atol=1e-6)
+    assert p.ess == pytest.approx(ref["cls_predict_ess"][0], rel=1e-6)
+    p = reg.sample_predict(8, REG_X, seed=5)
+    for name in ("mean", "total", "aleatoric", "epistemic"):
+        np.testing.assert_allclose(getattr(p, name).ravel(), ref[f"reg_sample_predict_{name}"], rtol=1e-6, atol=1e-6)
+    s = reg.sample(4, seed=11, solver="euler", steps=10, trace="hutchinson-gaussian", probes=2)
+    np.testing.assert_allclose(s.theta.ravel(), ref["reg_euler_theta"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(s.stderr, ref["reg_euler_stderr"], rtol=1e-6, atol=1e-6)
+
+
+def test_sample_properties(cls):
+    a = cls.sample(5, seed=3)
+    assert a.log_density is None and a.theta.shape == (5, 17) and a.theta.dtype == np.float32
+    b = cls.sample(5, seed=3, batch_size=1, struct_size=48)  # an older caller's layout; batch_size ignored
+    np.testing.assert_array_equal(a.theta, b.theta)
+    c = cls.sample(2, seed=3, trace="hutchinson", probes=1)
+    assert np.all(c.stderr == 0)
+    d = cls.sample(2, seed=3, solver="dopri5", rtol=1e-6, atol=1e-6, trace="exact")
+    assert np.all(np.isfinite(d.log_density))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n=0), "n_samples is 0"),
+        (dict(solver=99), "options->solver is 99, not a pf_solver"),
+        (dict(trace=99), "options->trace is 99, not a pf_trace"),
+        (dict(steps=2_000_000), "steps 2000000 exceeds the limit"),
+        (dict(trace="hutchinson", probes=100_000), "probes must be in [1, 4096], got 100000"),
+        (dict(rtol=float("nan")), "options->rtol is NaN"),
+        (dict(struct_size=0), "options->struct_size is 0"),
+        (dict(struct_size=4096), "larger than this library's pf_sample_options"),
+        (dict(struct_size=40), "smaller than the oldest pf_sample_options layout (48 bytes)"),
+    ],
+)
+def test_sample_errors(cls, kwargs, message):
+    n = kwargs.pop("n", 2)
+    with pytest.raises(postflow.InvalidArgumentError) as e:
+        cls.sample(n, **kwargs)
+    assert e.value.status == postflow.ERR_INVALID_ARGUMENT
+    assert message in e.value.message, e.value.message
+    assert e.value.message.startswith("pf_sample: ")
+
+
+def test_log_prob_and_predict_errors(cls):
+    theta = cls.sample(3, seed=1).theta
+    with pytest.raises(postflow.InvalidArgumentError, match="PF_TRACE_NONE"):
+        cls.log_prob(theta, trace="none")
+    with pytest.raises(postflow.InvalidArgumentError, match="theta_len is 16, but n_samples x weight_dim = 1 x 17"):
+        cls.log_prob(theta.ravel()[:16].reshape(1, 16))
+    bad = theta.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(postflow.NumericError, match="NaN or Inf"):
+        cls.log_prob(bad)
+    with pytest.raises(postflow.InvalidArgumentError, match="x_len is 12, but n_inputs x input_dim = 4 x 2 needs exactly 8"):
+        cls.predict(np.zeros((4, 3), np.float32), theta)
+    with pytest.raises(postflow.InvalidArgumentError, match="n_inputs is 0"):
+        cls.predict(np.zeros((0, 2), np.float32), theta)
+    with pytest.raises(postflow.InvalidArgumentError, match="log-weights are NaN"):
+        cls.predict(CLS_X, theta, log_weights=np.array([0, np.nan, 0], np.float32))
+    with pytest.raises(postflow.InvalidArgumentError, match="log_weights has 2 entries"):
+        cls.predict(CLS_X, theta, log_weights=np.zeros(2, np.float32))
+
+
+def test_prediction_shapes_and_uniform_ess(cls, reg):
+    theta = cls.sample(6, seed=2).theta
+    p = cls.predict(CLS_X, theta)
+    assert p.mean.shape == (4, 2) and p.total.shape == (4, 1) and p.ess == pytest.approx(6.0)
+    np.testing.assert_allclose(p.mean.sum(axis=1), 1.0, rtol=1e-5)
+    q = reg.sample_predict(8, REG_X, seed=5)
+    np.testing.assert_allclose(q.total, q.aleatoric + q.epistemic, rtol=1e-5)
+    r = reg.predict(REG_X, reg.sample(8, seed=5).theta)
+    np.testing.assert_array_equal(q.mean, r.mean)
+
+
+def test_context_manager_closes():
+    with postflow.Model(FIXTURES / "affine_reg") as m:
+        m.sample(1)
+    with pytest.raises(postflow.InvalidArgumentError, match="closed"):
+        m.sample(1)
+    m.close()  # idempotent
+
+
+def test_threads_share_one_model(cls):
+    expected = {i: cls.sample(16, seed=100 + i, trace="hutchinson", probes=2) for i in range(8)}
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(3):
+                s = cls.sample(16, seed=100 + i, trace="hutchinson", probes=2)
+                p = cls.predict(CLS_X, s.theta, log_weights=s.log_density)
+                results.setdefault(i, []).append((s, p))
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors
+    for i in range(8):
+        want = cls.predict(CLS_X, expected[i].theta, log_weights=expected[i].log_density)
+        for s, p in results[i]:
+            np.testing.assert_array_equal(s.theta, expected[i].theta)
+            np.testing.assert_array_equal(s.log_density, expected[i].log_density)
+            np.testing.assert_array_equal(p.mean, want.mean)
+
+
+def test_pip_install_works(tmp_path):
+    target = tmp_path / "site"
+    # A normal (isolated) build: pip fetches setuptools from the package index.
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+         str(ROOT / "bindings" / "python")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    offline = ("No matching distribution", "Could not find a version", "Failed to establish", "Network is unreachable")
+    if r.returncode != 0 and any(s in r.stdout + r.stderr for s in offline):
+        pytest.skip("no package index reachable to build the wheel: " + r.stderr[-300:])
+    assert r.returncode == 0, r.stdout + r.stderr
+    env = dict(os.environ, POSTFLOW_LIB=str(ROOT / "target" / "release" / "libpostflow.so"), PYTHONPATH=str(target))
+    code = f"import postflow; m = postflow.Model({str(FIXTURES / 'affine_reg')!r}); print(postflow.__file__, m.sample(2).theta.shape)"
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert str(target) in out.stdout and "(2, 13)" in out.stdout

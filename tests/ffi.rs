@@ -1,0 +1,182 @@
+//! The C ABI (src/ffi) called from Rust: results equal the Rust API's for the
+//! same seed. The ignored test `write_c_reference` writes the Rust API's numbers
+//! for tests/c (run by tests/c/Makefile with `POSTFLOW_C_REFERENCE=FILE`).
+mod common;
+
+use std::ffi::{CStr, CString};
+use std::fmt::Write as _;
+use std::ptr::{null, null_mut};
+
+use ndarray::{Array2, ArrayView2};
+use postflow::ffi::*;
+use postflow::{PredictOptions, ProbeNoise, SampleOptions, SolverKind, TraceMode};
+
+/// Inputs shared with tests/c/test_postflow.c (`CLS_X`, `REG_X`).
+const CLS_X: [f32; 8] = [0.5, -1.0, 1.5, 0.25, -0.75, 2.0, 0.0, 0.0];
+const REG_X: [f32; 3] = [-1.0, 0.2, 1.7];
+
+fn rust_opts(seed: u64, solver: Option<SolverKind>, steps: Option<u32>, trace: TraceMode) -> SampleOptions {
+    SampleOptions { seed, solver, steps, trace, ..SampleOptions::default() }
+}
+
+fn push(out: &mut String, name: &str, values: impl IntoIterator<Item = f64>) {
+    let v: Vec<f64> = values.into_iter().collect();
+    write!(out, "{name} {}", v.len()).unwrap();
+    for x in v {
+        write!(out, " {x:.9e}").unwrap();
+    }
+    out.push('\n');
+}
+
+fn push_prediction(out: &mut String, prefix: &str, p: &postflow::Prediction) {
+    let (t, a, e) = p.decomposition();
+    push(out, &format!("{prefix}_mean"), p.mean().iter().copied());
+    push(out, &format!("{prefix}_total"), t.iter().copied());
+    push(out, &format!("{prefix}_aleatoric"), a.iter().copied());
+    push(out, &format!("{prefix}_epistemic"), e.iter().copied());
+    push(out, &format!("{prefix}_ess"), [p.ess()]);
+}
+
+/// The reference numbers, from the Rust API, in the cases tests/c/test_postflow.c runs.
+fn reference() -> String {
+    let mut out = String::new();
+    let f32s = |v: &[f32]| v.iter().map(|x| f64::from(*x)).collect::<Vec<_>>();
+    // Case 1: affine_cls, seed 42, 6 samples, Hutchinson (Rademacher) with 4 probes.
+    let cls = common::open("affine_cls");
+    let hutch4 = TraceMode::Hutchinson { probes: 4, noise: ProbeNoise::Rademacher };
+    let s = cls.sample(6, &rust_opts(42, None, None, hutch4)).unwrap();
+    push(&mut out, "cls_theta", f32s(s.theta.as_slice().unwrap()));
+    push(&mut out, "cls_logd", f32s(s.log_density.as_ref().unwrap()));
+    push(&mut out, "cls_stderr", f32s(s.log_density_stderr.as_ref().unwrap()));
+    // Case 2: exact log_prob of those weights.
+    let lp = cls.log_prob(s.theta.view(), &rust_opts(0, None, None, TraceMode::Exact)).unwrap();
+    push(&mut out, "cls_logprob_exact", f32s(&lp.log_density));
+    // Case 3: predict at CLS_X with the case-1 log-densities as log-weights.
+    let x = ArrayView2::from_shape((4, 2), &CLS_X[..]).unwrap();
+    let p = cls.predict(x, s.theta.view(), Some(s.log_density.as_ref().unwrap()), &PredictOptions::default()).unwrap();
+    push_prediction(&mut out, "cls_predict", &p);
+    // Case 4: affine_reg, sample_predict, seed 5, 8 samples.
+    let reg = common::open("affine_reg");
+    let xr = ArrayView2::from_shape((3, 1), &REG_X[..]).unwrap();
+    let p = reg.sample_predict(8, &rust_opts(5, None, None, TraceMode::None), xr, &PredictOptions::default()).unwrap();
+    push_prediction(&mut out, "reg_sample_predict", &p);
+    // Case 5: affine_reg, Euler 10 steps, Gaussian Hutchinson with 2 probes, seed 11, 4 samples.
+    let hg2 = TraceMode::Hutchinson { probes: 2, noise: ProbeNoise::Gaussian };
+    let s = reg.sample(4, &rust_opts(11, Some(SolverKind::Euler), Some(10), hg2)).unwrap();
+    push(&mut out, "reg_euler_theta", f32s(s.theta.as_slice().unwrap()));
+    push(&mut out, "reg_euler_logd", f32s(s.log_density.as_ref().unwrap()));
+    push(&mut out, "reg_euler_stderr", f32s(s.log_density_stderr.as_ref().unwrap()));
+    // Case 6: affine_hetero, dopri5 (rtol = atol = 1e-6), exact trace, seed 9, 3 samples.
+    let het = common::open("affine_hetero");
+    let o = SampleOptions {
+        rtol: Some(1e-6),
+        atol: Some(1e-6),
+        ..rust_opts(9, Some(SolverKind::Dopri5), None, TraceMode::Exact)
+    };
+    let s = het.sample(3, &o).unwrap();
+    push(&mut out, "het_dopri5_theta", f32s(s.theta.as_slice().unwrap()));
+    push(&mut out, "het_dopri5_logd", f32s(s.log_density.as_ref().unwrap()));
+    out
+}
+
+#[test]
+#[ignore = "writes the reference file for tests/c; run by tests/c/Makefile"]
+fn write_c_reference() {
+    let path = std::env::var("POSTFLOW_C_REFERENCE").expect("set POSTFLOW_C_REFERENCE to the output file");
+    std::fs::write(&path, reference()).unwrap();
+}
+
+fn load(name: &str) -> *mut pf_model {
+    let dir = CString::new(common::fixture(name).to_str().unwrap()).unwrap();
+    let mut m = null_mut();
+    // SAFETY: valid C string, NULL options, valid out pointer.
+    let st = unsafe { pf_model_load(dir.as_ptr(), null(), &mut m) };
+    assert_eq!(st, pf_status::PF_OK, "{}", last_error());
+    m
+}
+
+fn last_error() -> String {
+    // SAFETY: pf_last_error_message never returns NULL and the string lives until the next failure.
+    unsafe { CStr::from_ptr(pf_last_error_message()) }.to_string_lossy().into_owned()
+}
+
+#[test]
+fn c_abi_sample_log_prob_and_predict_equal_the_rust_api() {
+    let model = load("affine_cls");
+    let rust = common::open("affine_cls");
+    let d = rust.weight_dim();
+    let mut o = std::mem::MaybeUninit::<pf_sample_options>::uninit();
+    // SAFETY: writes a whole pf_sample_options.
+    unsafe { pf_sample_options_default(o.as_mut_ptr()) };
+    // SAFETY: initialised by the call above.
+    let mut o = unsafe { o.assume_init() };
+    o.seed = 42;
+    o.trace = pf_trace::PF_TRACE_HUTCHINSON as u32;
+    o.probes = 4;
+    let n = 6;
+    let (mut theta, mut logd, mut se) = (vec![0f32; n * d], vec![0f32; n], vec![0f32; n]);
+    // SAFETY: buffers of the stated lengths.
+    let st =
+        unsafe { pf_sample(model, &o, n, theta.as_mut_ptr(), theta.len(), logd.as_mut_ptr(), n, se.as_mut_ptr(), n) };
+    assert_eq!(st, pf_status::PF_OK, "{}", last_error());
+    let hutch4 = TraceMode::Hutchinson { probes: 4, noise: ProbeNoise::Rademacher };
+    let r = rust.sample(n, &rust_opts(42, None, None, hutch4)).unwrap();
+    assert_eq!(theta, r.theta.as_slice().unwrap());
+    assert_eq!(&logd, r.log_density.as_ref().unwrap());
+    assert_eq!(&se, r.log_density_stderr.as_ref().unwrap());
+
+    o.trace = pf_trace::PF_TRACE_EXACT as u32;
+    let mut lp = vec![0f32; n];
+    // SAFETY: as above.
+    let st = unsafe { pf_log_prob(model, &o, theta.as_ptr(), n, theta.len(), lp.as_mut_ptr(), n, null_mut(), 0) };
+    assert_eq!(st, pf_status::PF_OK, "{}", last_error());
+    let view = Array2::from_shape_vec((n, d), theta.clone()).unwrap();
+    let rl = rust.log_prob(view.view(), &rust_opts(42, None, None, TraceMode::Exact)).unwrap();
+    assert_eq!(lp, rl.log_density);
+
+    let (mut mean, mut total, mut ale, mut epi) = (vec![0f32; 8], vec![0f32; 4], vec![0f32; 4], vec![0f32; 4]);
+    let mut pred = pf_prediction {
+        struct_size: std::mem::size_of::<pf_prediction>() as u32,
+        mean: mean.as_mut_ptr(),
+        mean_len: 8,
+        total: total.as_mut_ptr(),
+        total_len: 4,
+        aleatoric: ale.as_mut_ptr(),
+        aleatoric_len: 4,
+        epistemic: epi.as_mut_ptr(),
+        epistemic_len: 4,
+        ess: 0.0,
+    };
+    // SAFETY: as above.
+    let st =
+        unsafe { pf_predict(model, CLS_X.as_ptr(), 4, 8, theta.as_ptr(), n, theta.len(), logd.as_ptr(), &mut pred) };
+    assert_eq!(st, pf_status::PF_OK, "{}", last_error());
+    let x = ArrayView2::from_shape((4, 2), &CLS_X[..]).unwrap();
+    let rp = rust.predict(x, view.view(), Some(&logd), &PredictOptions::default()).unwrap();
+    let as_f32 = |a: Array2<f64>| a.iter().map(|v| *v as f32).collect::<Vec<_>>();
+    let (t, a, e) = rp.decomposition();
+    assert_eq!(mean, as_f32(rp.mean()));
+    assert_eq!(total, as_f32(t));
+    assert_eq!(ale, as_f32(a));
+    assert_eq!(epi, as_f32(e));
+    assert_eq!(pred.ess, rp.ess());
+    // SAFETY: frees the handle once.
+    unsafe { pf_model_free(model) };
+}
+
+#[test]
+fn c_abi_errors_set_status_and_message() {
+    let model = load("affine_reg");
+    let mut theta = vec![0f32; 13];
+    // SAFETY: NULL options (defaults) and a 13-float buffer, too small for 2 samples.
+    let st = unsafe { pf_sample(model, null(), 2, theta.as_mut_ptr(), 13, null_mut(), 0, null_mut(), 0) };
+    assert_eq!(st, pf_status::PF_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("theta_out_len is 13, too small"), "{}", last_error());
+    assert!(last_error().contains("needs 26"), "{}", last_error());
+    // SAFETY: NULL model is checked.
+    let st = unsafe { pf_sample(null(), null(), 1, theta.as_mut_ptr(), 13, null_mut(), 0, null_mut(), 0) };
+    assert_eq!(st, pf_status::PF_ERR_INVALID_ARGUMENT);
+    assert_eq!(last_error(), "pf_sample: model is NULL");
+    // SAFETY: frees once.
+    unsafe { pf_model_free(model) };
+}
