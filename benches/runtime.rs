@@ -39,7 +39,9 @@ fn sample(c: &mut Criterion) {
     g.throughput(Throughput::Elements(SAMPLES as u64));
     for solver in [SolverKind::Euler, SolverKind::Heun, SolverKind::Rk4, SolverKind::Dopri5] {
         let o = SampleOptions { solver: Some(solver), ..SampleOptions::default() };
-        g.bench_function(BenchmarkId::new("trace_none", solver.name()), |b| b.iter(|| model.sample(SAMPLES, &o).unwrap()));
+        g.bench_function(BenchmarkId::new("trace_none", solver.name()), |b| {
+            b.iter(|| model.sample(SAMPLES, &o).unwrap())
+        });
     }
     for (name, trace) in [("hutchinson_k1", hutchinson(1)), ("hutchinson_k4", hutchinson(4))] {
         let o = SampleOptions { trace, ..SampleOptions::default() };
@@ -87,13 +89,18 @@ fn sample_predict(c: &mut Criterion) {
     let mut g = c.benchmark_group("sample_predict");
     g.throughput(Throughput::Elements(SAMPLES as u64));
     g.bench_function("rk4", |b| {
-        b.iter(|| model.sample_predict(SAMPLES, &SampleOptions::default(), x.view(), &PredictOptions::default()).unwrap())
+        b.iter(|| {
+            model.sample_predict(SAMPLES, &SampleOptions::default(), x.view(), &PredictOptions::default()).unwrap()
+        })
     });
     g.finish();
 }
 
 fn config() -> Criterion {
-    Criterion::default().sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3))
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3))
 }
 
 criterion_group! { name = benches; config = config(); targets = sample, log_prob, predict, sample_predict }

@@ -43,7 +43,8 @@ fn floor_pass(
         for _ in 0..evals_per_batch {
             let start = Instant::now();
             let out = if jvp {
-                session.run(ort::inputs![names[0].as_str() => &t, names[1].as_str() => &x, names[2].as_str() => &eps])?
+                session
+                    .run(ort::inputs![names[0].as_str() => &t, names[1].as_str() => &x, names[2].as_str() => &eps])?
             } else {
                 session.run(ort::inputs![names[0].as_str() => &t, names[1].as_str() => &x])?
             };
@@ -72,15 +73,27 @@ fn main() -> Res<()> {
         "hutchinson" => TraceMode::Hutchinson { probes, noise: ProbeNoise::Rademacher },
         other => return Err(format!("unknown trace {other}").into()),
     };
-    let model = Model::open(&bundle, &ModelOptions { intra_op_threads: intra, max_sessions: threads.max(1), ..Default::default() })?;
-    let options = SampleOptions { solver: Some(SolverKind::Rk4), steps: Some(steps), trace, batch_size: batch, ..Default::default() };
+    let model = Model::open(
+        &bundle,
+        &ModelOptions { intra_op_threads: intra, max_sessions: threads.max(1), ..Default::default() },
+    )?;
+    let options = SampleOptions {
+        solver: Some(SolverKind::Rk4),
+        steps: Some(steps),
+        trace,
+        batch_size: batch,
+        ..Default::default()
+    };
 
     // The floor: a bare session of the same graph, the same calls, nothing else.
     let d = model.weight_dim();
     let jvp = trace != TraceMode::None;
     let spec = if jvp { &model.manifest().graphs.flow_jvp } else { &model.manifest().graphs.flow };
     let env = postflow::runtime::environment(None)?;
-    let mut session = Session::builder(env)?.with_intra_threads(intra).map_err(|e| e.to_string())?.commit_from_file(model.dir().join(&spec.file))?;
+    let mut session = Session::builder(env)?
+        .with_intra_threads(intra)
+        .map_err(|e| e.to_string())?
+        .commit_from_file(model.dir().join(&spec.file))?;
     let k = probes as usize;
 
     // Warm-up both (first runs allocate arenas and pick kernels).
@@ -112,7 +125,9 @@ fn main() -> Res<()> {
             best1 = best1.min(start.elapsed().as_secs_f64());
             let start = Instant::now();
             std::thread::scope(|s| -> Res<()> {
-                let hs: Vec<_> = (0..threads).map(|i| s.spawn(move || one((r * threads + i) as u64).map_err(|e| e.to_string()))).collect();
+                let hs: Vec<_> = (0..threads)
+                    .map(|i| s.spawn(move || one((r * threads + i) as u64).map_err(|e| e.to_string())))
+                    .collect();
                 for h in hs {
                     h.join().map_err(|_| "sampling thread panicked")??;
                 }
