@@ -1,0 +1,7 @@
+import sys
+from pathlib import Path
+
+# tests import the pipeline as the `train` package from the repository root
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))

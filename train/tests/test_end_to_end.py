@@ -1,0 +1,133 @@
+"""The tiny config builds a complete bundle that follows docs/bundle-format.md, passes the
+ONNX parity check, and that the Rust runtime opens and samples from."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from safetensors.numpy import load_file
+
+from train import flow, metrics, mlp
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLE_FILES = {"postflow.json", "flow.onnx", "flow_jvp.onnx", "net.onnx", "tensors.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    out, work = tmp / "bundle", tmp / "work"
+    subprocess.run([sys.executable, "-m", "train", "build", "train/configs/tiny.toml", "--out", str(out),
+                    "--work", str(work)], cwd=ROOT, check=True, timeout=600)  # ~1 min when the machine is idle
+    return out, work
+
+
+def _dims(value_info):
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def test_bundle_follows_the_format(built):
+    out, _ = built
+    assert BUNDLE_FILES <= {p.name for p in out.iterdir()}
+    man = json.loads((out / "postflow.json").read_text())
+    assert man["format"] == "postflow-bundle" and man["format_version"] == 1
+    d, c, d_in = man["network"]["dim"], man["task"]["classes"], man["input"]["dim"]
+    assert man["flow"]["dim"] == d
+    # layers tile [0, D) in order
+    off = 0
+    for layer in man["network"]["layers"]:
+        assert layer["weight"]["offset"] == off and layer["weight"]["shape"] == [layer["out"], layer["in"]]
+        off += layer["in"] * layer["out"]
+        assert layer["bias"]["offset"] == off and layer["bias"]["shape"] == [layer["out"]]
+        off += layer["out"]
+    assert off == d and man["network"]["layers"][-1]["out"] == c
+    t = load_file(str(out / "tensors.safetensors"))
+    n = t["eval.x"].shape[0]
+    expect = {"flow.whiten.mean": (np.float32, (d,)), "flow.whiten.scale": (np.float32, (d,)),
+              "reference.theta": (np.float32, (d,)), "eval.x": (np.float32, (n, d_in)),
+              "eval.y": (np.int64, (n,)), "eval.hmc_probs": (np.float32, (n, c))}
+    for name, (dtype, shape) in expect.items():
+        assert t[name].dtype == dtype and t[name].shape == shape, name
+    assert t["posterior.theta"].dtype == np.float32 and t["posterior.theta"].shape[1] == d
+    assert np.all(t["flow.whiten.scale"] > 0) and np.all(np.isfinite(t["posterior.theta"]))
+    np.testing.assert_allclose(t["eval.hmc_probs"].sum(1), 1.0, atol=1e-5)
+    for name, spec in man["graphs"].items():
+        g = onnx.load(str(out / spec["file"])).graph
+        assert [i.name for i in g.input] == spec["inputs"] and [o.name for o in g.output] == spec["outputs"]
+    g = onnx.load(str(out / "flow_jvp.onnx")).graph
+    assert _dims(g.input[2]) == ["B", "K", d] and _dims(g.output[1]) == ["B", "K"]
+    g = onnx.load(str(out / "net.onnx")).graph
+    assert _dims(g.output[0]) == ["S", "N", c]
+
+
+def test_reference_metrics_are_recomputable_from_the_bundle(built):
+    out, _ = built
+    man = json.loads((out / "postflow.json").read_text())
+    t = load_file(str(out / "tensors.safetensors"))
+    rm = man["reference_metrics"]
+    assert rm["n"] == len(t["eval.y"]) and set(rm["methods"]) >= {"hmc", "map", "flow", "ensemble", "gaussian"}
+    hmc = metrics.classification(t["eval.y"], probs=t["eval.hmc_probs"])
+    for k, v in hmc.items():
+        assert rm["methods"]["hmc"][k] == pytest.approx(v, abs=1e-12)
+    sess = ort.InferenceSession(str(out / "net.onnx"))
+    logits = sess.run(None, {"x": t["eval.x"], "theta": t["reference.theta"][None]})[0][0]
+    mp = metrics.classification(t["eval.y"], logits=logits, ref_probs=t["eval.hmc_probs"])
+    for k, v in mp.items():
+        assert rm["methods"]["map"][k] == pytest.approx(v, abs=1e-12)
+
+
+def test_graphs_match_jax(built):
+    """Independent of the export stage's own check: the written files against JAX."""
+    out, work = built
+    man = json.loads((out / "postflow.json").read_text())
+    t = load_file(str(out / "tensors.safetensors"))
+    sizes = [man["input"]["dim"]] + [l["out"] for l in man["network"]["layers"]]
+    rng = np.random.default_rng(0)
+    thetas = np.concatenate([t["posterior.theta"][:3], t["reference.theta"][None]])
+    got = ort.InferenceSession(str(out / "net.onnx")).run(None, {"x": t["eval.x"], "theta": thetas})[0]
+    with np.load(work / "data.npz") as z:
+        xs = (t["eval.x"] - z["x_mean"]) / z["x_std"]
+    want = np.stack([np.asarray(mlp.forward(jnp.asarray(th), jnp.asarray(xs), sizes)) for th in thetas])
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+    with np.load(work / "flow.npz") as z:
+        params = flow.unflatten_params({k: z[k] for k in z.files})
+    tt = rng.uniform(size=4).astype(np.float32)
+    x = rng.standard_normal((4, man["flow"]["dim"])).astype(np.float32)
+    v = ort.InferenceSession(str(out / "flow.onnx")).run(None, {"t": tt, "x": x})[0]
+    want = np.asarray(flow.velocity(params, jnp.asarray(tt), jnp.asarray(x)))
+    assert np.max(np.abs(v - want)) <= 1e-4 * np.max(np.abs(want))
+    eps = rng.choice([-1.0, 1.0], size=(4, 2, x.shape[1])).astype(np.float32)
+    v2, quad = ort.InferenceSession(str(out / "flow_jvp.onnx")).run(None, {"t": tt, "x": x, "eps": eps})
+    import jax
+    jac = np.stack([np.asarray(jax.jacfwd(lambda z: flow.velocity(params, jnp.asarray(tt[i:i + 1]), z[None])[0])(jnp.asarray(x[i])))
+                    for i in range(4)])
+    want_quad = np.einsum("bkd,bde,bke->bk", eps, jac, eps)
+    np.testing.assert_allclose(v2, v, rtol=1e-5, atol=1e-6)
+    assert np.max(np.abs(quad - want_quad)) <= 1e-4 * np.max(np.abs(want_quad))
+
+
+def _postflow_bin():
+    env = os.environ.get("POSTFLOW_BIN")
+    path = Path(env) if env else ROOT / "target" / "release" / "postflow"
+    if not env and not path.exists():
+        pytest.skip("postflow binary not built and POSTFLOW_BIN unset")
+    return path
+
+
+def test_rust_runtime_opens_and_samples(built, tmp_path):
+    binary = _postflow_bin()
+    out, _ = built
+    d = json.loads((out / "postflow.json").read_text())["network"]["dim"]
+    dst = tmp_path / "samples.safetensors"
+    subprocess.run([str(binary), "sample", str(out), "-n", "8", "--trace", "hutchinson", "-o", str(dst)],
+                   check=True, timeout=120)
+    s = load_file(str(dst))
+    assert s["theta"].shape == (8, d) and np.all(np.isfinite(s["theta"]))
+    assert s["log_density"].shape == (8,) and np.all(np.isfinite(s["log_density"]))
