@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 PY := .venv/bin/python
 BIN := target/release/postflow
-DEMO_BUNDLE ?= tests/fixtures/bundles/affine_cls
+DEMO_BUNDLE ?= models/digits
 export POSTFLOW_ORT_LIB := $(CURDIR)/.ort/libonnxruntime.so
 export POSTFLOW_BIN := $(CURDIR)/$(BIN)
 
@@ -14,9 +14,9 @@ setup:
 build: setup
 	cargo build --release --locked
 
-# The main job on a shipped bundle.
+# The main job on a shipped bundle: flow BMA vs HMC vs MAP on its eval split.
 demo: build
-	$(BIN) sample $(DEMO_BUNDLE) -n 1000 --trace hutchinson -o /tmp/postflow-demo-samples.safetensors
+	$(BIN) eval $(DEMO_BUNDLE) --plot target/$(notdir $(DEMO_BUNDLE))-reliability.svg
 
 # Every test: Rust, C (sanitizers, valgrind), Python (bindings, pipeline).
 test: build test-rust test-c test-python
@@ -60,3 +60,22 @@ install:
 # Build and run examples/c/minimal.c against a temporary install, through pkg-config.
 example-c:
 	$(MAKE) -C tests/c example
+
+# ---- Performance (issue 6): criterion benches and the comparison harness -------
+# See docs/performance.md. COMPARE_ARGS adds options, e.g. COMPARE_ARGS="models/moons --repeats 8 --rounds 3".
+.PHONY: bench compare
+SYNTH := target/synthetic
+COMPARE_ARGS ?=
+
+# Criterion benches of the runtime (POSTFLOW_BENCH_BUNDLE picks the bundle).
+bench:
+	cargo bench --bench runtime
+
+$(SYNTH)/synthetic_d100000/postflow.json:
+	$(PY) benches/synthetic.py $(SYNTH) 1000 10000 100000
+
+# postflow (Rust API, C ABI) vs the ONNX Runtime floor, the JAX reference and a Python loop;
+# writes target/perf/compare.json and docs/figures/perf_*.png.
+compare: build $(SYNTH)/synthetic_d100000/postflow.json
+	cargo build --release --locked --example time_sample
+	$(PY) benches/compare.py --extras --synthetic $(SYNTH) --json target/perf/compare.json $(COMPARE_ARGS)
