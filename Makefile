@@ -24,6 +24,8 @@ test: build test-rust test-c test-python
 test-rust:
 	cargo fmt --all -- --check
 	cargo test --release --locked
+	# The CUDA execution-provider path must keep compiling (it runs only where a CUDA ONNX Runtime exists).
+	CARGO_TARGET_DIR=target/cuda-check cargo check --locked --features cuda --lib
 
 test-c:
 	@if [ -f tests/c/Makefile ]; then $(MAKE) -C tests/c all; fi
