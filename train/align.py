@@ -133,8 +133,11 @@ def sinkhorn_rebasin(ref, thetas, init_perms, sizes, objective, loss, x_train, y
     # start at the weight-matching permutation: logits peaked on it
     logits0 = [np.stack([5.0 * np.eye(len(p))[p] for p in layer]) for layer in zip(*init_perms)]
     keys = jax.random.split(jax.random.PRNGKey(seed), len(thetas))
-    out = jax.jit(jax.vmap(optimize))([jnp.asarray(l) for l in logits0], jnp.asarray(thetas), keys)
-    out = [np.asarray(o) for o in out]
+    run = jax.jit(jax.vmap(optimize))
+    chunk = 128  # bounds memory; thousands of samples at once thrash a small machine
+    parts = [run([jnp.asarray(l[i:i + chunk]) for l in logits0], jnp.asarray(thetas[i:i + chunk]), keys[i:i + chunk])
+             for i in range(0, len(thetas), chunk)]
+    out = [np.concatenate([np.asarray(p[l]) for p in parts]) for l in range(len(logits0))]
     return [[linear_sum_assignment(out[l][s], maximize=True)[1] for l in range(len(out))]
             for s in range(len(thetas))]
 

@@ -100,8 +100,9 @@ def render(ctx, man, figs):
           table(rm["methods"], CLS_COLS if classification else REG_COLS), ""]
     if "diagnostics" in ev:
         L += ["Diagnostic (not a method): BMA over the mid-points of random pairs of flow-training samples. "
-              "It measures how convex the aligned posterior is in weight space; a flow whose samples "
-              "interpolate between training samples inherits this gap.", "",
+              "Bad mid-points mean the aligned posterior is non-convex in weight space, and a flow whose "
+              "samples fall between training samples inherits that gap. Good mid-points do not prove the "
+              "converse: a mid-point has half the spread of a posterior sample.", "",
               table(ev["diagnostics"], CLS_COLS if classification else REG_COLS), ""]
     if classification:
         L += ["Targets of issue 3, as measured:", "", fidelity_checks(rm["methods"]), ""]
