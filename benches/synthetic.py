@@ -6,6 +6,10 @@ J = W2 diag(relu'(.)) W1, written out by hand so the graph is exactly one primal
 K tangents. The target network is a ReLU classifier whose layout gives exactly D weights.
 
     .venv/bin/python benches/synthetic.py OUT_DIR D [D ...]   (e.g. 1000 10000 100000)
+
+Next to each bundle OUT_DIR/synthetic_dD it writes OUT_DIR/synthetic_dD.params.npz
+(W1 [H,D], b1 [H], wt [H], W2 [D,H], b2 [D], float32 as in the graphs) so that
+benches/compare.py can run the same field under JAX (`velocity_np` is the reference).
 """
 import json
 import sys
@@ -68,6 +72,12 @@ def build_flow(W1, b1, wt, W2, b2, with_jvp):
     return _model(nodes, "flow_jvp" if with_jvp else "flow", inputs, outputs, inits)
 
 
+def velocity_np(p, t, x):
+    """The flow.onnx field in numpy: t [B], x [B,D] -> v [B,D]."""
+    h = np.maximum(x @ p["W1"].T + t[:, None] * p["wt"] + p["b1"], 0.0)
+    return h @ p["W2"].T + p["b2"]
+
+
 def make(out_dir, target_d, seed=0):
     rng = np.random.default_rng(seed)
     d_in, h, classes = net_shape(target_d)
@@ -79,6 +89,8 @@ def make(out_dir, target_d, seed=0):
     bdir = Path(out_dir) / f"synthetic_d{D}"
     bdir.mkdir(parents=True, exist_ok=True)
     onnx.save(build_flow(W1, b1, wt, W2, b2, False), bdir / "flow.onnx")
+    np.savez(Path(out_dir) / f"{bdir.name}.params.npz",
+             **{k: np.asarray(v, np.float32) for k, v in dict(W1=W1, b1=b1, wt=wt, W2=W2, b2=b2).items()})
     onnx.save(build_flow(W1, b1, wt, W2, b2, True), bdir / "flow_jvp.onnx")
     onnx.save(build_net(layers, D, d_in, np.zeros(d_in), np.ones(d_in)), bdir / "net.onnx")
     n = 64

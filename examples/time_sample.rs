@@ -1,14 +1,20 @@
 //! Times `Model::sample` against the raw ONNX Runtime floor: the same number of
 //! `Session::run` calls with the same shapes on a bare session, inputs prepared in
 //! advance. Repeats interleave postflow and the floor (so a load spike on a shared
-//! machine hits both) and each keeps its best. Prints one JSON object; `benches/compare.py` runs it.
+//! machine hits both) and each keeps its best. Each is timed twice: wall clock (`*_s`) and
+//! the process's CPU time (`*_cpu_s`, CLOCK_PROCESS_CPUTIME_ID), which does not count the time
+//! the process waits for a core on a loaded machine (with intra-op threads 1, ONNX Runtime runs
+//! on the calling thread, so the CPU time is the cost). Prints one JSON object;
+//! `benches/compare.py` runs it.
 //!
 //! cargo run --release --example time_sample -- BUNDLE [--n 256] [--batch 64] [--steps 20]
 //!     [--trace none|hutchinson] [--probes 1] [--repeats 5] [--intra 1] [--threads 0]
+//!     [--probe-sweep 1,4]
 //!
 //! `--threads T` (T ≥ 2) adds a throughput test: T threads sharing one `Model`
 //! (`max_sessions = T`), each drawing `n` samples, against one thread drawing `n`;
 //! it reports samples per second for both and their ratio (`thread_scaling`).
+//! `--probe-sweep K1,K2,..` instead times trace none and Hutchinson with each K, interleaved.
 use std::time::Instant;
 
 use ort::session::Session;
@@ -21,7 +27,16 @@ fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
+/// CPU seconds used by this process so far (all threads).
+fn cpu_now() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec into the valid pointer we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
 /// One pass of the floor: `nfe` runs of the bare session over the same batches as the sampler.
+#[allow(clippy::too_many_arguments)]
 fn floor_pass(
     session: &mut Session,
     names: &[String],
@@ -31,10 +46,11 @@ fn floor_pass(
     d: usize,
     k: usize,
     evals_per_batch: usize,
-) -> Res<(f64, u64)> {
+) -> Res<(f64, f64, usize)> {
     let mut total = 0.0;
+    let mut total_cpu = 0.0;
     let mut left = n;
-    let mut calls = 0u64;
+    let mut calls = 0usize;
     while left > 0 {
         let b = batch.min(left);
         let t = Tensor::from_array(([b], vec![0.5f32; b]))?;
@@ -42,6 +58,7 @@ fn floor_pass(
         let eps = Tensor::from_array(([b, k, d], vec![1.0f32; b * k * d]))?;
         for _ in 0..evals_per_batch {
             let start = Instant::now();
+            let c0 = cpu_now();
             let out = if jvp {
                 session
                     .run(ort::inputs![names[0].as_str() => &t, names[1].as_str() => &x, names[2].as_str() => &eps])?
@@ -49,12 +66,90 @@ fn floor_pass(
                 session.run(ort::inputs![names[0].as_str() => &t, names[1].as_str() => &x])?
             };
             drop(out);
+            total_cpu += cpu_now() - c0;
             total += start.elapsed().as_secs_f64();
             calls += 1;
         }
         left -= b;
     }
-    Ok((total, calls))
+    Ok((total, total_cpu, calls))
+}
+
+/// `--probe-sweep 1,4`: trace none and Hutchinson with each K, interleaved in one process
+/// (per repeat: every configuration, postflow then its floor), so their ratios are comparable
+/// on a loaded machine. Prints `{"bundle", "sweep": [{trace, probes, postflow_s, floor_s, ...}]}`.
+#[allow(clippy::too_many_arguments)]
+fn probe_sweep(
+    model: &Model,
+    bundle: &str,
+    sweep: &str,
+    options: &SampleOptions,
+    n: usize,
+    batch: usize,
+    intra: usize,
+    repeats: usize,
+) -> Res<()> {
+    let d = model.weight_dim();
+    let env = postflow::runtime::environment(None)?;
+    let open = |file: &str| -> Res<Session> {
+        Ok(Session::builder(env)?
+            .with_intra_threads(intra)
+            .map_err(|e| e.to_string())?
+            .commit_from_file(model.dir().join(file))?)
+    };
+    let g = &model.manifest().graphs;
+    let mut flow = open(&g.flow.file)?;
+    let mut flow_jvp = open(&g.flow_jvp.file)?;
+    let mut configs = vec![(TraceMode::None, 0usize)];
+    for k in sweep.split(',') {
+        let k: u32 = k.trim().parse()?;
+        configs.push((TraceMode::Hutchinson { probes: k, noise: ProbeNoise::Rademacher }, k as usize));
+    }
+    // [postflow wall, postflow cpu, floor wall, floor cpu] per configuration
+    let mut best = vec![[f64::INFINITY; 4]; configs.len()];
+    let mut nfe = 0;
+    for r in 0..=repeats {
+        for (c, (trace, k)) in configs.iter().enumerate() {
+            let o = SampleOptions { seed: r as u64, trace: *trace, ..options.clone() };
+            let m = if r == 0 { batch.min(n) } else { n }; // r = 0: warm-up
+            let start = Instant::now();
+            let c0 = cpu_now();
+            let s = model.sample(m, &o)?;
+            let (wall, cpu) = (start.elapsed().as_secs_f64(), cpu_now() - c0);
+            let per_batch = s.stats.nfe / m.div_ceil(batch);
+            let (sess, names, jvp) =
+                if *k == 0 { (&mut flow, &g.flow.inputs, false) } else { (&mut flow_jvp, &g.flow_jvp.inputs, true) };
+            let (fw, fc, calls) = floor_pass(sess, names, jvp, m, batch, d, (*k).max(1), per_batch)?;
+            assert_eq!(calls, s.stats.nfe, "floor must make as many runs as the sampler");
+            nfe = s.stats.nfe;
+            if r > 0 {
+                let b = &mut best[c];
+                b[0] = b[0].min(wall);
+                b[1] = b[1].min(cpu);
+                b[2] = b[2].min(fw);
+                b[3] = b[3].min(fc);
+            }
+        }
+    }
+    let rows: Vec<String> = configs
+        .iter()
+        .zip(&best)
+        .map(|((_, k), b)| {
+            format!(
+                "{{\"trace\": {:?}, \"probes\": {k}, \"postflow_s\": {}, \"postflow_cpu_s\": {}, \"floor_s\": {}, \"floor_cpu_s\": {}}}",
+                if *k == 0 { "none" } else { "hutchinson" },
+                b[0],
+                b[1],
+                b[2],
+                b[3]
+            )
+        })
+        .collect();
+    println!(
+        "{{\"bundle\": {bundle:?}, \"D\": {d}, \"n\": {n}, \"batch\": {batch}, \"intra_op_threads\": {intra}, \"repeats\": {repeats}, \"nfe\": {nfe}, \"sweep\": [{}]}}",
+        rows.join(", ")
+    );
+    Ok(())
 }
 
 fn main() -> Res<()> {
@@ -85,6 +180,11 @@ fn main() -> Res<()> {
         ..Default::default()
     };
 
+    let sweep: String = arg(&args, "--probe-sweep", String::new());
+    if !sweep.is_empty() {
+        return probe_sweep(&model, &bundle, &sweep, &options, n, batch, intra, repeats);
+    }
+
     // The floor: a bare session of the same graph, the same calls, nothing else.
     let d = model.weight_dim();
     let jvp = trace != TraceMode::None;
@@ -98,20 +198,23 @@ fn main() -> Res<()> {
 
     // Warm-up both (first runs allocate arenas and pick kernels).
     let w = model.sample(batch.min(n), &options)?;
-    let evals_per_batch = w.stats.nfe as usize;
+    let evals_per_batch = w.stats.nfe;
     floor_pass(&mut session, &spec.inputs, jvp, batch.min(n), batch, d, k, evals_per_batch)?;
 
-    let mut best = f64::INFINITY;
-    let mut floor = f64::INFINITY;
+    let (mut best, mut best_cpu) = (f64::INFINITY, f64::INFINITY);
+    let (mut floor, mut floor_cpu) = (f64::INFINITY, f64::INFINITY);
     let mut nfe = 0;
     for r in 0..repeats {
         let start = Instant::now();
+        let c0 = cpu_now();
         let s = model.sample(n, &SampleOptions { seed: r as u64, ..options.clone() })?;
+        best_cpu = best_cpu.min(cpu_now() - c0);
         best = best.min(start.elapsed().as_secs_f64());
         nfe = s.stats.nfe;
-        let (total, calls) = floor_pass(&mut session, &spec.inputs, jvp, n, batch, d, k, evals_per_batch)?;
-        assert_eq!(calls, nfe as u64, "floor must make as many runs as the sampler");
+        let (total, total_cpu, calls) = floor_pass(&mut session, &spec.inputs, jvp, n, batch, d, k, evals_per_batch)?;
+        assert_eq!(calls, nfe, "floor must make as many runs as the sampler");
         floor = floor.min(total);
+        floor_cpu = floor_cpu.min(total_cpu);
     }
 
     let mut extra = String::new();
@@ -144,10 +247,11 @@ fn main() -> Res<()> {
     }
 
     println!(
-        "{{\"bundle\": {:?}, \"D\": {d}, \"n\": {n}, \"batch\": {batch}, \"steps\": {steps}, \"trace\": {:?}, \"probes\": {probes}, \"intra_op_threads\": {intra}, \"repeats\": {repeats}, \"nfe\": {nfe}, \"postflow_s\": {best}, \"floor_s\": {floor}, \"ratio\": {}{extra}}}",
+        "{{\"bundle\": {:?}, \"D\": {d}, \"n\": {n}, \"batch\": {batch}, \"steps\": {steps}, \"trace\": {:?}, \"probes\": {probes}, \"intra_op_threads\": {intra}, \"repeats\": {repeats}, \"nfe\": {nfe}, \"postflow_s\": {best}, \"floor_s\": {floor}, \"ratio\": {}, \"postflow_cpu_s\": {best_cpu}, \"floor_cpu_s\": {floor_cpu}, \"ratio_cpu\": {}{extra}}}",
         bundle,
         trace_name,
-        best / floor
+        best / floor,
+        best_cpu / floor_cpu
     );
     Ok(())
 }

@@ -14,11 +14,14 @@ the time of flow.onnx in it at K = 1). Here the JVP is written out by hand:
 It computes exactly what `export.flow_jvp_fn` does: (v [B,D], quad [B,K]) from
 (t [B], x [B,D], eps [B,K,D]), with the bundle's input and output names.
 
-    .venv/bin/python -m train.jvp_export work/moons/flow.npz OUT.onnx [--check] [--time BUNDLE]
+    .venv/bin/python -m train.jvp_export work/moons/flow.npz OUT.onnx [--check] [--time BUNDLE [--bundle-out DIR]]
 
 --check compares against export.flow_jvp_fn on random inputs (relative error ≤ 1e-4);
 --time BUNDLE times the bare onnxruntime session (the floor) of BUNDLE's flow.onnx, its
-flow_jvp.onnx and OUT.onnx at batch 64, K = 1 and 4, intra-op threads 1.
+flow_jvp.onnx and OUT.onnx (and its variants: OUT.hand.onnx, OUT.hand_stacked.onnx, and the
+shipped graph with its Einsums as MatMuls) at batch 64, K = 1 and 4, intra-op threads 1.
+The hand-written graph (`handwritten_flow_jvp`) is the fastest; --bundle-out writes a copy of
+BUNDLE that uses it.
 This module does not change train/export.py; it is for the lead to adopt or not.
 """
 
@@ -240,6 +243,8 @@ def main():
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--time", metavar="BUNDLE")
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--bundle-out", metavar="DIR", help="with --time BUNDLE: copy BUNDLE to DIR with the "
+                    "hand-written graph as its flow_jvp.onnx (for benches/compare.py)")
     a = ap.parse_args()
     params = flow_mod.unflatten_params(dict(np.load(a.flow_npz)))
     d = int(params[-1]["w"].shape[1])
@@ -269,6 +274,11 @@ def main():
         paths = {"flow": Path(a.time) / "flow.onnx", "flow_jvp": Path(a.time) / "flow_jvp.onnx",
                  "jvp_matmul": cur_path, "stacked": Path(a.out),
                  **{name: path for name, (_, path) in hand.items()}}
+        if a.bundle_out:
+            import shutil
+            shutil.copytree(a.time, a.bundle_out, dirs_exist_ok=True)
+            shutil.copyfile(hand["hand"][1], Path(a.bundle_out) / "flow_jvp.onnx")
+            print(f"wrote {a.bundle_out}: {a.time} with the hand-written flow_jvp.onnx")
         res = time_floor(paths, d, batch=a.batch)
         base = res["flow"]
         for k, v in res.items():
