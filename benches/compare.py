@@ -20,7 +20,8 @@ process's CPU time (all threads; --clock picks the one the ratios use, default c
 loaded machine it does not count the time spent waiting for a core). Rust and the floor alternate inside
 time_sample; the Python-side implementations alternate inside one worker process; the two
 processes alternate `--rounds` times and each implementation keeps its best (JAX runs in a
-process of its own, so its runtime threads do not count in the others' CPU time). Thread counts:
+process of its own, so its runtime threads do not count in the others' CPU time, pinned to
+--intra cores: XLA's CPU runtime uses a second thread despite the single-thread flags). Thread counts:
 intra-op threads = --intra everywhere (ONNX Runtime session options, OMP_NUM_THREADS, and
 XLA's CPU flags for JAX), inter-op 1.
 
@@ -230,9 +231,14 @@ def make_c_abi(bundle, n, batch, steps, trace, probes, intra):
 
 def worker(a):
     """Times c_abi, jax and py_ort for one (bundle, trace), interleaved; prints JSON."""
+    wanted = a.impls.split(",")
+    if wanted == ["jax"] and a.pin_jax and hasattr(os, "sched_setaffinity"):
+        # XLA's CPU runtime still runs work on a second thread despite the single-thread flags;
+        # pin the JAX process to as many cores as intra-op threads so all get the same cores.
+        cores = sorted(os.sched_getaffinity(0))[:max(a.intra, 1)]
+        os.sched_setaffinity(0, cores)
     manifest, mean, scale = _bundle_info(a.bundle)
     res, notes, runs = {}, {}, {}
-    wanted = a.impls.split(",")
     keep = []
     if "c_abi" in wanted:
         try:
@@ -287,14 +293,15 @@ def time_sample(bundle, n, batch, steps, trace, probes, intra, repeats, threads=
 def run_worker(bundle, n, batch, steps, trace, probes, intra, repeats, impls):
     cmd = [sys.executable, __file__, "--worker", "--bundle", str(bundle), "--n", str(n), "--batch", str(batch),
            "--steps", str(steps), "--trace", trace, "--probes", str(probes), "--intra", str(intra),
-           "--repeats", str(repeats), "--impls", impls]
+           "--repeats", str(repeats), "--impls", impls] + ([] if PIN_JAX["on"] else ["--no-pin-jax"])
     out = subprocess.run(cmd, env=thread_env(intra), capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-CLOCK = {"name": "cpu"}  # set from --clock: which of the two clocks the ratios use
+CLOCK = {"name": "cpu"}
+PIN_JAX = {"on": True}  # set from --clock: which of the two clocks the ratios use
 
 
 def measure(bundle, n, batch, steps, trace, probes, intra, repeats, rounds, impls="c_abi,jax,py_ort", log=print):
@@ -603,6 +610,8 @@ def main():
     ap.add_argument("--bundle", help=argparse.SUPPRESS)
     ap.add_argument("--trace", default="none", help=argparse.SUPPRESS)
     ap.add_argument("--impls", default="c_abi,jax,py_ort", help=argparse.SUPPRESS)
+    ap.add_argument("--no-pin-jax", dest="pin_jax", action="store_false",
+                    help="do not pin the JAX process to --intra cores (it uses more threads than asked otherwise)")
     a = ap.parse_args()
     if a.worker:
         return worker(a)
@@ -610,6 +619,7 @@ def main():
         print(plots(json.loads(Path(a.replot).read_text()), a.figures))
         return
     CLOCK["name"] = a.clock
+    PIN_JAX["on"] = a.pin_jax
 
     if a.ort_profile:
         import onnx
