@@ -143,10 +143,7 @@ impl FlowContext<'_> {
                 let x0 = &mut work.x[j * d..(j + 1) * d];
                 rng::fill_standard_normal(&mut stream, x0);
                 work.base_logp[j] = std_normal_logpdf(x0);
-                if let TraceMode::Hutchinson { probes, noise } = o.trace {
-                    let k = probes as usize;
-                    rng::fill_probes(&mut stream, noise, &mut work.eps[j * k * d..(j + 1) * k * d]);
-                }
+                draw_probes(&mut stream, o.trace, &mut work.eps, j, d);
             }
             stats += self.integrate(&solver, o, &mut work, b, 0.0, 1.0)?;
             // θ = mean + scale ⊙ x₁; log q = log N(x₀) − ∫ tr J − Σ log scale.
@@ -158,15 +155,9 @@ impl FlowContext<'_> {
                     out[i] = self.whiten_mean[i] + self.whiten_scale[i] * x1[i];
                 }
                 if accs > 0 {
-                    let est: Vec<f64> = work.acc[j * accs..(j + 1) * accs]
-                        .iter()
-                        .map(|a| work.base_logp[j] - a - self.sum_log_scale)
-                        .collect();
-                    let (mean, se) = mean_and_stderr(&est);
-                    logd[start + j] = mean as f32;
-                    if accs > 1 {
-                        stderr[start + j] = se as f32;
-                    }
+                    let est =
+                        work.acc[j * accs..(j + 1) * accs].iter().map(|a| work.base_logp[j] - a - self.sum_log_scale);
+                    record_estimate(est, start + j, &mut logd, &mut stderr);
                 }
             }
             start += b;
@@ -212,24 +203,18 @@ impl FlowContext<'_> {
                 for (i, (xv, tv)) in x1.iter_mut().zip(row.iter()).enumerate() {
                     *xv = (tv - self.whiten_mean[i]) / self.whiten_scale[i];
                 }
-                if let TraceMode::Hutchinson { probes, noise } = o.trace {
+                if let TraceMode::Hutchinson { .. } = o.trace {
                     let mut stream = rng::sample_stream(o.seed, o.first_index + (start + j) as u64);
                     rng::fill_standard_normal(&mut stream, &mut scratch); // the base point's draws
-                    let k = probes as usize;
-                    rng::fill_probes(&mut stream, noise, &mut work.eps[j * k * d..(j + 1) * k * d]);
+                    draw_probes(&mut stream, o.trace, &mut work.eps, j, d);
                 }
             }
             stats += self.integrate(&solver, o, &mut work, b, 1.0, 0.0)?;
             // Integrating backwards leaves acc = −∫₀¹ tr J, so log q = log N(x₀) + acc − Σ log scale.
             for j in 0..b {
                 let base = std_normal_logpdf(&work.x[j * d..(j + 1) * d]);
-                let est: Vec<f64> =
-                    work.acc[j * accs..(j + 1) * accs].iter().map(|a| base + a - self.sum_log_scale).collect();
-                let (mean, se) = mean_and_stderr(&est);
-                logd[start + j] = mean as f32;
-                if accs > 1 {
-                    stderr[start + j] = se as f32;
-                }
+                let est = work.acc[j * accs..(j + 1) * accs].iter().map(|a| base + a - self.sum_log_scale);
+                record_estimate(est, start + j, &mut logd, &mut stderr);
             }
             start += b;
         }
@@ -362,6 +347,25 @@ fn zeroed_samples(n: usize, d: usize) -> Result<Array2<f32>> {
 fn std_normal_logpdf(x: &[f32]) -> f64 {
     let sq: f64 = x.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
     -0.5 * sq - 0.5 * x.len() as f64 * (2.0 * PI).ln()
+}
+
+/// Sample `j`'s Hutchinson probes (K·D values after its base point in its stream).
+fn draw_probes<R: rand::RngCore>(stream: &mut R, trace: TraceMode, eps: &mut [f32], j: usize, d: usize) {
+    if let TraceMode::Hutchinson { probes, noise } = trace {
+        let k = probes as usize;
+        rng::fill_probes(stream, noise, &mut eps[j * k * d..(j + 1) * k * d]);
+    }
+}
+
+/// Store the mean of sample `index`'s per-probe estimates, and its standard error when
+/// there is more than one probe (`stderr` is empty otherwise).
+fn record_estimate(est: impl Iterator<Item = f64>, index: usize, logd: &mut [f32], stderr: &mut [f32]) {
+    let est: Vec<f64> = est.collect();
+    let (mean, se) = mean_and_stderr(&est);
+    logd[index] = mean as f32;
+    if est.len() > 1 {
+        stderr[index] = se as f32;
+    }
 }
 
 /// Mean of per-probe estimates and its standard error (sample sd / √K; 0 for K = 1).
