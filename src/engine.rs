@@ -5,11 +5,13 @@
 //! own mutex: a caller takes any free session, creates another one while the
 //! pool is below its cap, and otherwise waits for one. A lock is held for one
 //! `run` only. (`docs/performance.md` compares pool sizes under 4 threads.)
+use std::ffi::{c_char, CString};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use ort::session::Session;
-use ort::value::{TensorElementType, TensorRef, ValueType};
+use ort::value::{TensorElementType, TensorRef, TensorRefMut, ValueType};
+use ort::AsPointer;
 
 use crate::bundle::Manifest;
 use crate::{Error, Result};
@@ -117,6 +119,8 @@ pub struct Engine {
     flow_jvp: SessionPool,
     net: SessionPool,
     names: GraphNames,
+    flow_c: CNames<2, 1>,
+    jvp_c: CNames<3, 2>,
     dim: usize,
     input_dim: usize,
     outputs: usize,
@@ -176,7 +180,11 @@ impl Engine {
         check_io(&net, "net", true, &[(&names.net_in[0], &[None, Some(d_in)]), (&names.net_in[1], &[None, Some(d)])])?;
         check_io(&net, "net", false, &[(&names.net_out, &[None, None, Some(c)])])?;
         let max = config.max_sessions.max(1);
+        let flow_c = CNames::new(&names.flow_in, std::slice::from_ref(&names.flow_out))?;
+        let jvp_c = CNames::new(&names.jvp_in, &names.jvp_out)?;
         Ok(Engine {
+            flow_c,
+            jvp_c,
             flow: SessionPool::new("flow", graphs.flow, flow, max),
             flow_jvp: SessionPool::new("flow_jvp", graphs.flow_jvp, jvp, max),
             net: SessionPool::new("net", graphs.net, net, max),
@@ -198,18 +206,18 @@ impl Engine {
     }
 
     /// `v = flow(t, x)` for a batch of `b` states (`t` has length `b`, `x` and `v_out` `b·D`).
+    /// ONNX Runtime writes `v` straight into `v_out` (no copy).
     pub fn velocity(&self, t: &[f32], x: &[f32], v_out: &mut [f32]) -> Result<()> {
         let b = t.len();
         debug_assert_eq!(x.len(), b * self.dim);
+        let inputs = [TensorRef::from_array_view(([b], t))?, TensorRef::from_array_view(([b, self.dim], x))?];
+        let mut outputs = [TensorRefMut::from_array_view_mut(([b, self.dim], v_out))?];
         let mut session = self.flow.acquire(&self.config)?;
-        let outputs = session.run(ort::inputs![
-            self.names.flow_in[0].as_str() => TensorRef::from_array_view(([b], t))?,
-            self.names.flow_in[1].as_str() => TensorRef::from_array_view(([b, self.dim], x))?,
-        ])?;
-        copy_output(&outputs, &self.names.flow_out, "flow", &[b, self.dim], v_out)
+        run_into(&mut session, "flow", &self.flow_c, &inputs, &mut outputs)
     }
 
-    /// `v` and `quad[b,k] = eps[b,k]ᵀ J eps[b,k]` for `b` states and `k` tangents each.
+    /// `v` and `quad[b,k] = eps[b,k]ᵀ J eps[b,k]` for `b` states and `k` tangents each,
+    /// written straight into `v_out` and `quad_out`.
     pub fn velocity_jvp(
         &self,
         t: &[f32],
@@ -221,14 +229,17 @@ impl Engine {
     ) -> Result<()> {
         let b = t.len();
         debug_assert_eq!(eps.len(), b * k * self.dim);
+        let inputs = [
+            TensorRef::from_array_view(([b], t))?,
+            TensorRef::from_array_view(([b, self.dim], x))?,
+            TensorRef::from_array_view(([b, k, self.dim], eps))?,
+        ];
+        let mut outputs = [
+            TensorRefMut::from_array_view_mut(([b, self.dim], v_out))?,
+            TensorRefMut::from_array_view_mut(([b, k], quad_out))?,
+        ];
         let mut session = self.flow_jvp.acquire(&self.config)?;
-        let outputs = session.run(ort::inputs![
-            self.names.jvp_in[0].as_str() => TensorRef::from_array_view(([b], t))?,
-            self.names.jvp_in[1].as_str() => TensorRef::from_array_view(([b, self.dim], x))?,
-            self.names.jvp_in[2].as_str() => TensorRef::from_array_view(([b, k, self.dim], eps))?,
-        ])?;
-        copy_output(&outputs, &self.names.jvp_out[0], "flow_jvp", &[b, self.dim], v_out)?;
-        copy_output(&outputs, &self.names.jvp_out[1], "flow_jvp", &[b, k], quad_out)
+        run_into(&mut session, "flow_jvp", &self.jvp_c, &inputs, &mut outputs)
     }
 
     /// Network outputs `[S,N,C]` for `n` inputs `x` (`n·d_in`) and `s` weight vectors `theta` (`s·D`).
@@ -242,6 +253,69 @@ impl Engine {
         ])?;
         copy_output(&outputs, &self.names.net_out, "net", &[s, n, self.outputs], out)
     }
+}
+
+/// A graph's input and output names as C strings, made once for every `Run`.
+struct CNames<const I: usize, const O: usize> {
+    inputs: [CString; I],
+    outputs: [CString; O],
+}
+
+impl<const I: usize, const O: usize> CNames<I, O> {
+    fn new(inputs: &[String], outputs: &[String]) -> Result<Self> {
+        let c =
+            |n: &String| CString::new(n.as_str()).map_err(|_| Error::bundle(format!("graph name {n:?} contains NUL")));
+        let inputs: Vec<CString> = inputs.iter().map(c).collect::<Result<_>>()?;
+        let outputs: Vec<CString> = outputs.iter().map(c).collect::<Result<_>>()?;
+        Ok(CNames {
+            inputs: inputs.try_into().map_err(|_| Error::runtime("input name count"))?,
+            outputs: outputs.try_into().map_err(|_| Error::runtime("output name count"))?,
+        })
+    }
+}
+
+/// One `Run` of `session` in which ONNX Runtime writes each output into the caller's
+/// buffer behind `outputs` (pre-allocated outputs of the C API), saving the allocation of a
+/// result tensor and its copy on every solver stage. ONNX Runtime refuses the run when a
+/// graph produces a shape other than the buffer's.
+fn run_into<const I: usize, const O: usize>(
+    session: &mut Session,
+    graph: &str,
+    names: &CNames<I, O>,
+    inputs: &[TensorRef<'_, f32>; I],
+    outputs: &mut [TensorRefMut<'_, f32>; O],
+) -> Result<()> {
+    let in_names: [*const c_char; I] = std::array::from_fn(|i| names.inputs[i].as_ptr());
+    let out_names: [*const c_char; O] = std::array::from_fn(|i| names.outputs[i].as_ptr());
+    let in_values: [*const ort::sys::OrtValue; I] = std::array::from_fn(|i| inputs[i].ptr());
+    let mut out_values: [*mut ort::sys::OrtValue; O] = std::array::from_fn(|i| outputs[i].ptr().cast_mut());
+    let expected = out_values;
+    // SAFETY: every pointer stays valid for the call: the names live in `names`, the
+    // OrtValues in `inputs`/`outputs`, which borrow the caller's buffers of the right sizes
+    // (checked when the views were made); the session is exclusively ours (`&mut`).
+    let status = unsafe {
+        (ort::api().Run)(
+            session.ptr_mut(),
+            std::ptr::null(),
+            in_names.as_ptr(),
+            in_values.as_ptr(),
+            I,
+            out_names.as_ptr(),
+            O,
+            out_values.as_mut_ptr(),
+        )
+    };
+    // SAFETY: `status` comes straight from `Run`; this takes ownership and frees it.
+    unsafe { ort::Error::result_from_status(status) }.map_err(|e| {
+        let shapes: Vec<String> =
+            outputs.iter().zip(names.outputs.iter()).map(|(o, n)| format!("{n:?} {:?}", o.shape())).collect();
+        Error::runtime(format!("graph {graph}: ONNX Runtime: {e} (outputs expected: {})", shapes.join(", ")))
+    })?;
+    // ONNX Runtime fills pre-allocated outputs in place; it never swaps in a value of its own.
+    if out_values != expected {
+        return Err(Error::runtime(format!("graph {graph}: ONNX Runtime replaced a pre-allocated output")));
+    }
+    Ok(())
 }
 
 fn copy_output(

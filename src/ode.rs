@@ -7,6 +7,8 @@
 //! solver's order of accuracy.
 use crate::{Error, Result};
 
+mod lincomb;
+
 /// A batched vector field: `dx/dt` and `dacc/dt` at time `t`. Flow fields ignore
 /// `acc`; it is passed so that any ODE (tests included) can live in the f64 part.
 pub trait VectorField {
@@ -225,11 +227,11 @@ fn stages<F: VectorField>(
             }
             continue;
         }
-        let row = tab.a[i];
-        ws.yx.copy_from_slice(x);
+        // y = x + h Σ_j a_ij k_j in one pass over the state
+        let (done, rest) = ws.kx.split_at_mut(i);
+        lincomb::combine_into(&mut ws.yx, Some(x), tab.a[i], h, done);
         ws.ya.copy_from_slice(acc);
-        combine(row, h, &mut ws.yx, &mut ws.ya, &ws.kx, &ws.ka);
-        let (_, rest) = ws.kx.split_at_mut(i);
+        combine_f64(tab.a[i], h, &mut ws.ya, &ws.ka);
         let (_, rest_a) = ws.ka.split_at_mut(i);
         field.eval(t + tab.c[i] * h, &ws.yx, &ws.ya, &mut rest[0], &mut rest_a[0])?;
         stats.nfe += 1;
@@ -239,15 +241,17 @@ fn stages<F: VectorField>(
 
 /// `y += h Σ_j w_j k_j` for both parts of the state.
 fn combine(w: &[f64], h: f64, yx: &mut [f32], ya: &mut [f64], kx: &[Vec<f32>], ka: &[Vec<f64>]) {
+    lincomb::combine_into(yx, None, w, h, kx);
+    combine_f64(w, h, ya, ka);
+}
+
+/// `y += h Σ_j w_j k_j` on the f64 accumulators (a few values per sample).
+fn combine_f64(w: &[f64], h: f64, ya: &mut [f64], ka: &[Vec<f64>]) {
     for (j, &wj) in w.iter().enumerate() {
         if wj == 0.0 {
             continue;
         }
         let hw = h * wj;
-        let hw32 = hw as f32;
-        for (y, k) in yx.iter_mut().zip(&kx[j]) {
-            *y += hw32 * *k;
-        }
         for (y, k) in ya.iter_mut().zip(&ka[j]) {
             *y += hw * *k;
         }
@@ -354,9 +358,9 @@ fn adaptive<F: VectorField>(
         let hs = dir * step;
         stages(field, tab, t, hs, x, acc, ws, first_known, &mut stats)?;
         // Candidate solution in yx/ya, error estimate in ex/ea.
-        ws.yx.copy_from_slice(x);
+        lincomb::combine_into(&mut ws.yx, Some(x), tab.b, hs, &ws.kx);
         ws.ya.copy_from_slice(acc);
-        combine(tab.b, hs, &mut ws.yx, &mut ws.ya, &ws.kx, &ws.ka);
+        combine_f64(tab.b, hs, &mut ws.ya, &ws.ka);
         ws.ex.iter_mut().for_each(|v| *v = 0.0);
         ws.ea.iter_mut().for_each(|v| *v = 0.0);
         combine(e, hs, &mut ws.ex, &mut ws.ea, &ws.kx, &ws.ka);

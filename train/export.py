@@ -1,10 +1,14 @@
-"""ONNX export of the three bundle graphs with jax2onnx, each checked against JAX with
-onnxruntime on random inputs before it is written.
+"""ONNX export of the three bundle graphs, each checked against JAX with onnxruntime on
+random inputs before it is written.
 
-flow:     (t [B], x [B,D]) -> v [B,D]
-flow_jvp: (t [B], x [B,D], eps [B,K,D]) -> v [B,D], quad [B,K] = eps·J_v·eps
-          (jax.linearize once per call, the linear map vmapped over the K tangents)
-net:      (x [N,d_in] raw, theta [S,D] canonical) -> out [S,N,C]; standardization inside."""
+flow:     (t [B], x [B,D]) -> v [B,D]                          hand-written (train/graphs.py)
+flow_jvp: (t [B], x [B,D], eps [B,K,D]) -> v [B,D],            hand-written (train/graphs.py)
+          quad [B,K] = eps·J_v·eps; the JAX reference is jax.linearize once per call with the
+          linear map vmapped over the K tangents
+net:      (x [N,d_in] raw, theta [S,D] canonical) -> out [S,N,C]; jax2onnx, standardization inside.
+
+The flow graphs are written node by node because jax2onnx's export of the JVP cost ~3x the
+flow per call at K = 1 and the hand-written one ~2x (docs/performance.md)."""
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +18,7 @@ import onnxruntime as ort
 from jax2onnx import to_onnx
 
 from . import flow as flow_mod
-from . import mlp
+from . import graphs, mlp
 
 NAMES = {
     "flow": (["t", "x"], ["v"]),
@@ -93,11 +97,12 @@ def run(cfg, data, sizes, flow_params, whiten_out, canon_out, noise_sigma):
     rng = np.random.default_rng(cfg["seed"] + 7)
     params = flow_mod.unflatten_params(flow_params)
     regression = cfg["data"]["task"] == "regression"
+    # name -> (JAX reference, how to build the ONNX graph)
+    net_ref = net_fn(sizes, data["x_mean"], data["x_std"], data["y_mean"], data["y_std"], regression)
     fns = {
-        "flow": (flow_fn(params), [("B",), ("B", d)]),
-        "flow_jvp": (flow_jvp_fn(params), [("B",), ("B", d), ("B", "K", d)]),
-        "net": (net_fn(sizes, data["x_mean"], data["x_std"], data["y_mean"], data["y_std"], regression),
-                [("N", d_in), ("S", d)]),
+        "flow": (flow_fn(params), lambda: graphs.flow_graph(params, d)),
+        "flow_jvp": (flow_jvp_fn(params), lambda: graphs.flow_jvp_graph(params, d)),
+        "net": (net_ref, lambda: export(net_ref, [("N", d_in), ("S", d)], "net")),
     }
     b, k, s, n = 5, 3, 4, 7
     samples = canon_out["samples"].reshape(-1, d)
@@ -109,8 +114,8 @@ def run(cfg, data, sizes, flow_params, whiten_out, canon_out, noise_sigma):
                 samples[rng.choice(len(samples), s)] + 0.1 * rng.standard_normal((s, d))],
     }
     protos, report = {}, {"tolerance": tol, "relative_error": {}, "inputs": {"B": b, "K": k, "S": s, "N": n}}
-    for name, (fn, specs) in fns.items():
-        protos[name] = export(fn, specs, name)
+    for name, (fn, build) in fns.items():
+        protos[name] = build()
         inputs = [np.asarray(v, np.float32) for v in test_inputs[name]]
         report["relative_error"][name] = parity(protos[name], fn, inputs, name, tol)
         print(f"  export {name}: parity {report['relative_error'][name]}", flush=True)
