@@ -8,7 +8,7 @@
 //! `benches/compare.py` runs it.
 //!
 //! cargo run --release --example time_sample -- BUNDLE [--n 256] [--batch 64] [--steps 20]
-//!     [--trace none|hutchinson] [--probes 1] [--repeats 5] [--intra 1] [--threads 0]
+//!     [--solver rk4|heun|euler] [--trace none|hutchinson] [--probes 1] [--repeats 5] [--intra 1] [--threads 0]
 //!     [--probe-sweep 1,4]
 //!
 //! `--threads T` (T ≥ 2) adds a throughput test: T threads sharing one `Model`
@@ -173,7 +173,7 @@ fn main() -> Res<()> {
         &ModelOptions { intra_op_threads: intra, max_sessions: threads.max(1), ..Default::default() },
     )?;
     let options = SampleOptions {
-        solver: Some(SolverKind::Rk4),
+        solver: Some(SolverKind::parse(&arg(&args, "--solver", "rk4".to_string()))?),
         steps: Some(steps),
         trace,
         batch_size: batch,

@@ -71,20 +71,22 @@ def flow_graph(params, d):
     """flow.onnx: (t [B], x [B,D]) -> v [B,D]."""
     w, b = _layers(params)
     nodes, inits = _first_layer(w, b, d)
+    last = len(w) - 1
     for i in range(1, len(w)):
         inits += [_f32(f"W{i}", w[i]), _f32(f"b{i}", b[i])]
         nodes += [
             helper.make_node("Sigmoid", [f"P{i - 1}"], [f"sg{i}"]),
             helper.make_node("Mul", [f"P{i - 1}", f"sg{i}"], [f"A{i}"]),           # SiLU (ORT fuses it)
-            helper.make_node("Gemm", [f"A{i}", f"W{i}", f"b{i}"], [f"P{i}"]),
+            # the last product writes the output itself: an Identity would cost a [B,D] copy
+            helper.make_node("Gemm", [f"A{i}", f"W{i}", f"b{i}"], ["v" if i == last else f"P{i}"]),
         ]
-    nodes.append(helper.make_node("Identity", [f"P{len(w) - 1}"], ["v"]))
     return _model(nodes, inits, "flow", d, jvp=False)
 
 
 def flow_jvp_graph(params, d):
     """flow_jvp.onnx: (t [B], x [B,D], eps [B,K,D]) -> v [B,D], quad [B,K] = εₖᵀ J ε_k."""
     w, b = _layers(params)
+    last = len(w) - 1
     nodes, inits = _first_layer(w, b, d)
     inits += [_f32("one", [1.0]), _i64("axlast", [-1])]
     nodes.append(helper.make_node("MatMul", ["eps", "W0x"], ["T0"]))            # [B,K,H]
@@ -100,11 +102,9 @@ def flow_jvp_graph(params, d):
             helper.make_node("Mul", [f"sg{i}", f"pm1{i}"], [f"g{i}"]),           # SiLU'(p)
             helper.make_node("Unsqueeze", [f"g{i}", "ax1"], [f"g3{i}"]),
             helper.make_node("Mul", [t, f"g3{i}"], [f"Tg{i}"]),                   # [B,K,H] * [B,1,H]
-            helper.make_node("Gemm", [f"A{i}", f"W{i}", f"b{i}"], [f"P{i}"]),
+            helper.make_node("Gemm", [f"A{i}", f"W{i}", f"b{i}"], ["v" if i == last else f"P{i}"]),
             helper.make_node("MatMul", [f"Tg{i}", f"W{i}"], [f"T{i}"]),
         ]
-    last = len(w) - 1
-    nodes += [helper.make_node("Identity", [f"P{last}"], ["v"]),
-              helper.make_node("Mul", [f"T{last}", "eps"], ["je"]),
+    nodes += [helper.make_node("Mul", [f"T{last}", "eps"], ["je"]),
               helper.make_node("ReduceSum", ["je", "axlast"], ["quad"], keepdims=0)]
     return _model(nodes, inits, "flow_jvp", d, jvp=True)
