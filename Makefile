@@ -24,6 +24,8 @@ test: build test-rust test-c test-python
 test-rust:
 	cargo fmt --all -- --check
 	cargo test --release --locked
+	# every criterion bench once, as a test (they must keep building and running)
+	cargo test --release --locked --benches
 	# The CUDA execution-provider path must keep compiling (it runs only where a CUDA ONNX Runtime exists).
 	CARGO_TARGET_DIR=target/cuda-check cargo check --locked --features cuda --lib
 

@@ -96,6 +96,46 @@ fn sample_predict(c: &mut Criterion) {
     g.finish();
 }
 
+/// One small call through the C ABI (`pf_sample`, 1 sample, Euler × 1 step on the affine fixture)
+/// next to the same call through the Rust API: the difference is what the boundary costs
+/// (argument checks, the panic guard, the error slot, the copy into the caller's buffers).
+fn c_abi(c: &mut Criterion) {
+    use postflow::ffi::*;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::ffi::CString::new(root.join("tests/fixtures/bundles/affine_cls").to_str().unwrap()).unwrap();
+    let mut handle: *mut pf_model = std::ptr::null_mut();
+    let mut mo = std::mem::MaybeUninit::<pf_model_options>::uninit();
+    let mut so = std::mem::MaybeUninit::<pf_sample_options>::uninit();
+    // SAFETY: the out-pointers are valid; the handle is freed below and used only in between.
+    let (mo, mut so) = unsafe {
+        pf_model_options_default(mo.as_mut_ptr());
+        pf_sample_options_default(so.as_mut_ptr());
+        (mo.assume_init(), so.assume_init())
+    };
+    // SAFETY: as above.
+    assert_eq!(unsafe { pf_model_load(dir.as_ptr(), &mo, &mut handle) }, pf_status::PF_OK);
+    so.solver = pf_solver::PF_SOLVER_EULER as u32;
+    so.steps = 1;
+    let model = Model::open(root.join("tests/fixtures/bundles/affine_cls"), &ModelOptions::default()).unwrap();
+    let o = SampleOptions { solver: Some(SolverKind::Euler), steps: Some(1), ..SampleOptions::default() };
+    let d = model.weight_dim();
+    let mut theta = vec![0f32; d];
+    let mut g = c.benchmark_group("c_abi");
+    g.bench_function("pf_sample/1", |b| {
+        b.iter(|| {
+            // SAFETY: valid handle and options; `theta` holds exactly D floats; NULL outputs are allowed.
+            let st = unsafe {
+                pf_sample(handle, &so, 1, theta.as_mut_ptr(), d, std::ptr::null_mut(), 0, std::ptr::null_mut(), 0)
+            };
+            assert_eq!(st, pf_status::PF_OK);
+        })
+    });
+    g.bench_function("rust_sample/1", |b| b.iter(|| model.sample(1, &o).unwrap()));
+    g.finish();
+    // SAFETY: loaded above, freed once.
+    unsafe { pf_model_free(handle) };
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(10)
@@ -103,5 +143,5 @@ fn config() -> Criterion {
         .measurement_time(Duration::from_secs(3))
 }
 
-criterion_group! { name = benches; config = config(); targets = sample, log_prob, predict, sample_predict }
+criterion_group! { name = benches; config = config(); targets = sample, log_prob, predict, sample_predict, c_abi }
 criterion_main!(benches);
