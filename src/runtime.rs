@@ -4,7 +4,7 @@
 //! shared library once. Both are created lazily on the first model load and
 //! shared by every model afterwards; the first successful library path wins.
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use ort::environment::Environment;
 
@@ -61,7 +61,7 @@ pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment> {
         let attempt = std::panic::catch_unwind(|| ort::init_from(&path));
         match attempt {
             Ok(Ok(builder)) => {
-                let env = builder.with_name("postflow").build().map_err(|e| {
+                let env = builder.with_name("postflow").with_logger(Arc::new(forward_log)).build().map_err(|e| {
                     Error::runtime(format!(
                         "ONNX Runtime loaded from {} but its environment failed: {e}",
                         path.display()
@@ -84,4 +84,19 @@ pub fn environment(explicit: Option<&Path>) -> Result<&'static Environment> {
 /// The library path in use, once loaded.
 pub fn loaded_library() -> Option<&'static Path> {
     LOADED.get().map(|l| l.path.as_path())
+}
+
+/// ONNX Runtime's own log lines. A library must not write to its host's stderr: every
+/// failure of a run already comes back as an `Error` carrying ONNX Runtime's message, so
+/// the lines are dropped unless `POSTFLOW_ORT_LOG` is set (to anything), which prints
+/// warnings and errors to stderr for debugging.
+fn forward_log(level: ort::logging::LogLevel, category: &str, _id: &str, location: &str, message: &str) {
+    use ort::logging::LogLevel;
+    if !matches!(level, LogLevel::Warning | LogLevel::Error | LogLevel::Fatal) {
+        return;
+    }
+    static PRINT: OnceLock<bool> = OnceLock::new();
+    if *PRINT.get_or_init(|| std::env::var_os("POSTFLOW_ORT_LOG").is_some()) {
+        eprintln!("onnxruntime [{level:?}] {category} {location}: {message}");
+    }
 }

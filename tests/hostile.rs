@@ -248,6 +248,24 @@ fn a_net_that_lies_about_its_output_shape_is_a_runtime_error() {
     good_still_works();
 }
 
+/// ONNX Runtime writes flow outputs straight into the solver's buffers; a graph whose
+/// run-time shape differs from the declared one (even with as many elements) must be an
+/// error naming the graph, never a silent reinterpretation of the data.
+#[test]
+fn a_flow_that_lies_about_its_output_shapes_is_a_runtime_error() {
+    let bad = Model::open(hostile("lying_flow"), &ModelOptions::default()).unwrap();
+    let d = bad.weight_dim();
+    for batch in [1, 5, 32] {
+        let o = SampleOptions { batch_size: batch, ..SampleOptions::default() };
+        let e = bad.sample(40, &o).err().unwrap();
+        check_error(&e, ErrorKind::Runtime, &["graph flow:", &format!("\"v\" [{batch}, {d}]")]);
+        let o = SampleOptions { trace: TraceMode::parse("hutchinson", 2).unwrap(), ..o };
+        let e = bad.sample(40, &o).err().unwrap();
+        check_error(&e, ErrorKind::Runtime, &["graph flow_jvp:", &format!("\"quad\" [{batch}, 2]")]);
+    }
+    good_still_works();
+}
+
 #[test]
 fn an_absurd_number_of_samples_is_an_error_not_an_abort() {
     let model = common::open("affine_cls");
