@@ -1,0 +1,79 @@
+"""Baselines a flow's BMA must beat, from the same aligned, canonical training samples
+(classification bundles), scored against the held-out HMC chain like `evaluate.py` does:
+
+  fullcov_gaussian   N(mean, sample covariance)
+  kde_h{h}           training sample + h · (Cholesky factor of the sample covariance) · z
+  kde_diag_h{h}      training sample + h · (per-coordinate sd) ⊙ z
+  pca_flow           (with --pca-flow-steps N) the pipeline's flow trained for N steps on
+                     samples whitened with the full Cholesky factor instead of per coordinate
+
+    .venv/bin/python -m train.fidelity_baselines WORKDIR CONFIG [--n 400] [--pca-flow-steps N] [--json OUT]
+
+WORKDIR is a pipeline work dir (`work/NAME`, made by `python -m train build`), CONFIG its toml.
+docs/fidelity.md has the results for moons and digits."""
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from scipy.linalg import solve_triangular
+
+from . import config, flow as flow_mod, metrics, sampler
+from .export import run_net
+
+
+def score(net, x_eval, y_eval, hmc, theta):
+    return metrics.classification(y_eval, probs=metrics.bma_probs(run_net(net, x_eval, theta)), ref_probs=hmc)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("work")
+    ap.add_argument("config")
+    ap.add_argument("--n", type=int, default=400)
+    ap.add_argument("--pca-flow-steps", type=int, default=0)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    work, cfg = Path(a.work), config.load(a.config)
+    if cfg["data"]["task"] != "classification":
+        raise SystemExit("classification bundles only")
+    canon, data = np.load(work / "canon.npz"), np.load(work / "data.npz")
+    samples = canon["samples"]
+    d = samples.shape[-1]
+    train = samples[:-1].reshape(-1, d).astype(np.float64)  # the flow's training set (last chain held out)
+    held = samples[-1]
+    mu = train.mean(0)
+    cov = np.cov(train, rowvar=False)
+    cov += 1e-6 * np.trace(cov) / d * np.eye(d)  # rank ≤ n−1 when D ≥ n: a small ridge
+    chol = np.linalg.cholesky(cov)
+    sd = train.std(0)
+    net = (work / "graphs" / "net.onnx").read_bytes()
+    x_eval, y_eval = data["x_eval"], data["y_eval"]
+    hmc = metrics.bma_probs(run_net(net, x_eval, held)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    n = a.n
+    res = {"fullcov_gaussian": score(net, x_eval, y_eval, hmc,
+                                     (mu + rng.standard_normal((n, d)) @ chol.T).astype(np.float32))}
+    for h in (0.0, 0.1, 0.2, 0.3, 0.5, 1.0):
+        centers = train[rng.choice(len(train), n)]
+        res[f"kde_h{h}"] = score(net, x_eval, y_eval, hmc,
+                                 (centers + h * rng.standard_normal((n, d)) @ chol.T).astype(np.float32))
+        res[f"kde_diag_h{h}"] = score(net, x_eval, y_eval, hmc,
+                                      (centers + h * sd * rng.standard_normal((n, d))).astype(np.float32))
+    if a.pca_flow_steps:
+        white = lambda th: solve_triangular(chol, (np.asarray(th, np.float64) - mu).T, lower=True).T.astype(np.float32)
+        fcfg = dict(cfg["flow"], steps=a.pca_flow_steps)
+        params, _ = flow_mod.train(white(train), white(held), fcfg, cfg["seed"])
+        x, _ = sampler.sample_batched(lambda t, z: flow_mod.velocity(params, t, z), jax.random.PRNGKey(0), n,
+                                      np.zeros(d, np.float32), np.ones(d, np.float32), method="rk4", steps=20)
+        res["pca_flow"] = score(net, x_eval, y_eval, hmc, (mu + np.asarray(x, np.float64) @ chol.T).astype(np.float32))
+    for k, v in res.items():
+        print(f"{k:18s} tv {v['tv']:.3f} nll {v['nll']:.3f} accuracy {v['accuracy']:.3f} agreement {v['agreement']:.3f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
