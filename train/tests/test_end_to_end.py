@@ -131,3 +131,16 @@ def test_rust_runtime_opens_and_samples(built, tmp_path):
     s = load_file(str(dst))
     assert s["theta"].shape == (8, d) and np.all(np.isfinite(s["theta"]))
     assert s["log_density"].shape == (8,) and np.all(np.isfinite(s["log_density"]))
+
+
+def test_fidelity_baselines_run_on_a_work_dir(built, tmp_path):
+    """The baselines of docs/fidelity.md on the tiny build: every method scored, TV in [0, 1],
+    and resampling the training draws themselves (kde_h0.0) is scored like any other BMA."""
+    _, work = built
+    out = tmp_path / "baselines.json"
+    subprocess.run([sys.executable, "-m", "train.fidelity_baselines", str(work), "train/configs/tiny.toml",
+                    "--n", "40", "--pca-flow-steps", "20", "--json", str(out)], cwd=ROOT, check=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert {"fullcov_gaussian", "kde_h0.0", "kde_h0.3", "kde_diag_h1.0", "pca_flow"} <= set(res)
+    for method, m in res.items():
+        assert 0.0 <= m["tv"] <= 1.0 and np.isfinite(m["nll"]), method
