@@ -4,6 +4,8 @@
   fullcov_gaussian   N(mean, sample covariance)
   kde_h{h}           training sample + h · (Cholesky factor of the sample covariance) · z
   kde_diag_h{h}      training sample + h · (per-coordinate sd) ⊙ z
+  lowrank_r{r}       Gaussian with the top-r principal components of the sample covariance plus
+                     a diagonal for the variance they miss (what a rank-r whitening basis keeps)
   pca_flow           (with --pca-flow-steps N) the pipeline's flow trained for N steps on
                      samples whitened with the full Cholesky factor instead of per coordinate
 
@@ -62,6 +64,17 @@ def main():
                                  (centers + h * rng.standard_normal((n, d)) @ chol.T).astype(np.float32))
         res[f"kde_diag_h{h}"] = score(net, x_eval, y_eval, hmc,
                                       (centers + h * sd * rng.standard_normal((n, d))).astype(np.float32))
+    x_c = train - mu
+    _, sv, vt = np.linalg.svd(x_c, full_matrices=False)
+    lam = sv**2 / (len(train) - 1)
+    for r in (16, 64, 256, 512):
+        if r >= min(len(train) - 1, d):
+            continue
+        basis = vt[:r].T
+        resid = np.maximum(x_c.var(0, ddof=1) - (basis**2 * lam[:r]).sum(1), 1e-12)
+        z_r, z_d = rng.standard_normal((n, r)), rng.standard_normal((n, d))
+        theta = mu + (z_r * np.sqrt(lam[:r])) @ basis.T + z_d * np.sqrt(resid)
+        res[f"lowrank_r{r}"] = score(net, x_eval, y_eval, hmc, theta.astype(np.float32))
     if a.pca_flow_steps:
         white = lambda th: solve_triangular(chol, (np.asarray(th, np.float64) - mu).T, lower=True).T.astype(np.float32)
         fcfg = dict(cfg["flow"], steps=a.pca_flow_steps)
