@@ -139,8 +139,9 @@ def test_fidelity_baselines_run_on_a_work_dir(built, tmp_path):
     _, work = built
     out = tmp_path / "baselines.json"
     subprocess.run([sys.executable, "-m", "train.fidelity_baselines", str(work), "train/configs/tiny.toml",
-                    "--n", "40", "--pca-flow-steps", "20", "--json", str(out)], cwd=ROOT, check=True, timeout=600)
+                    "--n", "40", "--pca-flow-steps", "20", "--lowrank-flow-steps", "20", "--rank", "8",
+                    "--json", str(out)], cwd=ROOT, check=True, timeout=600)
     res = json.loads(out.read_text())
-    assert {"fullcov_gaussian", "kde_h0.0", "kde_h0.3", "kde_diag_h1.0", "pca_flow"} <= set(res)
+    assert {"fullcov_gaussian", "kde_h0.0", "kde_h0.3", "kde_diag_h1.0", "pca_flow", "lowrank_flow_r8"} <= set(res)
     for method, m in res.items():
         assert 0.0 <= m["tv"] <= 1.0 and np.isfinite(m["nll"]), method

@@ -1,0 +1,27 @@
+"""The low-rank whitening map that docs/fidelity.md proposes for bundles."""
+import numpy as np
+
+from train.fidelity_baselines import lowrank_whitening
+
+
+def test_lowrank_whitening_is_invertible_and_whitens_the_top_directions():
+    rng = np.random.default_rng(0)
+    d, n, r = 30, 500, 4
+    mix = np.eye(d) + 3.0 * rng.standard_normal((d, r)) @ rng.standard_normal((r, d)) / d
+    u = rng.standard_normal((n, d)) @ mix
+    u = (u - u.mean(0)) / u.std(0)
+    to_x, to_u, used = lowrank_whitening(u, r)
+    assert used == r
+    np.testing.assert_allclose(to_u(to_x(u)), u, atol=1e-10)
+    x = to_x(u)
+    # along the top-r directions of u the whitened samples have unit variance
+    _, _, vt = np.linalg.svd(u - u.mean(0), full_matrices=False)
+    var_top = np.var((x - x.mean(0)) @ vt[:r].T, axis=0, ddof=1)
+    np.testing.assert_allclose(var_top, 1.0, rtol=1e-8)
+    # and one scale on the orthogonal complement, which it brings to unit mean variance
+    w = rng.standard_normal(d)
+    w -= vt[:r].T @ (vt[:r] @ w)
+    ratio = to_x(w[None])[0] / w
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-8)
+    resid = x - x.mean(0) - ((x - x.mean(0)) @ vt[:r].T) @ vt[:r]
+    np.testing.assert_allclose(np.sum(resid**2) / (n - 1) / (d - r), 1.0, rtol=1e-8)
