@@ -10,7 +10,7 @@ For each bundle (default: every bundle in models/) and each trace mode (none, Hu
             (examples/time_sample, a bare session)
   rust      postflow's Rust API, Model::sample (examples/time_sample)
   c_abi     postflow through the C ABI: the Python binding in bindings/python (ctypes on
-            libpostflow.so), or raw ctypes on pf_sample when the binding does not import
+            libpostflow.so)
   jax       the pipeline's JAX sampler (train/sampler.py) under jax.jit, with the flow params of
             work/NAME/flow.npz (for synthetic bundles: DIR/NAME.params.npz)
   py_ort    a plain Python loop: numpy RK4 calling onnxruntime InferenceSession.run
@@ -175,58 +175,15 @@ def make_py_ort(bundle, manifest, mean, scale, n, batch, steps, trace, probes, i
 
 
 def make_c_abi(bundle, n, batch, steps, trace, probes, intra):
-    """A callable(seed) through pf_sample, and how it is reached."""
-    import numpy as np
-    try:
-        sys.path.insert(0, str(ROOT / "bindings" / "python"))
-        import postflow
-        model = postflow.Model(bundle, intra_op_threads=intra, max_sessions=1)
-
-        def run(seed):
-            return model.sample(n, seed=seed, solver="rk4", steps=steps, trace=trace, probes=probes,
-                                batch_size=batch)
-        return run, "python binding (bindings/python, ctypes)", model
-    except ImportError as e:  # fall back to raw ctypes on the header's layout
-        how = f"raw ctypes (binding did not import: {e})"
-    import ctypes
-    lib = ctypes.CDLL(os.environ.get("POSTFLOW_LIB", str(ROOT / "target" / "release" / "libpostflow.so")))
-
-    class MO(ctypes.Structure):
-        _fields_ = [("struct_size", ctypes.c_uint32), ("device", ctypes.c_uint32), ("device_id", ctypes.c_int32),
-                    ("intra_op_threads", ctypes.c_uint32), ("onnxruntime_path", ctypes.c_char_p),
-                    ("max_sessions", ctypes.c_uint32)]
-
-    class SO(ctypes.Structure):
-        _fields_ = [("struct_size", ctypes.c_uint32), ("seed", ctypes.c_uint64), ("solver", ctypes.c_uint32),
-                    ("steps", ctypes.c_uint32), ("rtol", ctypes.c_double), ("atol", ctypes.c_double),
-                    ("trace", ctypes.c_uint32), ("probes", ctypes.c_uint32), ("max_steps", ctypes.c_uint32),
-                    ("batch_size", ctypes.c_uint32)]
-    f32p = ctypes.POINTER(ctypes.c_float)
-    lib.pf_model_load.argtypes = [ctypes.c_char_p, ctypes.POINTER(MO), ctypes.POINTER(ctypes.c_void_p)]
-    lib.pf_sample.argtypes = [ctypes.c_void_p, ctypes.POINTER(SO), ctypes.c_size_t, f32p, ctypes.c_size_t,
-                              f32p, ctypes.c_size_t, f32p, ctypes.c_size_t]
-    mo = MO()
-    lib.pf_model_options_default(ctypes.byref(mo))
-    mo.intra_op_threads, mo.max_sessions = intra, 1
-    handle = ctypes.c_void_p()
-    if lib.pf_model_load(str(bundle).encode(), ctypes.byref(mo), ctypes.byref(handle)) != 0:
-        raise RuntimeError("pf_model_load failed")
-    d = json.loads((Path(bundle) / "postflow.json").read_text())["flow"]["dim"]
+    """A callable(seed) through pf_sample (the Python binding in bindings/python, ctypes on
+    libpostflow.so), and how it is reached."""
+    sys.path.insert(0, str(ROOT / "bindings" / "python"))
+    import postflow
+    model = postflow.Model(bundle, intra_op_threads=intra, max_sessions=1)
 
     def run(seed):
-        so = SO()
-        lib.pf_sample_options_default(ctypes.byref(so))
-        so.seed, so.solver, so.steps, so.batch_size = seed, 3, steps, batch
-        so.trace, so.probes = (0, 0) if trace == "none" else (1, probes)
-        theta = np.empty((n, d), np.float32)
-        logd = np.empty(n, np.float32) if trace != "none" else None
-        ptr = (lambda a: None if a is None else a.ctypes.data_as(f32p))
-        st = lib.pf_sample(handle, ctypes.byref(so), n, ptr(theta), theta.size, ptr(logd),
-                           0 if logd is None else n, None, 0)
-        if st != 0:
-            raise RuntimeError(f"pf_sample failed with status {st}")
-        return theta, logd
-    return run, how, handle
+        return model.sample(n, seed=seed, solver="rk4", steps=steps, trace=trace, probes=probes, batch_size=batch)
+    return run, "python binding (bindings/python, ctypes)", model
 
 
 def worker(a):
