@@ -169,3 +169,20 @@ fn usage_errors_are_one_line_too() {
     let o = postflow(&["bogus-command"]);
     assert_one_line_error(&o, "bogus-command");
 }
+
+/// ONNX Runtime's own log lines stay off the host's stderr: a failing run reports one
+/// postflow error (which carries ONNX Runtime's message); `POSTFLOW_ORT_LOG` brings them back.
+#[test]
+fn onnxruntime_log_lines_only_with_postflow_ort_log() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bundle = root.join("tests/fixtures/hostile/lying_flow");
+    let out = std::env::temp_dir().join(format!("postflow-cli-ortlog-{}.safetensors", std::process::id()));
+    let args = ["sample", bundle.to_str().unwrap(), "-q", "-n", "3", "-o", out.to_str().unwrap()];
+    let quiet =
+        Command::new(env!("CARGO_BIN_EXE_postflow")).args(args).env_remove("POSTFLOW_ORT_LOG").output().unwrap();
+    assert_one_line_error(&quiet, "graph flow: ONNX Runtime");
+    assert!(!stderr(&quiet).contains("onnxruntime ["), "{}", stderr(&quiet));
+    let loud = Command::new(env!("CARGO_BIN_EXE_postflow")).args(args).env("POSTFLOW_ORT_LOG", "1").output().unwrap();
+    assert!(!loud.status.success());
+    assert!(stderr(&loud).contains("onnxruntime [Error]"), "{}", stderr(&loud));
+}
