@@ -3,8 +3,15 @@
 `nuts`: blackjax NUTS with window adaptation (diagonal mass matrix), Gaussian prior,
 full-batch likelihood, one chain per independently trained start net.
 `ensemble`: many independently trained MAP nets (a deep-ensemble posterior), grouped into
-chain-sized blocks so that one block can be held out exactly like a chain."""
+chain-sized blocks so that one block can be held out exactly like a chain.
 
+NUTS chains run through `posterior.executor`: "local" (one after another in this process),
+"processes" (one process per chain, `posterior.workers` at a time, 0 = one per core) or "ray"
+(one Ray task per chain on the cluster at `posterior.ray_address` / `--ray-address`). Every
+executor calls the same `run_chain(spec, c)` on the same picklable `chain_spec`, and chain c's
+key depends only on (seed, c), so each chain's draws are the same whichever executor ran it."""
+
+import os
 import time
 
 import blackjax
@@ -13,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import map as map_stage
-from . import mlp
+from . import mlp, progress
 from .data import standardized
+
+EXECUTORS = ("local", "processes", "ray")
 
 
 def split_rhat(q):
@@ -41,14 +50,15 @@ def predictive(thetas, x, sizes, task):
     return out
 
 
-def run_nuts_chain(key, start, logdensity, pcfg):
+def run_nuts_chain(key, start, logdensity, pcfg, label="chain", position=None):
     warmup = blackjax.window_adaptation(
         blackjax.nuts, logdensity, target_acceptance_rate=pcfg["target_accept"],
         max_num_doublings=pcfg["max_doublings"],
         adaptation_info_fn=blackjax.adaptation.base.get_filter_adapt_info_fn(),
     )
     k_warm, k_draw = jax.random.split(key)
-    (state, params), _ = warmup.run(k_warm, jnp.asarray(start), num_steps=pcfg["warmup"])
+    with progress.bar(pcfg["warmup"], f"{label} warm-up", position) as pbar, progress.scan_steps(pbar):
+        (state, params), _ = warmup.run(k_warm, jnp.asarray(start), num_steps=pcfg["warmup"])
     params = {**params, "max_num_doublings": pcfg["max_doublings"]}  # adaptation passes it through
     kernel = blackjax.nuts(logdensity, **params).step
 
@@ -60,8 +70,10 @@ def run_nuts_chain(key, start, logdensity, pcfg):
                            info.num_integration_steps)
         return jax.lax.scan(one, state, jax.random.split(key, pcfg["draws"]))[1]
 
-    pos, acc, div, nsteps = sample(state, k_draw)
-    return np.asarray(pos), {
+    with progress.bar(pcfg["draws"], f"{label} sampling", position) as pbar, progress.scan_steps(pbar):
+        pos, acc, div, nsteps = sample(state, k_draw)
+        pos = np.asarray(pos)
+    return pos, {
         "acceptance": float(np.mean(acc)),
         "divergences": int(np.sum(div)),
         "step_size": float(params["step_size"]),
@@ -69,7 +81,95 @@ def run_nuts_chain(key, start, logdensity, pcfg):
     }
 
 
-def run(cfg, data, map_out):
+def chain_spec(cfg, data, map_out) -> dict:
+    """Everything one NUTS chain needs, as plain numpy/Python values (picklable: it travels to
+    worker processes and Ray tasks)."""
+    pcfg = cfg["posterior"]
+    x, y = standardized(data, "train")
+    return {
+        "x": x, "y": y, "sizes": mlp.sizes_of(cfg, data), "task": cfg["data"]["task"],
+        "sigma": float(map_out["noise_sigma"]), "temperature": cfg["likelihood"]["temperature"],
+        "prior_scale": pcfg["prior_scale"], "seed": cfg["seed"], "starts": np.asarray(map_out["starts"]),
+        "nuts": {k: pcfg[k] for k in ("warmup", "draws", "target_accept", "max_doublings")},
+    }
+
+
+def run_chain(spec, c, position=None):
+    """NUTS chain c of `spec`: draws [draws, D] (numpy) and its diagnostics. Depends only on the
+    spec and c, never on which process or machine runs it."""
+    x, y = jnp.asarray(spec["x"]), jnp.asarray(spec["y"])
+    sizes, task, sigma = spec["sizes"], spec["task"], spec["sigma"]
+    temperature, prior_scale = spec["temperature"], spec["prior_scale"]
+
+    def logdensity(theta):
+        ll = mlp.log_likelihood(theta, x, y, sizes, task, sigma) / temperature
+        return ll + mlp.log_prior(theta, prior_scale)
+
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(spec["seed"]), 2), c)
+    t0 = time.time()
+    pos, info = run_nuts_chain(key, spec["starts"][c], logdensity, spec["nuts"], f"chain {c}", position)
+    info["seconds"] = round(time.time() - t0, 1)
+    return pos, info
+
+
+def _local(spec, n):
+    for c in range(n):
+        yield c, run_chain(spec, c)
+
+
+def _processes(spec, n, workers):
+    """One spawned process per chain (JAX is not fork-safe), `workers` at a time."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    workers = workers or min(n, os.cpu_count() or 1)
+    with ProcessPoolExecutor(max_workers=min(workers, n), mp_context=multiprocessing.get_context("spawn")) as ex:
+        futures = {ex.submit(run_chain, spec, c, c % workers): c for c in range(n)}
+        for f in as_completed(futures):
+            yield futures[f], f.result()
+
+
+def _ray(spec, n, address):
+    """One Ray task (1 CPU) per chain on the cluster at `address` ("auto", "HOST:PORT", or None to
+    start a local one); the `train` package travels with the tasks (runtime_env py_modules)."""
+    try:
+        import ray
+    except ImportError as e:
+        raise RuntimeError("posterior.executor = \"ray\" needs Ray: pip install -r train/requirements-ray.txt") from e
+    started = not ray.is_initialized()
+    if started:
+        here = os.path.dirname(os.path.abspath(__file__))
+        ray.init(address=address, runtime_env={"py_modules": [here]}, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=1)(run_chain)
+        spec_ref = ray.put(spec)
+        pending = {task.remote(spec_ref, c): c for c in range(n)}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                yield pending.pop(ref), ray.get(ref)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_chains(spec, n, executor="local", workers=0, ray_address=None):
+    """All n chains through the executor: (draws [n, draws, D], diagnostics in chain order)."""
+    if executor == "local":
+        it = _local(spec, n)
+    elif executor == "processes":
+        it = _processes(spec, n, workers)
+    elif executor == "ray":
+        it = _ray(spec, n, ray_address)
+    else:
+        raise ValueError(f"unknown posterior.executor {executor!r} (one of {', '.join(EXECUTORS)})")
+    results = {}
+    for c, (pos, info) in it:
+        print(f"  chain {c}: {info}", flush=True)
+        results[c] = (pos, info)
+    return [results[c][0] for c in range(n)], [results[c][1] for c in range(n)]
+
+
+def run(cfg, data, map_out, ray_address=None):
     pcfg, task = cfg["posterior"], cfg["data"]["task"]
     sizes = mlp.sizes_of(cfg, data)
     x, y = standardized(data, "train")
@@ -80,17 +180,14 @@ def run(cfg, data, map_out):
 
     chains, diag = [], {"method": pcfg["method"], "chains": []}
     if pcfg["method"] == "nuts":
-        def logdensity(theta):
-            ll = mlp.log_likelihood(theta, x, y, sizes, task, sigma) / temperature
-            return ll + mlp.log_prior(theta, pcfg["prior_scale"])
-
-        for c, start in enumerate(map_out["starts"]):
-            t0 = time.time()
-            pos, info = run_nuts_chain(jax.random.fold_in(key, c), start, logdensity, pcfg)
-            info["seconds"] = round(time.time() - t0, 1)
-            print(f"  chain {c}: {info}", flush=True)
-            chains.append(pos[:: pcfg["thin"]])
-            diag["chains"].append(info)
+        executor = pcfg.get("executor", "local")
+        t0 = time.time()
+        draws, infos = run_chains(chain_spec(cfg, data, map_out), len(map_out["starts"]), executor,
+                                  pcfg.get("workers", 0), ray_address or pcfg.get("ray_address") or None)
+        chains = [pos[:: pcfg["thin"]] for pos in draws]
+        diag["chains"] = infos
+        diag["executor"] = executor
+        diag["seconds"] = round(time.time() - t0, 1)
     elif pcfg["method"] == "ensemble":
         per = pcfg["ensemble_size"] // pcfg["chains"]
         keys = list(jax.random.split(key, per * pcfg["chains"]))
