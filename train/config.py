@@ -11,7 +11,9 @@ DEFAULTS = {
     "card_notes": "",  # free text for the model card's Notes section
     "seed": 0,
     "data": {
-        "source": None,  # "sklearn:load_digits", "sklearn:make_moons", "builtin:gap1d"
+        "source": None,  # "csv:PATH", "npz:PATH", "sklearn:load_digits", "sklearn:make_moons", "builtin:gap1d"
+        "target": None,  # csv: the target column (regression: a name or a list); multi-output loaders: which output(s)
+        "features": None,  # csv: the feature columns (default: every column but the target)
         "args": {},  # keyword arguments of a generator
         "task": "classification",  # or "regression"
         "eval_fraction": 0.25,
@@ -35,6 +37,11 @@ DEFAULTS = {
         "target_accept": 0.8,
         "max_doublings": 10,
         "ensemble_size": 256,  # method = "ensemble": members per chain-sized group
+        # where the NUTS chains run (never changes the draws): "local" (one after another),
+        # "processes" (one process per chain), "ray" (one Ray task per chain at ray_address)
+        "executor": "local",
+        "workers": 0,  # executor = "processes": processes at a time, 0 = one per core
+        "ray_address": "",  # executor = "ray": "auto", "HOST:PORT" or "" (a local Ray); --ray-address overrides
     },
     "align": {
         "method": "weight_matching",  # none | weight_matching | sinkhorn_mid | sinkhorn_l2 | sinkhorn_rnd
@@ -84,12 +91,16 @@ def _merge(base: dict, override: dict, path: str = "") -> dict:
     return out
 
 
-def load(path) -> dict:
+def load(path, default_name=None) -> dict:
+    """`default_name`: the bundle name when the config sets none (the build passes its --out
+    folder's name); else the config file's stem."""
     with open(path, "rb") as f:
         raw = tomllib.load(f)
     cfg = _merge(DEFAULTS, raw)
     if not cfg["name"]:
-        cfg["name"] = Path(path).stem
+        cfg["name"] = default_name or Path(path).stem
+    if cfg["posterior"]["executor"] not in ("local", "processes", "ray"):
+        raise ValueError(f"posterior.executor = {cfg['posterior']['executor']!r}: \"local\", \"processes\" or \"ray\"")
     if cfg["data"]["source"] is None:
         raise ValueError("data.source is required")
     if cfg["posterior"]["chains"] < 2:
