@@ -5,6 +5,8 @@ fingerprint (its config sections plus its upstream fingerprint) matches, so edit
 
 import hashlib
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -20,13 +22,27 @@ SECTIONS = {
 }
 
 
-def _fingerprint(cfg, stage, upstream):
-    blob = json.dumps({k: cfg[k] for k in SECTIONS[stage]}, sort_keys=True) + upstream
+# keys that change no result (where the chains run): left out of every fingerprint
+NOT_FINGERPRINTED = {"posterior": ("executor", "workers", "ray_address")}
+# keys added after the shipped bundles were cached: left out while they hold these defaults
+NEW_KEY_DEFAULTS = {"data": {"target": None, "features": None}}
+
+
+def _section(cfg, key):
+    value = cfg[key]
+    if not isinstance(value, dict):
+        return value
+    skip, new = NOT_FINGERPRINTED.get(key, ()), NEW_KEY_DEFAULTS.get(key, {})
+    return {k: v for k, v in value.items() if k not in skip and not (k in new and v == new[k])}
+
+
+def _fingerprint(cfg, stage, upstream, extra=""):
+    blob = json.dumps({k: _section(cfg, k) for k in SECTIONS[stage]}, sort_keys=True) + upstream + extra
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _stage_data(ctx):
-    return data.load(ctx["cfg"]), {}
+    return data.load(ctx["cfg"], ctx.get("config_dir")), {}
 
 
 def _stage_map(ctx):
@@ -35,7 +51,7 @@ def _stage_map(ctx):
 
 
 def _stage_posterior(ctx):
-    return posterior.run(ctx["cfg"], ctx["data"], ctx["map"])
+    return posterior.run(ctx["cfg"], ctx["data"], ctx["map"], ray_address=ctx.get("ray_address"))
 
 
 def _stage_align(ctx):
@@ -91,16 +107,43 @@ def _stage_bundle(ctx):
 RUNNERS = {name: globals()[f"_stage_{name}"] for name in STAGES}
 
 
-def build(config_path, out, work=None, from_stage=None):
-    cfg = config.load(config_path)
+def build(config_path, out, work=None, from_stage=None, ray_address=None):
+    """Runs (or reuses) every stage; the bundle is written to a temporary folder next to `out`
+    and renamed to `out` only once complete, so a failed build leaves no partial bundle."""
+    out = Path(out)
+    cfg = config.load(config_path, default_name=out.name)
     work = Path(work or Path("work") / cfg["name"])
     work.mkdir(parents=True, exist_ok=True)
-    ctx = {"cfg": cfg, "work": work, "out": Path(out), "reports": {}, "timings": {}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    ctx = {"cfg": cfg, "work": work, "out": partial, "reports": {}, "timings": {},
+           "config_dir": Path(config_path).resolve().parent, "ray_address": ray_address}
+    try:
+        _run_stages(ctx, from_stage)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            partial.rename(out)
+            shutil.rmtree(old)
+        else:
+            partial.rename(out)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial)
+    ctx["out"] = out
+    print(f"build of {cfg['name']} finished in {time.time() - ctx['t_build']:.1f}s "
+          f"(stage total {sum(ctx['timings'].values()):.1f}s) -> {out}", flush=True)
+    return ctx
+
+
+def _run_stages(ctx, from_stage):
+    cfg, work = ctx["cfg"], ctx["work"]
     force_from = STAGES.index(from_stage) if from_stage else len(STAGES)
     upstream, recomputed = "", False
-    t_build = time.time()
+    ctx["t_build"] = time.time()
     for i, stage in enumerate(STAGES):
-        fp = _fingerprint(cfg, stage, upstream)
+        fp = _fingerprint(cfg, stage, upstream,
+                          data.source_digest(cfg["data"], ctx["config_dir"]) if stage == "data" else "")
         meta_path, arr_path = work / f"{stage}.json", work / f"{stage}.npz"
         cached = None
         if i < force_from and not recomputed and meta_path.exists() and stage != "bundle":
@@ -125,6 +168,3 @@ def build(config_path, out, work=None, from_stage=None):
         if stage == "data":
             ctx["sizes"] = mlp.sizes_of(cfg, ctx["data"])
         upstream = fp
-    print(f"build of {cfg['name']} finished in {time.time() - t_build:.1f}s "
-          f"(stage total {sum(ctx['timings'].values()):.1f}s) -> {out}", flush=True)
-    return ctx
