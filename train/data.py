@@ -10,6 +10,7 @@ import hashlib
 import importlib
 import inspect
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -73,12 +74,12 @@ class Table:
 
 
 def resolve_path(path, base=None) -> Path:
-    """A data file path from a config: absolute, or relative to the current directory, or else
-    relative to the config file's folder (`base`)."""
+    """A data file path from a config: absolute, or relative to the config file's folder
+    (`base`; the current directory when there is none)."""
     p = Path(path).expanduser()
-    if p.is_absolute() or p.exists() or base is None:
+    if p.is_absolute() or base is None:
         return p
-    return Path(base) / p
+    return Path(os.path.normpath(Path(base) / p))
 
 
 def source_digest(dcfg: dict, base=None) -> str:
