@@ -1,15 +1,23 @@
 """Writes the bundle directory exactly as docs/bundle-format.md specifies: postflow.json,
 flow.onnx, flow_jvp.onnx, net.onnx, tensors.safetensors, plus the model card README.md and
-its figures/."""
+its figures/.
+
+With `bundle.anchors` (the default) the bundle also stores the flow's training draws as
+`flow.anchors` (whitened, f16 by default, thinned evenly to fit the size budget), the OOD
+inputs `eval.ood_x`, the start-time sweep and the default start time chosen from it; the
+manifest then says `format_version` 2."""
 
 import json
 import shutil
 
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import save, save_file
 
-from . import PIPELINE_VERSION, card, figures, metrics, mlp
+from . import PIPELINE_VERSION, card, evaluate, figures, metrics, mlp, whiten
 from .export import NAMES
+
+ANCHOR_DTYPES = {"f16": np.float16, "f32": np.float32}
+ANCHORS_TENSOR = "flow.anchors"
 
 GRAPH_FILES = {"flow": "flow.onnx", "flow_jvp": "flow_jvp.onnx", "net": "net.onnx"}
 
@@ -38,20 +46,106 @@ def tensors(ctx):
     else:
         t["eval.y"] = data["y_eval"].astype(np.float32)
         t["eval.hmc_mean"], t["eval.hmc_var"] = ev["hmc_mean"], ev["hmc_var"]
+    if ctx["cfg"]["bundle"]["anchors"]:
+        t["eval.ood_x"] = evaluate.ood_inputs(ctx["cfg"], data)
     for k, v in t.items():
         if k != "eval.y":
             t[k] = np.ascontiguousarray(v, dtype=np.float32)
     return t
 
 
+def thin(draws, max_count):
+    """Every k-th row with k = ceil(n / max_count): at most max_count rows, spread evenly over
+    the (chain-major) training draws. Returns (rows, k)."""
+    if max_count < 1:
+        raise ValueError(f"no room for a single anchor (max_count {max_count})")
+    k = -(-len(draws) // max_count)
+    return draws[::k], k
+
+
+def other_bytes(ctx, tens):
+    """Bytes of the bundle without the anchors: graphs, tensors, plus the reserve for the
+    manifest, the model card and its figures (written later)."""
+    graphs = sum((ctx["work"] / "graphs" / f"{name}.onnx").stat().st_size for name in GRAPH_FILES)
+    return graphs + len(save(tens)) + ctx["cfg"]["bundle"]["reserve_bytes"]
+
+
+def anchor_budget(ctx, tens, dim, itemsize):
+    """The largest anchor count that keeps the bundle within `bundle.max_bytes` (and
+    `bundle.max_anchors` when set)."""
+    bcfg = ctx["cfg"]["bundle"]
+    fit = (bcfg["max_bytes"] - other_bytes(ctx, tens) - 256) // (dim * itemsize)  # 256: header entry
+    return int(min(fit, bcfg["max_anchors"]) if bcfg["max_anchors"] > 0 else fit)
+
+
+def _bma(ctx, thetas):
+    m = evaluate.bma_metrics(ctx, thetas)
+    keys = ("tv", "nll", "ece", "agreement") if "tv" in m else ("nll", "rmse", "coverage90")
+    return {k: m[k] for k in keys}
+
+
+def select_anchors(ctx, tens):
+    """The anchors to store and what storing them costs: thinning, dtype error in whitened
+    units and in θ, and the t₀ = 1 BMA with the stored vs f32 anchors vs all training draws."""
+    bcfg = ctx["cfg"]["bundle"]
+    dtype = ANCHOR_DTYPES[bcfg["anchor_dtype"]]
+    samples, w = ctx["canon"]["samples"], ctx["whiten"]
+    d = samples.shape[-1]
+    draws = samples[:-1].reshape(-1, d)  # chain-major: chain 0's draws, then chain 1's, ...
+    budget = anchor_budget(ctx, tens, d, np.dtype(dtype).itemsize)
+    kept, k = thin(draws, budget)
+    x32 = whiten.apply(kept, w["mean"], w["scale"])
+    stored = np.ascontiguousarray(x32.astype(dtype))
+    if not np.all(np.isfinite(stored)):
+        raise ValueError(f"whitened anchors overflow {bcfg['anchor_dtype']}")
+    back = stored.astype(np.float32)
+    theta_stored, theta_f32 = whiten.invert(back, w["mean"], w["scale"]), whiten.invert(x32, w["mean"], w["scale"])
+    info = {
+        "tensor": ANCHORS_TENSOR, "count": int(len(stored)), "dtype": bcfg["anchor_dtype"], "dim": int(d),
+        "training_draws": int(len(draws)), "thin_every": int(k), "budget_count": int(budget),
+        "max_bytes": bcfg["max_bytes"], "bytes": int(stored.nbytes),
+        "coordinates": "whitened: x = (theta - flow.whiten.mean) / flow.whiten.scale",
+        "error": {
+            "max_abs_whitened": float(np.max(np.abs(back - x32))),
+            "max_abs_theta": float(np.max(np.abs(theta_stored - theta_f32))),
+            "max_abs_theta_vs_draws": float(np.max(np.abs(theta_stored - kept))),
+            "max_abs_whitened_value": float(np.max(np.abs(x32))),
+        },
+        "t1_bma": {"stored": _bma(ctx, theta_stored), "f32": _bma(ctx, theta_f32), "all_training_draws": _bma(ctx, draws)},
+    }
+    print(f"  anchors: {info['count']} of {len(draws)} draws (every {k}), {bcfg['anchor_dtype']}, "
+          f"error {info['error']}", flush=True)
+    return stored, info
+
+
+def start_times(ctx, tens):
+    """Anchors, sweep and default start time (None when `bundle.anchors` is off)."""
+    if not ctx["cfg"]["bundle"]["anchors"]:
+        return None
+    classification = ctx["cfg"]["data"]["task"] == "classification"
+    stored, info = select_anchors(ctx, tens)
+    rows, hmc_epi, details = evaluate.start_time_sweep(ctx, stored.astype(np.float32), tens["eval.ood_x"])
+    t0, reason = evaluate.choose_start_time(rows, ctx["reports"]["evaluate"]["methods"]["hmc"], classification)
+    print(f"  default start time {t0}: {reason}", flush=True)
+    return {"stored": stored, "info": info, "sweep": rows, "hmc_epistemic": hmc_epi, "details": details,
+            "default_start_time": t0, "reason": reason,
+            "rule": evaluate.START_TIME_RULES["classification" if classification else "regression"]}
+
+
 def reference_metrics(ctx):
     ecfg = ctx["cfg"]["evaluate"]
-    return {
+    out = {
         "split": "eval", "n": int(len(ctx["data"]["x_eval"])),
         "flow_samples": ecfg["flow_samples"], "seed": ecfg["seed"],
         "solver": {"method": ecfg["solver"], "steps": ecfg["steps"]},
         "methods": ctx["reports"]["evaluate"]["methods"],
     }
+    st = ctx.get("start_times")
+    if st:
+        out["start_time_sweep"] = st["sweep"]
+        key = "hmc_mutual_information" if ctx["cfg"]["data"]["task"] == "classification" else "hmc_epistemic_variance"
+        out[key] = st["hmc_epistemic"]
+    return out
 
 
 def manifest(ctx):
@@ -63,15 +157,29 @@ def manifest(ctx):
                      if post_cfg["method"] == "nuts" else {"ensemble_size": post_cfg["ensemble_size"]})
     posterior["heldout"] = "last chain -> posterior.theta, eval.hmc_*"
     flow_report = {k: v for k, v in reports["flow"].items() if k != "curve"}
+    st = ctx.get("start_times")
+    flow = {"dim": d, "base": "standard_normal", "time": [0.0, 1.0], "geometry": "euclidean",
+            "default_solver": {"method": cfg["evaluate"]["solver"], "steps": cfg["evaluate"]["steps"]},
+            "hutchinson": {"probes": 1, "noise": "rademacher"}}
+    provenance_extra = {}
+    if st:
+        flow["anchors"] = {"tensor": ANCHORS_TENSOR, "count": st["info"]["count"], "dtype": st["info"]["dtype"]}
+        flow["default_start_time"] = st["default_start_time"]
+        provenance_extra = {
+            "anchors": {k: v for k, v in st["info"].items() if k not in ("tensor", "count", "dtype")},
+            "start_time": {"default": st["default_start_time"], "rule": st["rule"], "reason": st["reason"],
+                           "sweep_details": st["details"],
+                           "ood_inputs": "eval.ood_x: each feature uniform in training mean +- 4 sd"
+                                         + (", then uniform noise and shuffled-pixel eval images"
+                                            if cfg["evaluate"]["ood"] and cfg["data"]["task"] == "classification" else "")},
+        }
     return {
-        "format": "postflow-bundle", "format_version": 1,
+        "format": "postflow-bundle", "format_version": 2 if st else 1,
         "name": cfg["name"], "description": cfg["description"],
         "task": _task(cfg, data, ctx),
         "input": {"dim": int(sizes[0]), "feature_names": [str(f) for f in data["feature_names"]]},
         "network": {"dim": d, "layers": mlp.manifest_layers(sizes)},
-        "flow": {"dim": d, "base": "standard_normal", "time": [0.0, 1.0], "geometry": "euclidean",
-                 "default_solver": {"method": cfg["evaluate"]["solver"], "steps": cfg["evaluate"]["steps"]},
-                 "hutchinson": {"probes": 1, "noise": "rademacher"}},
+        "flow": flow,
         "graphs": {name: {"file": GRAPH_FILES[name], "inputs": NAMES[name][0], "outputs": NAMES[name][1]}
                    for name in ("flow", "flow_jvp", "net")},
         "tensors": "tensors.safetensors",
@@ -91,6 +199,7 @@ def manifest(ctx):
             "flow_training": flow_report,
             "export_parity": reports["export"],
             "evaluation": {k: v for k, v in reports["evaluate"].items() if k != "methods"},
+            **provenance_extra,
             "timings_s": ctx["timings"],
             "pipeline_version": PIPELINE_VERSION,
             "config": cfg,
@@ -120,6 +229,9 @@ def write(ctx):
         shutil.copyfile(work / "graphs" / f"{name}.onnx", out / fname)
     tens = tensors(ctx)
     check_reference_metrics(ctx, tens)
+    ctx["start_times"] = start_times(ctx, tens)
+    if ctx["start_times"]:
+        tens[ANCHORS_TENSOR] = ctx["start_times"]["stored"]
     save_file(tens, str(out / "tensors.safetensors"))
     (out / "tensors.safetensors").chmod(0o644)  # safetensors creates it owner-only
     man = manifest(ctx)
@@ -128,4 +240,12 @@ def write(ctx):
     (out / "README.md").write_text(card.render(ctx, man, figs))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"  bundle written to {out}: {size / 1e6:.2f} MB", flush=True)
-    return {"bytes": size, "figures": figs}
+    limit = ctx["cfg"]["bundle"]["max_bytes"]
+    if ctx["start_times"] and size > limit:
+        raise RuntimeError(f"bundle is {size} bytes, over bundle.max_bytes = {limit}: raise bundle.reserve_bytes "
+                           "(room for postflow.json, README.md, figures/) or lower bundle.max_anchors")
+    report = {"bytes": size, "figures": figs}
+    if ctx["start_times"]:
+        report["default_start_time"] = ctx["start_times"]["default_start_time"]
+        report["anchors"] = ctx["start_times"]["info"]["count"]
+    return report

@@ -38,6 +38,72 @@ def fidelity_checks(methods):
     return "\n".join(lines)
 
 
+def start_time_section(ctx, man):
+    """Anchors, the f16 cost, the start-time sweep (memorization ratio beside TV) and the
+    default start time with the reason it was chosen."""
+    st = ctx.get("start_times")
+    if not st:
+        return []
+    classification = ctx["cfg"]["data"]["task"] == "classification"
+    info, err = st["info"], st["info"]["error"]
+    hmc = ctx["reports"]["evaluate"]["methods"]["hmc"]
+    L = ["## Start time: fresh flow samples or stored draws", "",
+         f"The bundle stores {info['count']} of the flow's {info['training_draws']} training draws "
+         + (f"(every {info['thin_every']}th draw across the training chains, as many as the "
+            f"{info['max_bytes'] / 1e6:.0f} MB bundle budget allows)" if info["thin_every"] > 1 else "(all of them)")
+         + f" as `flow.anchors`, in whitened "
+         f"coordinates, {info['dtype']} ({info['bytes'] / 1e6:.2f} MB). Storing them as {info['dtype']} moves a "
+         f"whitened coordinate by at most {err['max_abs_whitened']:.2e} (largest |x| {err['max_abs_whitened_value']:.1f}) "
+         f"and a weight by at most {err['max_abs_theta']:.2e} after un-whitening "
+         f"({err['max_abs_theta_vs_draws']:.2e} against the draws themselves).", "",
+         "BMA over all stored draws (start time 1) against HMC: the stored anchors, the same anchors in f32, and "
+         "all training draws:", ""]
+    cols = ["tv", "nll", "ece", "agreement"] if classification else ["nll", "rmse", "coverage90"]
+    names = {"stored": f"stored anchors ({info['dtype']}, {info['count']})", "f32": f"same anchors, f32",
+             "all_training_draws": f"all {info['training_draws']} training draws"}
+    L += ["| draws | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    L += [f"| {names[k]} | " + " | ".join(_fmt(v[c]) for c in cols) + " |" for k, v in info["t1_bma"].items()]
+    from .evaluate import start_time_failures
+    epi_name = "mutual information" if classification else "epistemic variance"
+    L += ["", "Sampling at start time t₀ starts from t₀·a + (1 − t₀)·z around a uniformly chosen stored draw a "
+          "and integrates the flow from t₀ to 1: t₀ = 0 is the plain flow, t₀ = 1 returns the stored draws "
+          "themselves. Each row: "
+          f"{man['reference_metrics']['flow_samples']} samples, seed {man['reference_metrics']['seed']}, "
+          f"{man['reference_metrics']['solver']['method']} with {man['reference_metrics']['solver']['steps']} steps "
+          "spread over [t₀, 1]. The **memorization ratio** is the median distance (whitened) from each sample "
+          "to its nearest stored draw, divided by the same for the held-out HMC chain: about 1 for draws as new "
+          "as HMC's, 0 for copies. The **epistemic ratio** is the mean " + epi_name + " of the samples' "
+          "predictive divided by the held-out chain's, on the eval inputs and on OOD inputs (`eval.ood_x`: each "
+          "feature uniform in the training mean ± 4 sd" + (", plus noise and shuffled-pixel images" if
+          ctx["cfg"]["evaluate"]["ood"] and classification else "") + f"; HMC's {epi_name}: eval "
+          f"{st['hmc_epistemic']['eval']:.4g}, OOD {st['hmc_epistemic']['ood']:.4g}).", ""]
+    head = (["t₀", "TV", "memorization ratio", "NLL", "ECE", "agreement"] if classification
+            else ["t₀", "NLL", "memorization ratio", "RMSE", "coverage90"])
+    head += ["epistemic ratio (eval)", "epistemic ratio (OOD)", "meets the rule"]
+    L += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for r in st["sweep"]:
+        vals = ([r["tv"], r["memorization_ratio"], r["nll"], r["ece"], r["agreement"]] if classification
+                else [r["nll"], r["memorization_ratio"], r["rmse"], r["coverage90"]])
+        vals += [r["epistemic_ratio_eval"], r["epistemic_ratio_ood"]]
+        ok = not start_time_failures(r, hmc, classification)
+        t0 = f"**{r['start_time']:g}** (default)" if r["start_time"] == st["default_start_time"] else f"{r['start_time']:g}"
+        L.append(f"| {t0} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {'yes' if ok else 'no'} |")
+    hmc_line = (f"HMC (held-out chain): NLL {hmc['nll']:.4f}, ECE {hmc['ece']:.4f}" if classification
+                else f"HMC (held-out chain): NLL {hmc['nll']:.4f}, RMSE {hmc['rmse']:.4f}, coverage90 {hmc['coverage90']:.4f}")
+    default = next(r for r in st["sweep"] if r["start_time"] == st["default_start_time"]) if any(
+        r["start_time"] == st["default_start_time"] for r in st["sweep"]) else None
+    L += ["", hmc_line + ".", "",
+          f"**Default start time (`flow.default_start_time`): {st['default_start_time']:g}**, the smallest swept "
+          f"t₀ that meets {st['rule']} (0 if the plain flow does, 1 if no start time does). Why: {st['reason']}.", ""]
+    if default is not None:
+        L += [f"At the default start time the memorization ratio is {default['memorization_ratio']:.3f}"
+              + (f" next to TV {default['tv']:.4f}" if classification else f" next to NLL {default['nll']:.4f}")
+              + (": the samples are close copies of stored draws, not new networks. What this bundle gives at "
+                 "that setting is, in effect, the HMC model average itself." if default["memorization_ratio"] < 0.5 else
+                 "."), ""]
+    return L
+
+
 def render(ctx, man, figs):
     cfg, rep, data = ctx["cfg"], ctx["reports"], ctx["data"]
     post, ev, fl = rep["posterior"], rep["evaluate"], rep["flow"]
@@ -106,6 +172,7 @@ def render(ctx, man, figs):
               table(ev["diagnostics"], CLS_COLS if classification else REG_COLS), ""]
     if classification:
         L += ["Targets of issue 3, as measured:", "", fidelity_checks(rm["methods"]), ""]
+    L += start_time_section(ctx, man)
     if cfg["card_notes"]:
         L += ["### Notes", "", cfg["card_notes"].strip(), ""]
     mem = ev["memorization"]

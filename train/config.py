@@ -54,7 +54,13 @@ DEFAULTS = {
     "canon": {"enabled": True},
     "whiten": {"min_scale": 1e-4},
     "flow": {
-        "hidden": [256, 256, 256],
+        "field": "mlp",  # or "np": the NP-layer weight-space field (train/np_field.py)
+        "hidden": [256, 256, 256],  # mlp field
+        "np_channels": 24,  # np field: channels C per weight / neuron
+        "np_blocks": 3,  # np field: residual NP blocks K
+        "pred": "v",  # "v" (velocity) or "x1" (end point, np field only): v = (x̂₁ − x)/max(1 − t, clip)
+        "pred_clip": 0.05,
+        "time_pow": 1.0,  # training times t = 1 − (1 − u)^p; 1 = uniform, > 1 favours t → 1
         "time_freqs": 16,
         "coupling": "ot",  # or "independent"
         "sigma": 1e-3,
@@ -73,6 +79,16 @@ DEFAULTS = {
         "steps": 20,
         "gaussian_samples": 400,
         "ood": False,
+    },
+    "bundle": {
+        "anchors": True,  # store the flow's training draws as flow.anchors (format version 2)
+        "anchor_dtype": "f16",  # or "f32"
+        "max_anchors": 0,  # cap on the stored draws; 0 = as many as the size budget allows
+        "max_bytes": 15_000_000,  # size budget of the whole bundle directory
+        "reserve_bytes": 400_000,  # kept free for postflow.json, README.md and figures/
+        # start-time sweep (evaluate settings: flow_samples, seed, solver, steps), run at bundle
+        # time on the anchors the bundle stores; the default start time is chosen from it
+        "start_times": [0.0, 0.5, 0.8, 0.9, 0.95, 1.0],
     },
 }
 

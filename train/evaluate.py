@@ -45,8 +45,7 @@ def run(cfg, data, map_out, canon_out, whiten_out, flow_params, net_bytes):
     train_set = samples[:-1].reshape(-1, d)
     held = samples[-1]
     ref = canon_out["reference"]
-    params = flow_mod.unflatten_params(flow_params)
-    vfield = lambda t, x: flow_mod.velocity(params, t, x)
+    vfield = vector_field(flow_params)
     key = jax.random.PRNGKey(ecfg["seed"])
     flow_theta, _ = sampler.sample_batched(
         vfield, key, ecfg["flow_samples"], whiten_out["mean"], whiten_out["scale"],
@@ -150,3 +149,128 @@ def ood(net_bytes, thetas, x_eval, rng):
                 mi = np.r_[metrics.mutual_information(out_in), metrics.mutual_information(out_ood)]
                 res[m][name]["auroc_mutual_information"] = float(roc_auc_score(labels, mi))
     return res
+
+
+# --- start times: anchors (stored training draws) and the family between noise and the draws ---
+
+def vector_field(flow_params):
+    """The flow's velocity v(t [B], x [B,D]) from the cached flow-stage parameters."""
+    params = flow_mod.unflatten_params(flow_params)
+    return lambda t, x: flow_mod.velocity(params, t, x)
+
+
+def ood_inputs(cfg, data):
+    """Out-of-distribution inputs in raw feature space (what net.onnx takes), fixed seed:
+    max(N_eval, 100) rows with each feature uniform in (mean ± 4 sd) of the training features;
+    with `evaluate.ood` (digits) also the sets of `ood()`: uniform noise in the eval data's range
+    and eval images with shuffled pixels."""
+    x_tr, x_ev = data["x_train"].astype(np.float64), data["x_eval"]
+    rng = np.random.default_rng(cfg["evaluate"]["seed"] + 4242)
+    mu, sd = x_tr.mean(0), x_tr.std(0)
+    parts = [rng.uniform(mu - 4 * sd, mu + 4 * sd, (max(len(x_ev), 100), x_tr.shape[1]))]
+    if cfg["evaluate"]["ood"] and cfg["data"]["task"] == "classification":
+        parts.append(rng.uniform(float(x_ev.min()), float(x_ev.max()), x_ev.shape))
+        parts.append(np.stack([row[rng.permutation(len(row))] for row in x_ev]))
+    return np.concatenate(parts).astype(np.float32)
+
+
+def _predictive_row(classification, y, out, hmc_probs, sigma):
+    if classification:
+        m = metrics.classification(y, probs=metrics.bma_probs(out).astype(np.float32), ref_probs=hmc_probs)
+        return {k: m[k] for k in ("tv", "nll", "ece", "agreement")}, m
+    m = metrics.regression(y, *metrics.bma_gaussian(out, sigma))
+    return {k: m[k] for k in ("nll", "rmse", "coverage90")}, m
+
+
+def bma_metrics(ctx, thetas):
+    """Predictive metrics of the BMA over `thetas` [S,D] on the eval split, against HMC."""
+    classification = ctx["cfg"]["data"]["task"] == "classification"
+    net_bytes = (ctx["work"] / "graphs" / "net.onnx").read_bytes()
+    out = run_net(net_bytes, ctx["data"]["x_eval"], thetas)
+    sigma = float(ctx["map"]["noise_sigma"]) * ctx["data"]["y_std"].astype(np.float64)
+    return _predictive_row(classification, ctx["data"]["y_eval"], out, ctx["evaluate"].get("hmc_probs"), sigma)[1]
+
+
+def start_time_sweep(ctx, anchors_x, ood_x):
+    """Flow samples at each start time t₀ (same seed, solver and
+    sample count as the flow row; t₀ from `bundle.start_times`), scored on the eval split against the held-out chain:
+    classification tv, nll, ece, agreement (regression nll, rmse, coverage90); memorization
+    ratio (median whitened nearest-anchor distance, samples / held-out draws); epistemic ratio
+    (mean mutual information, regression mean epistemic variance, samples / held-out chain) on
+    eval.x and on the OOD inputs. Returns (rows, hmc reference, details)."""
+    cfg, data = ctx["cfg"], ctx["data"]
+    ecfg = cfg["evaluate"]
+    classification = cfg["data"]["task"] == "classification"
+    net_bytes = (ctx["work"] / "graphs" / "net.onnx").read_bytes()
+    mean, scale = ctx["whiten"]["mean"], ctx["whiten"]["scale"]
+    held = ctx["canon"]["samples"][-1]
+    held_x = (held - mean) / scale
+    anchors_x = np.asarray(anchors_x, np.float32)
+    sigma = float(ctx["map"]["noise_sigma"]) * data["y_std"].astype(np.float64)
+    hmc_probs = ctx["evaluate"].get("hmc_probs")
+    x_eval, y_eval = data["x_eval"], data["y_eval"]
+
+    def epistemic(thetas):
+        return {"eval": metrics.epistemic(run_net(net_bytes, x_eval, thetas), classification),
+                "ood": metrics.epistemic(run_net(net_bytes, ood_x, thetas), classification)}
+
+    hmc_epi = epistemic(held)
+    nn_held = metrics.nearest_distance(held_x, anchors_x)
+    vfield = vector_field(ctx["flow"])
+    key = jax.random.PRNGKey(ecfg["seed"])  # t₀ = 0 reproduces the flow row's samples exactly
+    rows, details = [], []
+    for t0 in cfg["bundle"]["start_times"]:
+        t0 = float(t0)
+        theta, _ = sampler.sample_batched(
+            vfield, key, ecfg["flow_samples"], mean, scale, method=ecfg["solver"], steps=ecfg["steps"],
+            trace=None, start_time=t0, anchors=anchors_x if t0 > 0 else None)
+        row, full = _predictive_row(classification, y_eval, run_net(net_bytes, x_eval, theta), hmc_probs, sigma)
+        nn = metrics.nearest_distance((theta - mean) / scale, anchors_x)
+        epi = epistemic(theta)
+        rows.append({"start_time": t0, **row,
+                     "memorization_ratio": float(np.median(nn) / np.median(nn_held)),
+                     "epistemic_ratio_eval": epi["eval"] / hmc_epi["eval"],
+                     "epistemic_ratio_ood": epi["ood"] / hmc_epi["ood"]})
+        details.append({"start_time": t0, "metrics": full, "epistemic": epi,
+                        "nearest_anchor_distance_median": float(np.median(nn))})
+        print(f"  start time {t0}: {rows[-1]}", flush=True)
+    details.append({"heldout_nearest_anchor_distance_median": float(np.median(nn_held))})
+    return rows, hmc_epi, details
+
+
+START_TIME_RULES = {
+    "classification": "tv <= 0.05, nll <= HMC nll + 0.02, epistemic ratio in [0.8, 1.25] on eval and OOD inputs",
+    "regression": "nll <= HMC nll + 0.05, |coverage90 - HMC's| <= 0.05, epistemic ratio in [0.8, 1.25] on eval and OOD inputs",
+}
+
+
+def start_time_failures(row, hmc, classification):
+    """The rule's clauses this sweep row fails (empty: it meets them). `hmc`: HMC's metrics."""
+    fails = []
+    if classification:
+        if not row["tv"] <= 0.05:
+            fails.append(f"tv {row['tv']:.4f} > 0.05")
+        if not row["nll"] <= hmc["nll"] + 0.02:
+            fails.append(f"nll {row['nll']:.4f} > HMC {hmc['nll']:.4f} + 0.02")
+    else:
+        if not row["nll"] <= hmc["nll"] + 0.05:
+            fails.append(f"nll {row['nll']:.4f} > HMC {hmc['nll']:.4f} + 0.05")
+        if not abs(row["coverage90"] - hmc["coverage90"]) <= 0.05:
+            fails.append(f"coverage90 {row['coverage90']:.4f} vs HMC {hmc['coverage90']:.4f}")
+    for where in ("eval", "ood"):
+        r = row[f"epistemic_ratio_{where}"]
+        if not 0.8 <= r <= 1.25:
+            fails.append(f"epistemic ratio ({where}) {r:.3f} outside [0.8, 1.25]")
+    return fails
+
+
+def choose_start_time(rows, hmc, classification):
+    """The default start time: the smallest swept t₀ whose row meets START_TIME_RULES (0 when the
+    plain flow does); 1 (the stored draws) when no row does. Returns (t₀, reason)."""
+    why = []
+    for row in sorted(rows, key=lambda r: r["start_time"]):
+        fails = start_time_failures(row, hmc, classification)
+        if not fails:
+            return row["start_time"], "; ".join(why + [f"t0={row['start_time']:g} meets every clause"])
+        why.append(f"t0={row['start_time']:g}: " + ", ".join(fails))
+    return 1.0, "; ".join(why + ["no swept start time meets the rule: the stored draws (t0=1)"])

@@ -42,6 +42,11 @@ def make(ctx, folder):
     axes[0, 0].legend(fontsize=7)
     out["marginals"] = _save(fig, folder / "marginals.png")
 
+    st = ctx.get("start_times")
+    if st:
+        out["start_time_sweep"] = start_time_figure(st, ctx["reports"]["evaluate"]["methods"]["hmc"],
+                                                    cfg["data"]["task"] == "classification", folder)
+
     if cfg["data"]["task"] == "classification":
         y = data["y_eval"]
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
@@ -102,3 +107,30 @@ def make(ctx, folder):
             axes[0].set_ylabel("predicted")
             out["predicted_vs_true"] = _save(fig, folder / "predicted_vs_true.png")
     return out
+
+
+def start_time_figure(st, hmc, classification, folder):
+    """TV (regression: NLL) against the memorization ratio, one point per start time t₀."""
+    rows = st["sweep"]
+    mem = [r["memorization_ratio"] for r in rows]
+    val = [r["tv"] if classification else r["nll"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot(mem, val, "o-", color="C0")
+    for r, x, y in zip(rows, mem, val):
+        label = f"t₀={r['start_time']:g}" + (" (default)" if r["start_time"] == st["default_start_time"] else "")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        if r["start_time"] == st["default_start_time"]:
+            ax.plot([x], [y], "*", ms=14, color="C3")
+    ax.axvline(1.0, color="k", ls=":", lw=1, label="held-out HMC draws (ratio 1)")
+    ax.set_xlim(-0.05, 1.2 * max(1.0, max(mem)))
+    if classification:
+        ax.axhline(0.05, color="C2", ls="--", lw=1, label="target TV ≤ 0.05")
+        ax.set_ylabel("TV to HMC predictive (eval)")
+    else:
+        ax.axhline(hmc["nll"], color="k", ls="-", lw=0.8, label=f"HMC NLL {hmc['nll']:.3f}")
+        ax.axhline(hmc["nll"] + 0.05, color="C2", ls="--", lw=1, label="HMC NLL + 0.05")
+        ax.set_ylabel("NLL (eval)")
+    ax.set_xlabel("memorization ratio (nearest stored draw, samples / HMC)")
+    ax.set_title("start time t₀: fidelity against memorization")
+    ax.legend(fontsize=7)
+    return _save(fig, folder / "start_time_sweep.png")

@@ -99,3 +99,34 @@ def mutual_information(logits):
     """Epistemic part of the predictive entropy: H(E p) − E H(p)."""
     p = np.exp(log_softmax(np.asarray(logits, np.float64), axis=-1))
     return entropy(p.mean(axis=0)) - entropy(p).mean(axis=0)
+
+
+def epistemic_variance(means):
+    """Per-sample predictive means [S,N,k] -> per-input epistemic variance [N]: the population
+    variance over samples of the predicted mean, averaged over the k outputs."""
+    return np.asarray(means, np.float64).var(axis=0).mean(axis=-1)
+
+
+def epistemic(out, classification):
+    """Mean over inputs of the epistemic part of the predictive: mutual information (nats) for
+    classification logits [S,N,C], epistemic variance for regression means [S,N,k]."""
+    return float(np.mean(mutual_information(out) if classification else epistemic_variance(out)))
+
+
+def nearest_distance(a, b, chunk=256):
+    """For each row of a, the Euclidean distance to its nearest row of b (float64)."""
+    b = np.asarray(b, np.float64)
+    b2 = np.sum(b**2, axis=1)
+    out = []
+    for i in range(0, len(a), chunk):
+        x = np.asarray(a[i:i + chunk], np.float64)
+        d2 = np.sum(x**2, axis=1)[:, None] + b2[None, :] - 2 * x @ b.T
+        out.append(np.sqrt(np.maximum(d2.min(axis=1), 0.0)))
+    return np.concatenate(out)
+
+
+def memorization_ratio(samples_x, heldout_x, anchors_x):
+    """median nearest-anchor distance of the samples / the same for the held-out draws (all in
+    whitened coordinates). 0 for copies of the anchors, about 1 for draws as new as HMC's."""
+    return float(np.median(nearest_distance(samples_x, anchors_x)) /
+                 np.median(nearest_distance(heldout_x, anchors_x)))

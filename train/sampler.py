@@ -4,7 +4,16 @@ Same convention as the bundle format (docs/bundle-format.md): for θ = mean + sc
 x₀ ~ N(0, I), log q(θ) = log N(x₀; 0, I) − ∫₀¹ tr ∂v/∂x (t, x_t) dt − Σ log scale.
 The trace integral is part of the ODE state, integrated with the same scheme. Hutchinson
 probes are drawn once per trajectory and held fixed. Used for evaluation and as the JAX
-reference implementation in the runtime's benchmarks."""
+reference implementation in the runtime's benchmarks.
+
+Start time t₀ (bundles with `flow.anchors`, whitened training draws a_1..a_n), exactly as the
+runtime samples:
+- t₀ = 0: the plain flow above.
+- 0 < t₀ < 1: a uniformly chosen anchor a, z ~ N(0, I), x = t₀·a + (1 − t₀)·z, integrated from
+  t₀ to 1 with the same number of solver steps spread over [t₀, 1]; the log-density starts from
+  the Gaussian mixture log p_t₀(x) = logsumexp_i log N(x; t₀·a_i, (1 − t₀)² I) − log n.
+- t₀ = 1: the anchors themselves, un-whitened, in a seeded random order (a permutation, cycled
+  when more samples than anchors are asked for); no density (a trace mode is refused)."""
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +44,13 @@ def _trace_fn(vfield, trace, eps):
     raise ValueError(f"unknown trace mode {trace!r}")
 
 
-def integrate(vfield, x0, method="rk4", steps=20, trace=None, eps=None):
-    """Integrate from t=0 to t=1. Returns x₁ [B,D] and ∫ tr J dt [B]."""
+def integrate(vfield, x0, method="rk4", steps=20, trace=None, eps=None, start_time=0.0):
+    """Integrate from t=start_time to t=1 in `steps` equal steps. Returns x₁ [B,D] and ∫ tr J dt [B]."""
     if method not in METHODS:
         raise ValueError(f"unknown solver {method!r}")
     f = _trace_fn(vfield, trace, eps)
-    h = 1.0 / steps
+    t_start = float(start_time)
+    h = (1.0 - t_start) / steps
     b = x0.shape[0]
 
     def rhs(t, state):
@@ -50,7 +60,7 @@ def integrate(vfield, x0, method="rk4", steps=20, trace=None, eps=None):
         return (state[0] + c * k[0], state[1] + c * k[1])
 
     def step(state, i):
-        t = i * h
+        t = t_start + i * h
         k1 = rhs(t, state)
         if method == "euler":
             return add(state, k1, h), None
@@ -70,9 +80,55 @@ def integrate(vfield, x0, method="rk4", steps=20, trace=None, eps=None):
     return x1, int_tr
 
 
+def check_start_time(start_time, anchors, trace=None):
+    """The runtime's rules: t₀ in [0, 1]; t₀ > 0 needs anchors; t₀ = 1 has no density."""
+    t0 = float(start_time)
+    if not 0.0 <= t0 <= 1.0:
+        raise ValueError(f"start time {t0} outside [0, 1]")
+    if t0 > 0.0 and (anchors is None or len(anchors) == 0):
+        raise ValueError(f"start time {t0} > 0 needs anchors (flow.anchors)")
+    if t0 == 1.0 and trace is not None:
+        raise ValueError("start time 1 returns the stored draws, which have no density: use trace=None")
+    return t0
+
+
+def mixture_log_density(x, anchors, start_time, batch=8):
+    """log p_t₀(x) = log (1/n) Σ_i N(x; t₀·a_i, (1 − t₀)² I) for x [B,D], anchors [n,D], 0 ≤ t₀ < 1.
+
+    Squared distances are summed from the differences themselves (not |x|² − 2x·a + |a|², which
+    loses ~D·ε·|x|² / (1 − t₀)² nats in float32), then combined with log-sum-exp."""
+    t0 = float(start_time)
+    s = 1.0 - t0
+    anchors = jnp.asarray(anchors, jnp.float32)
+    x = jnp.asarray(x, jnp.float32)
+    n, d = anchors.shape
+    centers = t0 * anchors
+
+    def one(xi):
+        r2 = jnp.sum((xi[None, :] - centers) ** 2, axis=-1)
+        return jax.scipy.special.logsumexp(-0.5 * r2 / s**2)
+
+    lse = jax.lax.map(one, x, batch_size=batch)
+    return lse - jnp.log(n) - d * jnp.log(s) - 0.5 * d * jnp.log(2 * jnp.pi)
+
+
+def sample_anchors(key, n, anchors, mean, scale):
+    """t₀ = 1: the un-whitened anchors in a seeded random order (a permutation of all of them,
+    cycled when n exceeds their count). numpy f32 [n,D], θ = mean + scale ⊙ a."""
+    anchors = np.asarray(anchors, np.float32)
+    perm = np.asarray(jax.random.permutation(key, len(anchors)))
+    idx = perm[np.arange(n) % len(anchors)]
+    mean, scale = np.asarray(mean, np.float32), np.asarray(scale, np.float32)
+    return (mean[None] + scale[None] * anchors[idx]).astype(np.float32)
+
+
 def sample(vfield, key, n, mean, scale, method="rk4", steps=20, trace=None, probes=1,
-           noise="rademacher"):
-    """Draw n weight vectors θ [n,D] and their log-densities [n] (zeros when trace=None)."""
+           noise="rademacher", start_time=0.0, anchors=None):
+    """Draw n weight vectors θ [n,D] and their log-densities [n] (zeros when trace=None).
+    `start_time` t₀ in [0, 1) with whitened `anchors` [m,D] when t₀ > 0 (t₀ = 1: sample_anchors)."""
+    t0 = check_start_time(start_time, anchors, trace)
+    if t0 == 1.0:
+        raise ValueError("start time 1: use sample_anchors (or sample_batched)")
     mean, scale = jnp.asarray(mean), jnp.asarray(scale)
     d = mean.shape[0]
     k0, ke = jax.random.split(key)
@@ -81,14 +137,26 @@ def sample(vfield, key, n, mean, scale, method="rk4", steps=20, trace=None, prob
     if trace == "hutchinson":
         eps = (jax.random.rademacher(ke, (n, probes, d)).astype(x0.dtype) if noise == "rademacher"
                else jax.random.normal(ke, (n, probes, d)))
-    x1, int_tr = integrate(vfield, x0, method, steps, trace, eps)
-    base = -0.5 * jnp.sum(x0**2, axis=-1) - 0.5 * d * jnp.log(2 * jnp.pi)
+    if t0 == 0.0:
+        x_start = x0
+        base = -0.5 * jnp.sum(x0**2, axis=-1) - 0.5 * d * jnp.log(2 * jnp.pi)
+    else:
+        anchors = jnp.asarray(anchors, jnp.float32)
+        pick = jax.random.randint(jax.random.fold_in(key, 2), (n,), 0, anchors.shape[0])
+        x_start = t0 * anchors[pick] + (1.0 - t0) * x0
+        base = (mixture_log_density(x_start, anchors, t0) if trace is not None
+                else jnp.zeros(n, x0.dtype))
+    x1, int_tr = integrate(vfield, x_start, method, steps, trace, eps, start_time=t0)
     logq = base - int_tr - jnp.sum(jnp.log(scale))
     return mean + scale * x1, logq
 
 
 def sample_batched(vfield, key, n, mean, scale, batch=200, **kw):
-    """sample() in chunks (keeps memory flat for large n); numpy outputs."""
+    """sample() in chunks (keeps memory flat for large n); numpy outputs. At start time 1 the
+    anchors are returned whole (one permutation, no chunks) with zero log-densities."""
+    if float(kw.get("start_time", 0.0)) == 1.0:
+        check_start_time(1.0, kw.get("anchors"), kw.get("trace"))
+        return sample_anchors(key, n, kw["anchors"], mean, scale), np.zeros(n, np.float32)
     thetas, logqs = [], []
     fn = jax.jit(lambda k, m: sample(vfield, k, m, mean, scale, **kw), static_argnums=1)
     for i, start in enumerate(range(0, n, batch)):

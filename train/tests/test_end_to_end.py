@@ -37,7 +37,7 @@ def test_bundle_follows_the_format(built):
     out, _ = built
     assert BUNDLE_FILES <= {p.name for p in out.iterdir()}
     man = json.loads((out / "postflow.json").read_text())
-    assert man["format"] == "postflow-bundle" and man["format_version"] == 1
+    assert man["format"] == "postflow-bundle" and man["format_version"] == 2  # 2: flow.anchors (issue 12)
     d, c, d_in = man["network"]["dim"], man["task"]["classes"], man["input"]["dim"]
     assert man["flow"]["dim"] == d
     # layers tile [0, D) in order
@@ -65,6 +65,49 @@ def test_bundle_follows_the_format(built):
     assert _dims(g.input[2]) == ["B", "K", d] and _dims(g.output[1]) == ["B", "K"]
     g = onnx.load(str(out / "net.onnx")).graph
     assert _dims(g.output[0]) == ["S", "N", c]
+
+
+def test_anchors_and_start_time_sweep(built):
+    """Issue 12: the training draws as whitened f16 anchors, the OOD inputs, the sweep and the
+    default start time, as the manifest describes them."""
+    from train import evaluate, whiten
+    out, work = built
+    man = json.loads((out / "postflow.json").read_text())
+    t = load_file(str(out / "tensors.safetensors"))
+    d, d_in = man["network"]["dim"], man["input"]["dim"]
+    spec = man["flow"]["anchors"]
+    a = t["flow.anchors"]
+    assert spec == {"tensor": "flow.anchors", "count": len(a), "dtype": "f16"}
+    assert a.dtype == np.float16 and a.shape == (spec["count"], d) and np.all(np.isfinite(a))
+    prov = man["provenance"]["anchors"]
+    with np.load(work / "canon.npz") as z:
+        draws = z["samples"][:-1].reshape(-1, d)  # the flow's training draws, chain-major
+    assert prov["training_draws"] == len(draws) and len(a) == len(draws[::prov["thin_every"]])
+    x = whiten.apply(draws[::prov["thin_every"]], t["flow.whiten.mean"], t["flow.whiten.scale"])
+    np.testing.assert_array_equal(a, x.astype(np.float16))
+    err = np.max(np.abs(a.astype(np.float32) - x))
+    assert err == pytest.approx(prov["error"]["max_abs_whitened"]) and err <= np.max(np.abs(x)) * 2.0**-11
+    theta_err = np.max(np.abs(whiten.invert(a.astype(np.float32), t["flow.whiten.mean"], t["flow.whiten.scale"])
+                              - whiten.invert(x, t["flow.whiten.mean"], t["flow.whiten.scale"])))
+    assert theta_err == pytest.approx(prov["error"]["max_abs_theta"])
+    assert set(prov["t1_bma"]) == {"stored", "f32", "all_training_draws"}
+    ood = t["eval.ood_x"]
+    assert ood.dtype == np.float32 and ood.shape == (max(len(t["eval.x"]), 100), d_in) and np.all(np.isfinite(ood))
+    rm = man["reference_metrics"]
+    sweep = rm["start_time_sweep"]
+    assert [r["start_time"] for r in sweep] == [0.0, 0.5, 0.8, 0.9, 0.95, 1.0]
+    keys = {"start_time", "tv", "nll", "ece", "agreement", "memorization_ratio", "epistemic_ratio_eval",
+            "epistemic_ratio_ood"}
+    for r in sweep:
+        assert set(r) == keys and all(np.isfinite(v) for v in r.values()), r
+    assert sweep[0]["tv"] == pytest.approx(rm["methods"]["flow"]["tv"], abs=1e-12)  # t0 = 0 is the flow row
+    assert sweep[-1]["memorization_ratio"] == pytest.approx(0.0, abs=1e-3)  # t0 = 1: the anchors themselves
+    assert set(rm["hmc_mutual_information"]) == {"eval", "ood"}
+    t0 = man["flow"]["default_start_time"]
+    assert 0.0 <= t0 <= 1.0 and t0 == evaluate.choose_start_time(sweep, rm["methods"]["hmc"], True)[0]
+    assert sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) <= 15_000_000
+    card = (out / "README.md").read_text()
+    assert "memorization ratio" in card and (out / "figures" / "start_time_sweep.png").exists()
 
 
 def test_reference_metrics_are_recomputable_from_the_bundle(built):
