@@ -85,7 +85,7 @@ DEFAULTS = {
         "anchor_dtype": "f16",  # or "f32"
         "max_anchors": 0,  # cap on the stored draws; 0 = as many as the size budget allows
         "max_bytes": 15_000_000,  # size budget of the whole bundle directory
-        "reserve_bytes": 400_000,  # kept free for postflow.json, README.md and figures/
+        "reserve_bytes": 400_000,  # kept free for postflow.json, README.md and figures/ (moons: ~330 kB)
         # start-time sweep (evaluate settings: flow_samples, seed, solver, steps), run at bundle
         # time on the anchors the bundle stores; the default start time is chosen from it
         "start_times": [0.0, 0.5, 0.8, 0.9, 0.95, 1.0],
