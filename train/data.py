@@ -386,6 +386,9 @@ def read(dcfg: dict, seed: int = 0, base=None):
     if classification:
         y, names = _class_indices(tab)
         tab._names = names
+        if len(names) > 20 and len(names) > len(y) / 4:
+            raise DataError(f"{tab.column()}: {len(names)} distinct values in {len(y)} rows look continuous, "
+                            "not like class labels; use task = \"regression\"")
     else:
         y, names = _regression_targets(tab), None
     _check_split(tab, y, classification, dcfg["eval_fraction"])
