@@ -1,8 +1,9 @@
 """ONNX export of the three bundle graphs, each checked against JAX with onnxruntime on
 random inputs before it is written.
 
-flow:     (t [B], x [B,D]) -> v [B,D]                          hand-written (train/graphs.py)
-flow_jvp: (t [B], x [B,D], eps [B,K,D]) -> v [B,D],            hand-written (train/graphs.py)
+flow:     (t [B], x [B,D]) -> v [B,D]                          hand-written (train/graphs.py;
+                                                               np field: train/np_graphs.py)
+flow_jvp: (t [B], x [B,D], eps [B,K,D]) -> v [B,D],            hand-written (same)
           quad [B,K] = eps·J_v·eps; the JAX reference is jax.linearize once per call with the
           linear map vmapped over the K tangents
 net:      (x [N,d_in] raw, theta [S,D] canonical) -> out [S,N,C]; jax2onnx, standardization inside.

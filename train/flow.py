@@ -3,8 +3,15 @@
 Path: x_t = (1-t) x₀ + t x₁ + σ ε, target velocity u = x₁ − x₀, x₀ ~ N(0, I).
 Coupling of (x₀, x₁) within a minibatch: exact optimal transport (a linear assignment on
 squared distances, solved per batch with scipy) straightens the paths, so few ODE steps
-suffice; `independent` pairs them at random. Velocity: an MLP on [x, sinusoidal(t)]
-with SiLU, trained with AdamW; the exported field uses the EMA of the weights."""
+suffice; `independent` pairs them at random. Training times t = 1 − (1 − u)^p, u uniform
+(`flow.time_pow` p; 1 = uniform, > 1 puts more weight near the data end t = 1).
+
+Velocity (`flow.field`): `mlp`, an MLP on [x, sinusoidal(t)] with SiLU, or `np`, the
+NP-layer weight-space field of train/np_field.py (per-weight and per-neuron features of the
+network's own layout; needs the MLP's `sizes`), which may predict the end point
+(`flow.pred = "x1"`: v = (x̂₁ − x)/max(1 − t, `flow.pred_clip`)). Both train with AdamW on the
+same loss; the exported field uses the EMA of the weights. `velocity`, `flatten_params` and
+`unflatten_params` dispatch on the field, so callers need not know which one it is."""
 
 import time
 
@@ -14,7 +21,9 @@ import numpy as np
 import optax
 from scipy.optimize import linear_sum_assignment
 
-from . import progress
+from . import np_field, progress
+
+FIELDS = ("mlp", "np")
 
 
 def time_embedding(t, n_freqs):
@@ -37,7 +46,9 @@ def init(key, dim, hidden, n_freqs):
 
 
 def velocity(params, t, x):
-    """v(t, x): t [B], x [B, D] -> [B, D]."""
+    """v(t, x): t [B], x [B, D] -> [B, D], for either field's parameters."""
+    if isinstance(params, np_field.NPField):
+        return np_field.velocity(params, t, x)
     n_freqs = params[0]["w"].shape[0] - x.shape[1]
     h = jnp.concatenate([x, time_embedding(t, n_freqs)], axis=-1)
     for i, layer in enumerate(params):
@@ -63,13 +74,39 @@ def cfm_loss(params, x0, x1, t, noise, sigma):
     return jnp.mean(jnp.sum((velocity(params, t, xt) - (x1 - x0)) ** 2, axis=-1)) / x0.shape[1]
 
 
-def train(train_x, held_x, fcfg, seed):
-    """train_x, held_x: whitened samples [n, D]. Returns EMA params and a training report."""
+def init_field(key, dim, fcfg, sizes=None):
+    """The initial parameters of the configured field (`flow.field`)."""
+    field, pred = fcfg.get("field", "mlp"), fcfg.get("pred", "v")
+    if field not in FIELDS:
+        raise ValueError(f"unknown flow.field {field!r} (expected one of {FIELDS})")
+    if field == "mlp":
+        if pred != "v":
+            raise ValueError('flow.pred = "x1" needs flow.field = "np"')
+        return init(key, dim, fcfg["hidden"], fcfg["time_freqs"])
+    if sizes is None:
+        raise ValueError('flow.field = "np" needs the network sizes')
+    from . import mlp
+    if mlp.dim(sizes) != dim:
+        raise ValueError(f"network sizes {list(sizes)} give D = {mlp.dim(sizes)}, the samples have {dim}")
+    return np_field.init(key, sizes, fcfg.get("np_channels", 24), fcfg.get("np_blocks", 3), fcfg["time_freqs"],
+                         pred, fcfg.get("pred_clip", 0.05))
+
+
+def sample_times(key, n, time_pow=1.0):
+    """t = 1 − (1 − u)^p with u uniform; p = 1 is plain uniform (the same draws)."""
+    t = jax.random.uniform(key, (n,))
+    return t if time_pow == 1.0 else 1.0 - (1.0 - t) ** time_pow
+
+
+def train(train_x, held_x, fcfg, seed, sizes=None):
+    """train_x, held_x: whitened samples [n, D]; sizes: the MLP's layer sizes (needed by the
+    `np` field). Returns EMA params and a training report."""
     n, dim = train_x.shape
     rng = np.random.default_rng(seed)
     key = jax.random.PRNGKey(seed)
     key, k_init = jax.random.split(key)
-    params = init(k_init, dim, fcfg["hidden"], fcfg["time_freqs"])
+    params = init_field(k_init, dim, fcfg, sizes)
+    time_pow = float(fcfg.get("time_pow", 1.0))
     steps, batch, sigma = fcfg["steps"], min(fcfg["batch"], n), fcfg["sigma"]
     schedule = optax.warmup_cosine_decay_schedule(0.0, fcfg["lr"], min(500, steps // 10), steps, fcfg["lr"] * 0.01)
     opt = optax.adamw(schedule, weight_decay=fcfg["weight_decay"])
@@ -80,7 +117,7 @@ def train(train_x, held_x, fcfg, seed):
     @jax.jit
     def step(params, ema, opt_state, x0, x1, key):
         kt, kn = jax.random.split(key)
-        t = jax.random.uniform(kt, (x0.shape[0],))
+        t = sample_times(kt, x0.shape[0], time_pow)
         noise = jax.random.normal(kn, x0.shape)
         loss, g = jax.value_and_grad(cfm_loss)(params, x0, x1, t, noise, sigma)
         upd, opt_state = opt.update(g, opt_state, params)
@@ -116,20 +153,35 @@ def train(train_x, held_x, fcfg, seed):
     report = {
         "coupling": fcfg["coupling"], "sigma": sigma, "steps": steps, "batch": batch,
         "hidden": fcfg["hidden"], "time_freqs": fcfg["time_freqs"], "activation": "silu",
+        "field": "np" if isinstance(params, np_field.NPField) else "mlp", "parameters": n_parameters(params),
         "optimizer": {"kind": "adamw", "lr": fcfg["lr"], "weight_decay": fcfg["weight_decay"],
                       "schedule": "warmup_cosine"},
         "ema": decay, "train_samples": int(n), "heldout_samples": int(m),
         "final_train_loss": curve[-1]["train_loss"], "final_heldout_loss_ema": curve[-1]["heldout_loss_ema"],
         "curve": curve,
     }
+    if isinstance(params, np_field.NPField):
+        report.update({"hidden": f"NP-layer field, C = {params.channels}, K = {params.blocks}",
+                       "np_channels": params.channels, "np_blocks": params.blocks, "pred": params.pred,
+                       "pred_clip": params.clip, "time_pow": time_pow})
+    elif time_pow != 1.0:
+        report["time_pow"] = time_pow
     return jax.tree.map(np.asarray, ema), report
 
 
+def n_parameters(params):
+    return int(sum(np.size(a) for a in jax.tree.leaves(params)))
+
+
 def flatten_params(params):
-    """List of {w, b} -> flat dict for npz caching."""
+    """List of {w, b} (or an NPField) -> flat dict for npz caching."""
+    if isinstance(params, np_field.NPField):
+        return np_field.flatten_params(params)
     return {f"{i}.{k}": v for i, layer in enumerate(params) for k, v in layer.items()}
 
 
 def unflatten_params(flat):
+    if np_field.is_flat(flat):
+        return np_field.unflatten_params(flat)
     n = len({k.split(".")[0] for k in flat})
     return [{"w": jnp.asarray(flat[f"{i}.w"]), "b": jnp.asarray(flat[f"{i}.b"])} for i in range(n)]

@@ -12,11 +12,14 @@ broadcasting, each layer is one `Gemm` for the primal (bias fused) and, in flow_
     output        v = p_L                               quad_k = Σ_d ε_k · dz_L,k
 
 Both compute exactly what `export.flow_fn` / `export.flow_jvp_fn` do, with the bundle's
-input and output names; `train/export.py` checks each against JAX before writing it."""
+input and output names; `train/export.py` checks each against JAX before writing it. For the
+NP-layer field (`flow.field = "np"`) both functions hand over to train/np_graphs.py."""
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from . import np_field, np_graphs
 
 OPSET = 17
 
@@ -69,6 +72,8 @@ def _model(nodes, inits, name, d, jvp):
 
 def flow_graph(params, d):
     """flow.onnx: (t [B], x [B,D]) -> v [B,D]."""
+    if isinstance(params, np_field.NPField):
+        return np_graphs.flow_graph(params)
     w, b = _layers(params)
     nodes, inits = _first_layer(w, b, d)
     last = len(w) - 1
@@ -85,6 +90,8 @@ def flow_graph(params, d):
 
 def flow_jvp_graph(params, d):
     """flow_jvp.onnx: (t [B], x [B,D], eps [B,K,D]) -> v [B,D], quad [B,K] = εₖᵀ J ε_k."""
+    if isinstance(params, np_field.NPField):
+        return np_graphs.flow_jvp_graph(params)
     w, b = _layers(params)
     last = len(w) - 1
     nodes, inits = _first_layer(w, b, d)

@@ -81,7 +81,7 @@ def _stage_flow(ctx):
     d = samples.shape[-1]
     train_x = whiten.apply(samples[:-1].reshape(-1, d), w["mean"], w["scale"])
     held_x = whiten.apply(samples[-1], w["mean"], w["scale"])
-    params, report = flow.train(train_x, held_x, ctx["cfg"]["flow"], ctx["cfg"]["seed"])
+    params, report = flow.train(train_x, held_x, ctx["cfg"]["flow"], ctx["cfg"]["seed"], sizes=ctx["sizes"])
     return flow.flatten_params(params), report
 
 
