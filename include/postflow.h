@@ -10,9 +10,14 @@
 
 /** Version of this header (the library's run-time version is pf_version()). */
 #define PF_VERSION_MAJOR 0
-#define PF_VERSION_MINOR 1
+#define PF_VERSION_MINOR 2
 #define PF_VERSION_PATCH 0
-#define PF_VERSION_STRING "0.1.0"
+#define PF_VERSION_STRING "0.2.0"
+
+/**
+ * `pf_sample_options.start_time` value that selects the bundle's default start time.
+ */
+#define PF_START_TIME_BUNDLE -1.0
 
 /**
  * Status of a call: `PF_OK` (0) or the category of the failure. Its storage is a
@@ -249,6 +254,13 @@ typedef struct {
      * 0 = 128. (Added in 0.1; older callers get 0.)
      */
     uint32_t batch_size;
+    /**
+     * Start time t0 in [0, 1], or `PF_START_TIME_BUNDLE` (-1, the default) for the bundle's
+     * default. 0: the plain flow from N(0, I); between: from t0·a + (1 − t0)·z around a stored
+     * anchor draw a; 1: the stored draws themselves (no log-density: trace must be none).
+     * (Added in 0.2; older callers get the bundle's default.)
+     */
+    double start_time;
 } pf_sample_options;
 
 /**
@@ -338,13 +350,15 @@ const char *pf_status_string(pf_status status);
 const char *pf_last_error_message(void);
 
 /**
- * Fill `*out` with the defaults (CPU, ONNX Runtime picks threads, library found
- * by search) and `struct_size = sizeof(pf_model_options)` of this header. NULL is
- * ignored. To stay compatible with future libraries whose struct may have grown,
- * prefer `pf_model_options_init(out, sizeof *out)`. Thread-safe.
+ * Fill the first published layout of `*out` (the fields up to `onnxruntime_path`;
+ * 24 bytes on 64-bit targets) with the defaults and set `struct_size` to that
+ * size, so a binary compiled against any header is never written past its struct;
+ * later fields are left alone and take their defaults. NULL is ignored.
+ * Thread-safe. The header maps calls of this name to `pf_model_options_init(out,
+ * sizeof *out)`, which covers every field the caller's header knows: new code gets that.
  *
  * # Safety
- * `out` is NULL or points to a writable `pf_model_options`.
+ * `out` is NULL or points to at least the first layout's writable bytes.
  */
 void pf_model_options_default(pf_model_options *out);
 
@@ -361,13 +375,15 @@ void pf_model_options_default(pf_model_options *out);
 pf_status pf_model_options_init(pf_model_options *out, uint32_t struct_size);
 
 /**
- * Fill `*out` with the defaults (seed 0, the bundle's solver and steps, no
- * log-density, the bundle's probe count) and `struct_size = sizeof(pf_sample_options)`
- * of this header. NULL is ignored. Prefer `pf_sample_options_init(out, sizeof *out)`
- * for compatibility with future libraries. Thread-safe.
+ * Fill the first published layout of `*out` (the fields up to `probes`; 48 bytes
+ * on 64-bit targets) with the defaults (seed 0, the bundle's solver and steps, no
+ * log-density, the bundle's probe count) and set `struct_size` to that size; later
+ * fields are left alone and take their defaults (the bundle's start time among them).
+ * NULL is ignored. Thread-safe. The header maps calls of this name to
+ * `pf_sample_options_init(out, sizeof *out)`: new code gets every field it knows.
  *
  * # Safety
- * `out` is NULL or points to a writable `pf_sample_options`.
+ * `out` is NULL or points to at least the first layout's writable bytes.
  */
 void pf_sample_options_default(pf_sample_options *out);
 
@@ -516,3 +532,15 @@ pf_status pf_sample_predict(const pf_model *model,
 #endif  // __cplusplus
 
 #endif  /* POSTFLOW_H */
+
+/**
+ * Layout-safe defaults. `pf_model_options_default(&o)` and `pf_sample_options_default(&o)`
+ * in source code compile to the `*_init(&o, sizeof o)` calls, which fill every field this
+ * header knows (`out` must not be a literal NULL here). Binaries built against older headers
+ * call the exported symbols, which write only the first published layout.
+ */
+#ifndef POSTFLOW_LAYOUT_SAFE_DEFAULTS
+#define POSTFLOW_LAYOUT_SAFE_DEFAULTS
+#define pf_model_options_default(out) ((void)pf_model_options_init((out), (uint32_t)sizeof *(out)))
+#define pf_sample_options_default(out) ((void)pf_sample_options_init((out), (uint32_t)sizeof *(out)))
+#endif

@@ -98,6 +98,16 @@ impl Model {
         TraceMode::Hutchinson { probes: h.probes, noise: ProbeNoise::parse(&h.noise).unwrap_or(ProbeNoise::Rademacher) }
     }
 
+    /// The start time sampling uses when the options leave it unset (0 without anchors).
+    pub fn default_start_time(&self) -> f64 {
+        self.manifest.flow.default_start_time.unwrap_or(0.0)
+    }
+
+    /// Number of stored anchor draws (0 when the bundle has none).
+    pub fn anchor_count(&self) -> usize {
+        self.tensors.anchors.as_ref().map_or(0, |a| a.nrows())
+    }
+
     fn flow(&self) -> FlowContext<'_> {
         FlowContext {
             engine: &self.engine,
@@ -106,6 +116,8 @@ impl Model {
             whiten_scale: &self.tensors.whiten_scale,
             sum_log_scale: self.tensors.sum_log_scale,
             default_solver: self.default_solver(),
+            anchors: self.tensors.anchors.as_ref(),
+            default_start_time: self.default_start_time(),
         }
     }
 

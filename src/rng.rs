@@ -1,7 +1,8 @@
 //! Random streams. Every sample index gets its own Xoshiro256++ stream derived
 //! from the seed, so sample `i` is the same whatever the batch size, chunking
-//! or thread count. A stream first yields the sample's base point `x₀` (D standard
-//! normals), then its Hutchinson probes (K·D values).
+//! or thread count. A stream first yields the sample's start point (with a start time
+//! `0 < t₀ < 1`, an anchor index, then D standard normals; otherwise the D normals of
+//! `x₀`), then its Hutchinson probes (K·D values).
 use rand::{RngCore, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use rand_xoshiro::{SplitMix64, Xoshiro256PlusPlus};
@@ -15,6 +16,21 @@ pub fn sample_stream(seed: u64, index: u64) -> Xoshiro256PlusPlus {
     let key = mixer.next_u64() ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut mixer = SplitMix64::seed_from_u64(key);
     Xoshiro256PlusPlus::seed_from_u64(mixer.next_u64())
+}
+
+/// A uniform index in `[0, n)` (n ≥ 1), unbiased (Lemire's method via `rand`).
+pub fn index<R: RngCore>(rng: &mut R, n: usize) -> usize {
+    use rand::Rng;
+    rng.random_range(0..n)
+}
+
+/// A uniformly random permutation of `0..n` determined by `seed` alone (Fisher–Yates),
+/// from a stream no sample uses (index `u64::MAX`).
+pub fn permutation(seed: u64, n: usize) -> Vec<usize> {
+    use rand::seq::SliceRandom;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut sample_stream(seed, u64::MAX));
+    order
 }
 
 pub fn fill_standard_normal<R: RngCore>(rng: &mut R, out: &mut [f32]) {

@@ -32,6 +32,10 @@ pub struct SampleOptions {
     pub batch_size: usize,
     /// Memory bound for the basis vectors of one exact-trace call.
     pub exact_chunk_bytes: usize,
+    /// Start time `t₀ ∈ [0, 1]`; `None` takes the bundle's default (0 without anchors).
+    /// 0 integrates from `N(0, I)`; `0 < t₀ < 1` starts at `t₀·a + (1 − t₀)·z` around a
+    /// stored anchor `a`; 1 returns the anchors themselves (no density).
+    pub start_time: Option<f64>,
 }
 
 impl Default for SampleOptions {
@@ -47,6 +51,7 @@ impl Default for SampleOptions {
             trace: TraceMode::None,
             batch_size: 0,
             exact_chunk_bytes: 64 << 20,
+            start_time: None,
         }
     }
 }
@@ -82,6 +87,18 @@ pub struct FlowContext<'a> {
     pub whiten_scale: &'a [f32],
     pub sum_log_scale: f64,
     pub default_solver: SolverConfig,
+    /// Stored training draws in whitened coordinates, when the bundle has them.
+    pub anchors: Option<&'a Array2<f32>>,
+    pub default_start_time: f64,
+}
+
+/// Where sampling starts: the base `N(0, I)` at 0, a Gaussian mixture around the
+/// anchors in between, or the anchors themselves at 1.
+#[derive(Debug, Clone, Copy)]
+enum Start<'a> {
+    Base,
+    Mixture { t0: f64, anchors: &'a Array2<f32> },
+    Anchors(&'a Array2<f32>),
 }
 
 impl FlowContext<'_> {
@@ -115,6 +132,23 @@ impl FlowContext<'_> {
         Ok(cfg)
     }
 
+    /// The start time the options ask for (or the bundle's default), checked.
+    fn start(&self, o: &SampleOptions) -> Result<Start<'_>> {
+        let t0 = o.start_time.unwrap_or(self.default_start_time);
+        if !(0.0..=1.0).contains(&t0) {
+            return Err(Error::invalid(format!("start_time must be in [0, 1], got {t0}")));
+        }
+        if t0 == 0.0 {
+            return Ok(Start::Base);
+        }
+        let anchors = self.anchors.ok_or_else(|| {
+            Error::invalid(format!(
+                "start_time {t0} > 0 needs stored anchor draws (flow.anchors), and this bundle has none"
+            ))
+        })?;
+        Ok(if t0 == 1.0 { Start::Anchors(anchors) } else { Start::Mixture { t0, anchors } })
+    }
+
     fn batch_size(&self, o: &SampleOptions) -> usize {
         if o.batch_size > 0 {
             o.batch_size
@@ -125,8 +159,13 @@ impl FlowContext<'_> {
 
     /// Draw `n` samples.
     pub fn sample(&self, n: usize, o: &SampleOptions) -> Result<Samples> {
+        let start_at = self.start(o)?;
+        if let Start::Anchors(anchors) = start_at {
+            return self.stored_draws(anchors, n, o);
+        }
         let solver = self.solver(o)?;
         let d = self.dim;
+        let t_start = start_at.time();
         let accs = o.trace.accumulators();
         let mut theta = zeroed_samples(n, d)?;
         let mut logd = vec![0f32; if accs > 0 { n } else { 0 }];
@@ -141,12 +180,14 @@ impl FlowContext<'_> {
             for j in 0..b {
                 let mut stream = rng::sample_stream(o.seed, o.first_index + (start + j) as u64);
                 let x0 = &mut work.x[j * d..(j + 1) * d];
-                rng::fill_standard_normal(&mut stream, x0);
-                work.base_logp[j] = std_normal_logpdf(x0);
+                start_at.draw(&mut stream, x0);
+                if accs > 0 {
+                    work.base_logp[j] = start_at.log_density(x0);
+                }
                 draw_probes(&mut stream, o.trace, &mut work.eps, j, d);
             }
-            stats += self.integrate(&solver, o, &mut work, b, 0.0, 1.0)?;
-            // θ = mean + scale ⊙ x₁; log q = log N(x₀) − ∫ tr J − Σ log scale.
+            stats += self.integrate(&solver, o, &mut work, b, t_start, 1.0)?;
+            // θ = mean + scale ⊙ x₁; log q = log p_{t₀}(x_{t₀}) − ∫ tr J − Σ log scale.
             let rows = theta.as_slice_mut().expect("standard layout");
             for j in 0..b {
                 let x1 = &work.x[j * d..(j + 1) * d];
@@ -184,6 +225,13 @@ impl FlowContext<'_> {
             ));
         }
         check_finite_rows(theta, None, "theta")?;
+        let start_at = self.start(o)?;
+        if let Start::Anchors(_) = start_at {
+            return Err(Error::invalid(
+                "log_prob at start_time 1 is undefined: stored draws have no density (use a start_time below 1)",
+            ));
+        }
+        let t_start = start_at.time();
         let solver = self.solver(o)?;
         let n = theta.nrows();
         let accs = o.trace.accumulators();
@@ -205,14 +253,14 @@ impl FlowContext<'_> {
                 }
                 if let TraceMode::Hutchinson { .. } = o.trace {
                     let mut stream = rng::sample_stream(o.seed, o.first_index + (start + j) as u64);
-                    rng::fill_standard_normal(&mut stream, &mut scratch); // the base point's draws
+                    start_at.draw(&mut stream, &mut scratch); // the start point's draws
                     draw_probes(&mut stream, o.trace, &mut work.eps, j, d);
                 }
             }
-            stats += self.integrate(&solver, o, &mut work, b, 1.0, 0.0)?;
-            // Integrating backwards leaves acc = −∫₀¹ tr J, so log q = log N(x₀) + acc − Σ log scale.
+            stats += self.integrate(&solver, o, &mut work, b, 1.0, t_start)?;
+            // Integrating backwards leaves acc = −∫_{t₀}¹ tr J, so log q = log p_{t₀}(x_{t₀}) + acc − Σ log scale.
             for j in 0..b {
-                let base = std_normal_logpdf(&work.x[j * d..(j + 1) * d]);
+                let base = start_at.log_density(&work.x[j * d..(j + 1) * d]);
                 let est = work.acc[j * accs..(j + 1) * accs].iter().map(|a| base + a - self.sum_log_scale);
                 record_estimate(est, start + j, &mut logd, &mut stderr);
             }
@@ -223,6 +271,29 @@ impl FlowContext<'_> {
             return Err(non_finite_error("log-densities", &bad));
         }
         Ok(LogDensities { log_density: logd, log_density_stderr: (accs > 1).then_some(stderr), stats })
+    }
+
+    /// The anchors themselves, un-whitened, in a seeded order: a permutation drawn from
+    /// `seed`, read from position `first_index` and cycled when more are asked than stored.
+    fn stored_draws(&self, anchors: &Array2<f32>, n: usize, o: &SampleOptions) -> Result<Samples> {
+        if o.trace != TraceMode::None {
+            return Err(Error::invalid(
+                "start_time 1 returns the stored draws, which have no density: use trace none, or a start_time below 1",
+            ));
+        }
+        let d = self.dim;
+        let count = anchors.nrows();
+        let order = rng::permutation(o.seed, count);
+        let mut theta = zeroed_samples(n, d)?;
+        let rows = theta.as_slice_mut().expect("standard layout");
+        for j in 0..n {
+            let pick = order[((o.first_index + j as u64) % count as u64) as usize];
+            let a = anchors.row(pick);
+            for (i, (out, x)) in rows[j * d..(j + 1) * d].iter_mut().zip(a.iter()).enumerate() {
+                *out = self.whiten_mean[i] + self.whiten_scale[i] * x;
+            }
+        }
+        Ok(Samples { theta, log_density: None, log_density_stderr: None, stats: OdeStats::default() })
     }
 
     fn integrate(
@@ -249,6 +320,62 @@ impl FlowContext<'_> {
         };
         ode::integrate(&mut field, solver, t0, t1, &mut work.x, &mut work.acc, b, &mut work.ws)
     }
+}
+
+impl Start<'_> {
+    fn time(&self) -> f64 {
+        match self {
+            Start::Base => 0.0,
+            Start::Mixture { t0, .. } => *t0,
+            Start::Anchors(_) => 1.0,
+        }
+    }
+
+    /// Draw a start point from the sample's stream: `z` (D normals) from the base; at
+    /// `0 < t₀ < 1` first an anchor index, then `z`, giving `t₀·a + (1 − t₀)·z`.
+    fn draw<R: rand::RngCore>(&self, stream: &mut R, x: &mut [f32]) {
+        match self {
+            Start::Base | Start::Anchors(_) => rng::fill_standard_normal(stream, x),
+            Start::Mixture { t0, anchors } => {
+                let pick = rng::index(stream, anchors.nrows());
+                rng::fill_standard_normal(stream, x);
+                let (t0, s) = (*t0 as f32, (1.0 - *t0) as f32);
+                for (xv, av) in x.iter_mut().zip(anchors.row(pick).iter()) {
+                    *xv = t0 * av + s * *xv;
+                }
+            }
+        }
+    }
+
+    /// Log-density of the start distribution at `x`: `log N(x; 0, I)`, or the mixture
+    /// `(1/n) Σ_i N(x; t₀ a_i, (1 − t₀)² I)` by log-sum-exp.
+    fn log_density(&self, x: &[f32]) -> f64 {
+        match self {
+            Start::Base | Start::Anchors(_) => std_normal_logpdf(x),
+            Start::Mixture { t0, anchors } => mixture_logpdf(x, anchors, *t0),
+        }
+    }
+}
+
+/// `log (1/n) Σ_i N(x; t₀ a_i, σ² I)` with `σ = 1 − t₀`, stable by log-sum-exp.
+fn mixture_logpdf(x: &[f32], anchors: &Array2<f32>, t0: f64) -> f64 {
+    let sigma = 1.0 - t0;
+    let d = x.len() as f64;
+    let mut sq: Vec<f64> = Vec::with_capacity(anchors.nrows());
+    for a in anchors.rows() {
+        let dist: f64 = x
+            .iter()
+            .zip(a.iter())
+            .map(|(xv, av)| {
+                let r = f64::from(*xv) - t0 * f64::from(*av);
+                r * r
+            })
+            .sum();
+        sq.push(-0.5 * dist / (sigma * sigma));
+    }
+    let top = sq.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lse = top + sq.iter().map(|v| (v - top).exp()).sum::<f64>().ln();
+    lse - (anchors.nrows() as f64).ln() - 0.5 * d * (2.0 * PI * sigma * sigma).ln()
 }
 
 /// Buffers for one batch, reused across batches.

@@ -85,7 +85,7 @@ fn manifest_case(f: impl FnOnce(&mut Value), kind: ErrorKind, fragments: &[&str]
 #[test]
 fn unknown_format_and_version() {
     manifest_case(|m| m["format"] = "onnx-bundle".into(), ErrorKind::Bundle, &["format", "onnx-bundle"]);
-    manifest_case(|m| m["format_version"] = 2.into(), ErrorKind::Bundle, &["format_version", "unsupported version 2"]);
+    manifest_case(|m| m["format_version"] = 3.into(), ErrorKind::Bundle, &["format_version", "unsupported version 3"]);
     manifest_case(
         |m| m["format_version"] = "1".into(),
         ErrorKind::Bundle,
@@ -205,6 +205,86 @@ fn tensors_of_wrong_shape_dtype_or_missing() {
     let c = copy_of("affine_cls");
     std::fs::write(c.path.join("tensors.safetensors"), b"not safetensors at all").unwrap();
     assert_refused(&c.path, ErrorKind::Bundle, &["not valid safetensors"]);
+}
+
+fn anchored_case(edit: impl FnOnce(&mut Value), edit_t: impl FnOnce(&mut Tensors), fragments: &[&str]) {
+    let c = copy_of("affine_anchored");
+    edit_manifest(&c.path, edit);
+    edit_tensors(&c.path, edit_t);
+    assert_refused(&c.path, ErrorKind::Bundle, fragments);
+}
+
+/// Hostile anchors (format version 2): each is refused at open, naming what is wrong.
+#[test]
+fn anchors_of_wrong_shape_dtype_values_or_without_a_manifest_entry() {
+    let anchors = |t: &mut Tensors| -> usize { t.iter().position(|t| t.0 == "flow.anchors").unwrap() };
+    // Wrong shape: one anchor row short of the declared count.
+    anchored_case(
+        |_| {},
+        |t| {
+            let i = anchors(t);
+            t[i].2 = vec![23, 17];
+            t[i].3.truncate(23 * 17 * 2);
+        },
+        &["flow.anchors", "[23, 17]", "[24, 17]"],
+    );
+    // A declared count that disagrees with the tensor.
+    anchored_case(|m| m["flow"]["anchors"]["count"] = 12.into(), |_| {}, &["flow.anchors", "[12, 17]"]);
+    // Dtype other than the manifest says (f32 bytes under an f16 declaration).
+    anchored_case(
+        |_| {},
+        |t| {
+            let i = anchors(t);
+            t[i].1 = Dtype::F32;
+            t[i].2 = vec![12, 17];
+        },
+        &["flow.anchors", "dtype"],
+    );
+    anchored_case(|m| m["flow"]["anchors"]["dtype"] = "bf16".into(), |_| {}, &["flow.anchors.dtype", "bf16"]);
+    // NaN (f16 0x7E00) and Inf (0x7C00).
+    for bits in [0x7E00u16, 0x7C00] {
+        anchored_case(
+            |_| {},
+            |t| {
+                let i = anchors(t);
+                t[i].3[2 * 40..2 * 40 + 2].copy_from_slice(&bits.to_le_bytes());
+            },
+            &["flow.anchors", "non-finite", "flat index 40"],
+        );
+    }
+    // Anchors in the tensors with no manifest entry, or declared but missing.
+    anchored_case(
+        |m| {
+            let flow = m["flow"].as_object_mut().unwrap();
+            flow.remove("anchors");
+            flow.remove("default_start_time");
+        },
+        |_| {},
+        &["flow.anchors", "no flow.anchors entry"],
+    );
+    anchored_case(|_| {}, |t| t.retain(|t| t.0 != "flow.anchors"), &["flow.anchors", "missing"]);
+    // Version-1 manifests cannot carry anchors (a version-1 runtime would ignore them).
+    anchored_case(|m| m["format_version"] = 1.into(), |_| {}, &["flow.anchors", "format_version 2"]);
+    // Default start time out of range, or above 0 without anchors.
+    anchored_case(|m| m["flow"]["default_start_time"] = 1.5.into(), |_| {}, &["default_start_time", "outside [0, 1]"]);
+    anchored_case(
+        |m| {
+            m["flow"].as_object_mut().unwrap().remove("anchors");
+        },
+        |t| t.retain(|t| t.0 != "flow.anchors"),
+        &["default_start_time", "needs flow.anchors"],
+    );
+    anchored_case(|m| m["flow"]["anchors"]["count"] = 0.into(), |_| {}, &["flow.anchors.count", ">= 1"]);
+    // eval.ood_x of the wrong width.
+    anchored_case(
+        |_| {},
+        |t| {
+            let i = t.iter().position(|t| t.0 == "eval.ood_x").unwrap();
+            let rows = t[i].2[0];
+            t[i].2 = vec![rows * 2, 1];
+        },
+        &["eval.ood_x", "[64, 1]"],
+    );
 }
 
 #[test]

@@ -3,7 +3,11 @@
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT: &str = "postflow-bundle";
-pub const FORMAT_VERSION: u64 = 1;
+/// Newest format version this runtime reads. Version 2 adds stored anchor draws
+/// (`flow.anchors`) and a default start time; version 1 bundles are read unchanged.
+pub const FORMAT_VERSION: u64 = 2;
+/// Oldest format version this runtime reads.
+pub const MIN_FORMAT_VERSION: u64 = 1;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
@@ -123,6 +127,23 @@ pub struct FlowSpec {
     pub geometry: String,
     pub default_solver: DefaultSolver,
     pub hutchinson: HutchinsonSpec,
+    /// Stored training draws of the flow, in whitened coordinates (format version 2).
+    #[serde(default)]
+    pub anchors: Option<AnchorsSpec>,
+    /// Start time `t₀` that sampling uses when the caller does not choose one
+    /// (format version 2; absent means 0, the plain flow).
+    #[serde(default)]
+    pub default_start_time: Option<f64>,
+}
+
+/// Where the anchors are and what they hold: `count` rows of `D` whitened weights.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnchorsSpec {
+    pub tensor: String,
+    pub count: usize,
+    /// `"f16"` or `"f32"`, the tensor's dtype.
+    pub dtype: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

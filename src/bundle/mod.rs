@@ -103,10 +103,11 @@ pub fn parse_manifest(bytes: &[u8], limits: &Limits) -> Result<Manifest> {
         None => return Err(Error::bundle("manifest field format: missing or not a string")),
     }
     match value.get("format_version").and_then(|v| v.as_u64()) {
-        Some(manifest::FORMAT_VERSION) => {}
+        Some(v) if (manifest::MIN_FORMAT_VERSION..=manifest::FORMAT_VERSION).contains(&v) => {}
         Some(v) => {
             return Err(Error::bundle(format!(
-                "manifest field format_version: unsupported version {v}, this runtime reads version {}",
+                "manifest field format_version: unsupported version {v}, this runtime reads versions {} to {}",
+                manifest::MIN_FORMAT_VERSION,
                 manifest::FORMAT_VERSION
             )))
         }
@@ -200,6 +201,7 @@ fn validate_manifest(m: &Manifest, limits: &Limits) -> Result<()> {
     }
     crate::trace::ProbeNoise::parse(&m.flow.hutchinson.noise)
         .map_err(|e| field_err("flow.hutchinson.noise", e.message()))?;
+    validate_anchors(m)?;
 
     let expected: [(&str, &manifest::GraphSpec, &[&str], &[&str]); 3] = [
         ("flow", &m.graphs.flow, &["t", "x"], &["v"]),
@@ -223,6 +225,45 @@ fn validate_manifest(m: &Manifest, limits: &Limits) -> Result<()> {
                     outputs.join(", ")
                 ),
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Anchors and a default start time came with format version 2: a version-1 runtime
+/// would ignore them and silently sample differently, so they must not appear in a
+/// version-1 manifest (and version 2 makes older runtimes refuse the bundle).
+fn validate_anchors(m: &Manifest) -> Result<()> {
+    if m.format_version < 2 {
+        for (present, field) in [
+            (m.flow.anchors.is_some(), "flow.anchors"),
+            (m.flow.default_start_time.is_some(), "flow.default_start_time"),
+        ] {
+            if present {
+                return Err(field_err(field, "needs format_version 2 (older runtimes would ignore it)"));
+            }
+        }
+    }
+    if let Some(a) = &m.flow.anchors {
+        if a.tensor.is_empty() {
+            return Err(field_err("flow.anchors.tensor", "must name a tensor"));
+        }
+        if a.count == 0 {
+            return Err(field_err("flow.anchors.count", "must be >= 1"));
+        }
+        if a.dtype != "f16" && a.dtype != "f32" {
+            return Err(field_err(
+                "flow.anchors.dtype",
+                format!("{:?} is not supported (\"f16\" or \"f32\")", a.dtype),
+            ));
+        }
+    }
+    if let Some(t0) = m.flow.default_start_time {
+        if !(0.0..=1.0).contains(&t0) {
+            return Err(field_err("flow.default_start_time", format!("{t0} is outside [0, 1]")));
+        }
+        if t0 > 0.0 && m.flow.anchors.is_none() {
+            return Err(field_err("flow.default_start_time", format!("{t0} > 0 needs flow.anchors")));
         }
     }
     Ok(())

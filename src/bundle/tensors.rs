@@ -23,7 +23,14 @@ pub struct BundleTensors {
     pub posterior_theta: Array2<f32>,
     pub eval_x: Array2<f32>,
     pub eval: EvalTargets,
+    /// Out-of-distribution inputs for the epistemic checks (`eval.ood_x`, optional).
+    pub ood_x: Option<Array2<f32>>,
+    /// The flow's training draws in whitened coordinates `[n, D]` (`flow.anchors`), as f32.
+    pub anchors: Option<Array2<f32>>,
 }
+
+/// Name of the anchors tensor the pipeline writes; present without a manifest entry it is refused.
+pub const ANCHORS_TENSOR: &str = "flow.anchors";
 
 struct Table<'a>(SafeTensors<'a>);
 
@@ -48,6 +55,21 @@ impl<'a> Table<'a> {
         let (shape, data) = self.raw(name, Dtype::F32, ndim)?;
         let values = data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
         Ok((shape, values))
+    }
+
+    /// A matrix stored as f16 or f32, returned as f32 (f16 converts exactly).
+    fn matrix_f16_or_f32(&self, name: &str, dtype: &str, rows: usize, cols: usize) -> Result<Array2<f32>> {
+        if dtype == "f32" {
+            return self.matrix(name, Some(rows), cols);
+        }
+        let (shape, data) = self.raw(name, Dtype::F16, 2)?;
+        expect_shape(name, &shape, &[rows, cols])?;
+        let values = data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect();
+        Array2::from_shape_vec((rows, cols), values).map_err(|e| Error::bundle(format!("tensor {name}: {e}")))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.0.tensor(name).is_ok()
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
@@ -148,6 +170,36 @@ impl BundleTensors {
                 EvalTargets::Regression { y, hmc_mean, hmc_var }
             }
         };
-        Ok(BundleTensors { whiten_mean, whiten_scale, sum_log_scale, reference_theta, posterior_theta, eval_x, eval })
+        let ood_x = if table.has("eval.ood_x") {
+            let m = table.matrix("eval.ood_x", None, d_in)?;
+            require_finite("eval.ood_x", m.as_slice().unwrap_or(&[]))?;
+            Some(m)
+        } else {
+            None
+        };
+        let anchors = match &manifest.flow.anchors {
+            Some(spec) => {
+                let a = table.matrix_f16_or_f32(&spec.tensor, &spec.dtype, spec.count, d)?;
+                require_finite(&spec.tensor, a.as_slice().unwrap_or(&[]))?;
+                Some(a)
+            }
+            None if table.has(ANCHORS_TENSOR) => {
+                return Err(Error::bundle(format!(
+                    "tensor {ANCHORS_TENSOR}: present, but the manifest has no flow.anchors entry describing it"
+                )))
+            }
+            None => None,
+        };
+        Ok(BundleTensors {
+            whiten_mean,
+            whiten_scale,
+            sum_log_scale,
+            reference_theta,
+            posterior_theta,
+            eval_x,
+            eval,
+            ood_x,
+            anchors,
+        })
     }
 }

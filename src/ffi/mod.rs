@@ -167,7 +167,15 @@ pub struct pf_sample_options {
     /// Samples integrated together per ONNX Runtime call (memory vs speed; never changes results);
     /// 0 = 128. (Added in 0.1; older callers get 0.)
     pub batch_size: u32,
+    /// Start time t0 in [0, 1], or `PF_START_TIME_BUNDLE` (-1, the default) for the bundle's
+    /// default. 0: the plain flow from N(0, I); between: from t0·a + (1 − t0)·z around a stored
+    /// anchor draw a; 1: the stored draws themselves (no log-density: trace must be none).
+    /// (Added in 0.2; older callers get the bundle's default.)
+    pub start_time: f64,
 }
+
+/// `pf_sample_options.start_time` value that selects the bundle's default start time.
+pub const PF_START_TIME_BUNDLE: f64 = -1.0;
 
 /// Outputs of `pf_predict` and `pf_sample_predict`: caller-owned buffers, each
 /// followed by its length in elements; a NULL buffer is not computed into. Set
@@ -258,6 +266,7 @@ fn sample_options_defaults() -> pf_sample_options {
         probes: 0,
         max_steps: 0,
         batch_size: 0,
+        start_time: PF_START_TIME_BUNDLE,
     }
 }
 
@@ -271,21 +280,24 @@ unsafe fn write_prefix<T>(out: *mut T, value: &T, size: usize) {
     unsafe { std::ptr::copy_nonoverlapping((value as *const T).cast::<u8>(), out.cast::<u8>(), size) };
 }
 
-/// Fill `*out` with the defaults (CPU, ONNX Runtime picks threads, library found
-/// by search) and `struct_size = sizeof(pf_model_options)` of this header. NULL is
-/// ignored. To stay compatible with future libraries whose struct may have grown,
-/// prefer `pf_model_options_init(out, sizeof *out)`. Thread-safe.
+/// Fill the first published layout of `*out` (the fields up to `onnxruntime_path`;
+/// 24 bytes on 64-bit targets) with the defaults and set `struct_size` to that
+/// size, so a binary compiled against any header is never written past its struct;
+/// later fields are left alone and take their defaults. NULL is ignored.
+/// Thread-safe. The header maps calls of this name to `pf_model_options_init(out,
+/// sizeof *out)`, which covers every field the caller's header knows: new code gets that.
 ///
 /// # Safety
-/// `out` is NULL or points to a writable `pf_model_options`.
+/// `out` is NULL or points to at least the first layout's writable bytes.
 #[no_mangle]
 pub unsafe extern "C" fn pf_model_options_default(out: *mut pf_model_options) {
     // Infallible but still under the guard: nothing may unwind into C.
     let _ = guard("pf_model_options_default", || {
         if non_null(out, "out").is_ok() {
-            let d = model_options_defaults();
-            // SAFETY: `out` is non-NULL, aligned, and points to a whole pf_model_options (caller contract).
-            unsafe { write_prefix(out, &d, std::mem::size_of::<pf_model_options>()) };
+            let mut d = model_options_defaults();
+            d.struct_size = MODEL_OPTIONS_MIN as u32;
+            // SAFETY: `out` is non-NULL, aligned, and has the first layout's bytes (caller contract).
+            unsafe { write_prefix(out, &d, MODEL_OPTIONS_MIN) };
         }
         Ok(())
     });
@@ -312,20 +324,23 @@ pub unsafe extern "C" fn pf_model_options_init(out: *mut pf_model_options, struc
     })
 }
 
-/// Fill `*out` with the defaults (seed 0, the bundle's solver and steps, no
-/// log-density, the bundle's probe count) and `struct_size = sizeof(pf_sample_options)`
-/// of this header. NULL is ignored. Prefer `pf_sample_options_init(out, sizeof *out)`
-/// for compatibility with future libraries. Thread-safe.
+/// Fill the first published layout of `*out` (the fields up to `probes`; 48 bytes
+/// on 64-bit targets) with the defaults (seed 0, the bundle's solver and steps, no
+/// log-density, the bundle's probe count) and set `struct_size` to that size; later
+/// fields are left alone and take their defaults (the bundle's start time among them).
+/// NULL is ignored. Thread-safe. The header maps calls of this name to
+/// `pf_sample_options_init(out, sizeof *out)`: new code gets every field it knows.
 ///
 /// # Safety
-/// `out` is NULL or points to a writable `pf_sample_options`.
+/// `out` is NULL or points to at least the first layout's writable bytes.
 #[no_mangle]
 pub unsafe extern "C" fn pf_sample_options_default(out: *mut pf_sample_options) {
     let _ = guard("pf_sample_options_default", || {
         if non_null(out, "out").is_ok() {
-            let d = sample_options_defaults();
-            // SAFETY: `out` is non-NULL, aligned, and points to a whole pf_sample_options (caller contract).
-            unsafe { write_prefix(out, &d, std::mem::size_of::<pf_sample_options>()) };
+            let mut d = sample_options_defaults();
+            d.struct_size = SAMPLE_OPTIONS_MIN as u32;
+            // SAFETY: `out` is non-NULL, aligned, and has the first layout's bytes (caller contract).
+            unsafe { write_prefix(out, &d, SAMPLE_OPTIONS_MIN) };
         }
         Ok(())
     });
@@ -506,6 +521,7 @@ struct RawSampleOptions {
     probes: u32,
     max_steps: u32,
     batch_size: u32,
+    start_time: f64,
 }
 
 /// Read the caller's sample options (NULL = defaults) and turn them into `SampleOptions`.
@@ -525,6 +541,7 @@ unsafe fn read_sample_options(p: *const pf_sample_options, model: &Model) -> Res
             probes: d.probes,
             max_steps: d.max_steps,
             batch_size: d.batch_size,
+            start_time: d.start_time,
         }
     } else {
         // SAFETY: forwarded caller contract.
@@ -539,6 +556,7 @@ unsafe fn read_sample_options(p: *const pf_sample_options, model: &Model) -> Res
             probes: get_field!(p, size, pf_sample_options, probes: u32).unwrap_or(d.probes),
             max_steps: get_field!(p, size, pf_sample_options, max_steps: u32).unwrap_or(d.max_steps),
             batch_size: get_field!(p, size, pf_sample_options, batch_size: u32).unwrap_or(d.batch_size),
+            start_time: get_field!(p, size, pf_sample_options, start_time: f64).unwrap_or(d.start_time),
         }
     };
     convert_sample_options(&raw, model)
@@ -590,6 +608,16 @@ fn convert_sample_options(raw: &RawSampleOptions, model: &Model) -> Result<Sampl
         o.max_steps = raw.max_steps;
     }
     o.batch_size = raw.batch_size as usize;
+    o.start_time = if raw.start_time == PF_START_TIME_BUNDLE {
+        None
+    } else if (0.0..=1.0).contains(&raw.start_time) {
+        Some(raw.start_time)
+    } else {
+        return Err(Error::invalid(format!(
+            "options->start_time is {}, must be in [0, 1] or PF_START_TIME_BUNDLE (-1)",
+            raw.start_time
+        )));
+    };
     Ok(o)
 }
 
@@ -940,7 +968,8 @@ mod tests {
         assert_eq!(size_of::<pf_model_info>(), 40);
         assert_eq!(offset_of!(pf_sample_options, seed), 8);
         assert_eq!(SAMPLE_OPTIONS_MIN, 48);
-        assert_eq!(size_of::<pf_sample_options>(), 56);
+        assert_eq!(size_of::<pf_sample_options>(), 64);
+        assert_eq!(offset_of!(pf_sample_options, start_time), 56);
         assert_eq!(PREDICTION_MIN, 72);
         assert_eq!(size_of::<pf_prediction>(), 80);
     }
