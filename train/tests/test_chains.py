@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,10 +78,12 @@ def test_ray_tasks_give_the_local_draws(spec, local, tmp_path):
     ray_bin = str(ray_bin) if ray_bin.exists() else shutil.which("ray")
     port = _free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
-                             "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--disable-usage-stats", f"--temp-dir={temp}"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         address = f"127.0.0.1:{port}"
         deadline = time.time() + 60
@@ -90,7 +93,7 @@ def test_ray_tasks_give_the_local_draws(spec, local, tmp_path):
                 break
             except OSError:
                 if time.time() > deadline or head.poll() is not None:
-                    pytest.fail("the Ray head did not start")
+                    pytest.fail("the Ray head did not start: " + (tmp_path / "head.log").read_text()[-2000:])
                 time.sleep(0.5)
         draws, _ = posterior.run_chains(spec, 2, "ray", ray_address=address)
         for a, b in zip(local, draws):
@@ -101,3 +104,5 @@ def test_ray_tasks_give_the_local_draws(spec, local, tmp_path):
             head.wait(timeout=30)
         except subprocess.TimeoutExpired:
             head.kill()
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
