@@ -101,6 +101,15 @@ def _targets_list(target):
 
 
 def _read_csv(path: Path, dcfg: dict) -> Table:
+    try:
+        return _read_csv_rows(path, dcfg)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV ({e})") from None
+
+
+def _read_csv_rows(path: Path, dcfg: dict) -> Table:
     where = str(path)
     targets = _targets_list(dcfg.get("target"))
     if not targets:
