@@ -76,6 +76,15 @@ fn reference() -> String {
     let s = het.sample(3, &o).unwrap();
     push(&mut out, "het_dopri5_theta", f32s(s.theta.as_slice().unwrap()));
     push(&mut out, "het_dopri5_logd", f32s(s.log_density.as_ref().unwrap()));
+    // Case 7: affine_anchored at the bundle's default start time (0.5), seed 21, 3 samples,
+    // Hutchinson with the bundle's probe count; and its stored draws (start time 1), seed 4, 5 samples.
+    let anc = common::open("affine_anchored");
+    let s = anc.sample(3, &rust_opts(21, None, None, anc.default_hutchinson())).unwrap();
+    push(&mut out, "anchored_default_theta", f32s(s.theta.as_slice().unwrap()));
+    push(&mut out, "anchored_default_logd", f32s(s.log_density.as_ref().unwrap()));
+    let s =
+        anc.sample(5, &SampleOptions { start_time: Some(1.0), ..rust_opts(4, None, None, TraceMode::None) }).unwrap();
+    push(&mut out, "anchored_stored_theta", f32s(s.theta.as_slice().unwrap()));
     out
 }
 
@@ -105,11 +114,7 @@ fn c_abi_sample_log_prob_and_predict_equal_the_rust_api() {
     let model = load("affine_cls");
     let rust = common::open("affine_cls");
     let d = rust.weight_dim();
-    let mut o = std::mem::MaybeUninit::<pf_sample_options>::uninit();
-    // SAFETY: writes a whole pf_sample_options.
-    unsafe { pf_sample_options_default(o.as_mut_ptr()) };
-    // SAFETY: initialised by the call above.
-    let mut o = unsafe { o.assume_init() };
+    let mut o = sample_options();
     o.seed = 42;
     o.trace = pf_trace::PF_TRACE_HUTCHINSON as u32;
     o.probes = 4;
@@ -161,6 +166,84 @@ fn c_abi_sample_log_prob_and_predict_equal_the_rust_api() {
     assert_eq!(epi, as_f32(e));
     assert_eq!(pred.ess, rp.ess());
     // SAFETY: frees the handle once.
+    unsafe { pf_model_free(model) };
+}
+
+/// Defaults for this library's whole `pf_sample_options`, through the layout-safe init.
+fn sample_options() -> pf_sample_options {
+    let mut o = std::mem::MaybeUninit::<pf_sample_options>::uninit();
+    let size = std::mem::size_of::<pf_sample_options>() as u32;
+    // SAFETY: `o` has `size` writable bytes; init writes all of them.
+    let st = unsafe { pf_sample_options_init(o.as_mut_ptr(), size) };
+    assert_eq!(st, pf_status::PF_OK, "{}", last_error());
+    // SAFETY: initialised by the call above.
+    unsafe { o.assume_init() }
+}
+
+/// The bytes of a `T` filled with 0xAB and then passed to an exported `*_default` symbol.
+fn bytes_after_default<T>(call: unsafe extern "C" fn(*mut T)) -> Vec<u8> {
+    let size = std::mem::size_of::<T>();
+    let mut v = std::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: every byte is written before it is read; `call` writes at most `size` bytes.
+    unsafe {
+        std::ptr::write_bytes(v.as_mut_ptr().cast::<u8>(), 0xAB, size);
+        call(v.as_mut_ptr());
+        std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), size).to_vec()
+    }
+}
+
+#[test]
+fn exported_default_symbols_write_only_the_first_published_layout() {
+    for (bytes, first) in
+        [(bytes_after_default(pf_sample_options_default), 48), (bytes_after_default(pf_model_options_default), 24)]
+    {
+        assert_eq!(u32::from_ne_bytes(bytes[0..4].try_into().unwrap()), first, "struct_size of the first layout");
+        assert!(bytes[first as usize..].iter().all(|b| *b == 0xAB), "bytes past the first layout stay untouched");
+    }
+}
+
+#[test]
+fn c_abi_start_time_default_explicit_and_refused() {
+    let model = load("affine_anchored");
+    let rust = common::open("affine_anchored");
+    let d = rust.weight_dim();
+    let n = 3;
+    let mut theta = vec![0f32; n * d];
+    let run = |o: &pf_sample_options, theta: &mut Vec<f32>| -> pf_status {
+        // SAFETY: buffers of the stated lengths; options valid.
+        unsafe { pf_sample(model, o, n, theta.as_mut_ptr(), theta.len(), null_mut(), 0, null_mut(), 0) }
+    };
+    let mut o = sample_options();
+    assert_eq!(o.start_time, PF_START_TIME_BUNDLE);
+    o.seed = 3;
+    assert_eq!(run(&o, &mut theta), pf_status::PF_OK, "{}", last_error());
+    let want = rust.sample(n, &rust_opts(3, None, None, TraceMode::None)).unwrap();
+    assert_eq!(theta, want.theta.as_slice().unwrap(), "PF_START_TIME_BUNDLE is the bundle's default");
+    // A caller whose struct stops before start_time gets the bundle's default too.
+    // SAFETY: pf_sample_options is plain old data (integers and floats).
+    let mut short = unsafe { std::ptr::read(&o) };
+    short.struct_size = std::mem::offset_of!(pf_sample_options, start_time) as u32;
+    short.start_time = 0.9; // beyond struct_size: never read
+    assert_eq!(run(&short, &mut theta), pf_status::PF_OK, "{}", last_error());
+    assert_eq!(theta, want.theta.as_slice().unwrap());
+    o.start_time = 0.8;
+    assert_eq!(run(&o, &mut theta), pf_status::PF_OK, "{}", last_error());
+    let want =
+        rust.sample(n, &SampleOptions { start_time: Some(0.8), ..rust_opts(3, None, None, TraceMode::None) }).unwrap();
+    assert_eq!(theta, want.theta.as_slice().unwrap());
+    for bad in [1.5, -0.5, f64::NAN] {
+        o.start_time = bad;
+        assert_eq!(run(&o, &mut theta), pf_status::PF_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("options->start_time"), "{}", last_error());
+    }
+    o.start_time = 1.0;
+    o.trace = pf_trace::PF_TRACE_EXACT as u32;
+    let mut logd = vec![0f32; n];
+    // SAFETY: as above.
+    let st = unsafe { pf_sample(model, &o, n, theta.as_mut_ptr(), theta.len(), logd.as_mut_ptr(), n, null_mut(), 0) };
+    assert_eq!(st, pf_status::PF_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("no density"), "{}", last_error());
+    // SAFETY: frees once.
     unsafe { pf_model_free(model) };
 }
 

@@ -82,4 +82,69 @@ static inline int finish(const char *name) {
     return 0;
 }
 
+#ifdef PF_TEST_REFERENCE
+#include <errno.h>
+
+/* ---- reference numbers (for tests that define PF_TEST_REFERENCE first) ---- */
+
+typedef struct {
+    char name[64];
+    size_t n;
+    double *v;
+} ref_array;
+
+static ref_array g_refs[64];
+static size_t g_nrefs = 0;
+
+static inline int load_reference(const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) {
+        fprintf(stderr, "cannot open reference %s: %s\n", path, strerror(errno));
+        return 0;
+    }
+    while (g_nrefs < 64) {
+        ref_array *r = &g_refs[g_nrefs];
+        if (fscanf(f, "%63s %zu", r->name, &r->n) != 2) break;
+        r->v = (double *)malloc((r->n ? r->n : 1) * sizeof(double));
+        for (size_t i = 0; i < r->n; i++) {
+            if (fscanf(f, "%lf", &r->v[i]) != 1) {
+                fprintf(stderr, "reference %s: bad value %zu of %s\n", path, i, r->name);
+                fclose(f);
+                return 0;
+            }
+        }
+        g_nrefs++;
+    }
+    fclose(f);
+    return 1;
+}
+
+static inline void free_reference(void) {
+    for (size_t i = 0; i < g_nrefs; i++) free(g_refs[i].v);
+    g_nrefs = 0;
+}
+
+/* Compare `n` floats with the reference array `name` (relative 1e-6). */
+static inline void check_ref(const char *name, const float *got, size_t n) {
+    const ref_array *r = NULL;
+    for (size_t i = 0; i < g_nrefs; i++) {
+        if (strcmp(g_refs[i].name, name) == 0) r = &g_refs[i];
+    }
+    CHECK(r != NULL, "reference %s missing", name);
+    if (!r) return;
+    CHECK(r->n == n, "reference %s has %zu values, C produced %zu", name, r->n, n);
+    if (r->n != n) return;
+    size_t bad = 0;
+    for (size_t i = 0; i < n; i++) {
+        double want = r->v[i];
+        if (!(fabs((double)got[i] - want) <= 1e-6 * fmax(1.0, fabs(want)))) {
+            if (bad++ < 3) fprintf(stderr, "  %s[%zu]: C %.9g, Rust %.9g\n", name, i, (double)got[i], want);
+        }
+    }
+    CHECK(bad == 0, "%s: %zu of %zu values differ from the Rust API", name, bad, n);
+}
+
+
+#endif /* PF_TEST_REFERENCE */
+
 #endif /* POSTFLOW_TEST_COMMON_H */

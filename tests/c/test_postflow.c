@@ -12,71 +12,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#define PF_TEST_REFERENCE
 #include "common.h"
 
 /* Inputs shared with tests/ffi.rs (CLS_X, REG_X). */
 static const float CLS_X[8] = {0.5f, -1.0f, 1.5f, 0.25f, -0.75f, 2.0f, 0.0f, 0.0f};
 static const float REG_X[3] = {-1.0f, 0.2f, 1.7f};
 #define SENTINEL 12345.0f
-
-/* ---- reference numbers ---------------------------------------------------- */
-
-typedef struct {
-    char name[64];
-    size_t n;
-    double *v;
-} ref_array;
-
-static ref_array g_refs[64];
-static size_t g_nrefs = 0;
-
-static int load_reference(const char *path) {
-    FILE *f = fopen(path, "r");
-    if (!f) {
-        fprintf(stderr, "cannot open reference %s: %s\n", path, strerror(errno));
-        return 0;
-    }
-    while (g_nrefs < 64) {
-        ref_array *r = &g_refs[g_nrefs];
-        if (fscanf(f, "%63s %zu", r->name, &r->n) != 2) break;
-        r->v = (double *)malloc((r->n ? r->n : 1) * sizeof(double));
-        for (size_t i = 0; i < r->n; i++) {
-            if (fscanf(f, "%lf", &r->v[i]) != 1) {
-                fprintf(stderr, "reference %s: bad value %zu of %s\n", path, i, r->name);
-                fclose(f);
-                return 0;
-            }
-        }
-        g_nrefs++;
-    }
-    fclose(f);
-    return 1;
-}
-
-static void free_reference(void) {
-    for (size_t i = 0; i < g_nrefs; i++) free(g_refs[i].v);
-    g_nrefs = 0;
-}
-
-/* Compare `n` floats with the reference array `name` (relative 1e-6). */
-static void check_ref(const char *name, const float *got, size_t n) {
-    const ref_array *r = NULL;
-    for (size_t i = 0; i < g_nrefs; i++) {
-        if (strcmp(g_refs[i].name, name) == 0) r = &g_refs[i];
-    }
-    CHECK(r != NULL, "reference %s missing", name);
-    if (!r) return;
-    CHECK(r->n == n, "reference %s has %zu values, C produced %zu", name, r->n, n);
-    if (r->n != n) return;
-    size_t bad = 0;
-    for (size_t i = 0; i < n; i++) {
-        double want = r->v[i];
-        if (!(fabs((double)got[i] - want) <= 1e-6 * fmax(1.0, fabs(want)))) {
-            if (bad++ < 3) fprintf(stderr, "  %s[%zu]: C %.9g, Rust %.9g\n", name, i, (double)got[i], want);
-        }
-    }
-    CHECK(bad == 0, "%s: %zu of %zu values differ from the Rust API", name, bad, n);
-}
 
 /* ---- small helpers ---------------------------------------------------------- */
 
@@ -154,16 +96,24 @@ static void test_options_init(void) {
     CHECK(mo.device == PF_DEVICE_CPU && mo.device_id == 0 && mo.intra_op_threads == 0 && mo.onnxruntime_path == NULL &&
               mo.max_sessions == 0,
           "model option defaults");
-    pf_model_options_default(NULL); /* ignored */
+    (pf_model_options_default)(NULL); /* the exported symbol ignores NULL (the macro needs an lvalue) */
+    /* The exported symbol (what binaries built against older headers call) writes only the first layout. */
+    memset(&mo, 0xAB, sizeof mo);
+    (pf_model_options_default)(&mo);
+    CHECK(mo.struct_size == 24 && mo.max_sessions == 0xABABABABu, "exported default: first layout only");
 
     pf_sample_options so;
     memset(&so, 0xAB, sizeof so);
     pf_sample_options_default(&so);
     CHECK(so.struct_size == sizeof so, "sample options struct_size %u", so.struct_size);
     CHECK(so.seed == 0 && so.solver == PF_SOLVER_DEFAULT && so.steps == 0 && so.rtol == 0.0 && so.atol == 0.0 &&
-              so.trace == PF_TRACE_NONE && so.probes == 0 && so.max_steps == 0 && so.batch_size == 0,
+              so.trace == PF_TRACE_NONE && so.probes == 0 && so.max_steps == 0 && so.batch_size == 0 &&
+              so.start_time == PF_START_TIME_BUNDLE,
           "sample option defaults");
-    pf_sample_options_default(NULL);
+    (pf_sample_options_default)(NULL);
+    memset(&so, 0xAB, sizeof so);
+    (pf_sample_options_default)(&so);
+    CHECK(so.struct_size == 48 && so.probes == 0 && so.max_steps == 0xABABABABu, "exported default: first layout only");
 
     /* The layout-safe init functions. */
     memset(&so, 0xAB, sizeof so);
@@ -175,7 +125,7 @@ static void test_options_init(void) {
     CHECK(so.max_steps == 0xABABABABu && so.batch_size == 0xABABABABu, "init 48 must not write past 48 bytes");
     EXPECT_ERR(pf_sample_options_init(NULL, sizeof so), PF_ERR_INVALID_ARGUMENT, "pf_sample_options_init: out is NULL");
     EXPECT_ERR(pf_sample_options_init(&so, 0), PF_ERR_INVALID_ARGUMENT, "struct_size 0 is not a known pf_sample_options size");
-    EXPECT_ERR(pf_sample_options_init(&so, 4096), PF_ERR_INVALID_ARGUMENT, "between 48 and 56 bytes");
+    EXPECT_ERR(pf_sample_options_init(&so, 4096), PF_ERR_INVALID_ARGUMENT, "between 48 and 64 bytes");
     memset(&mo, 0xAB, sizeof mo);
     EXPECT_OK(pf_model_options_init(&mo, 24));
     CHECK(mo.struct_size == 24 && mo.onnxruntime_path == NULL && mo.max_sessions == 0xABABABABu, "model init 24");
@@ -350,7 +300,7 @@ static void test_sample_errors(pf_model *cls) {
     EXPECT_ERR(pf_sample(cls, &bad, 2, theta, 34, logd, 2, se, 2), PF_ERR_INVALID_ARGUMENT, "options->struct_size is 0");
     bad.struct_size = sizeof bad + 1;
     EXPECT_ERR(pf_sample(cls, &bad, 2, theta, 34, logd, 2, se, 2), PF_ERR_INVALID_ARGUMENT,
-               "larger than this library's pf_sample_options (56 bytes)");
+               "larger than this library's pf_sample_options (64 bytes)");
     bad.struct_size = 40;
     EXPECT_ERR(pf_sample(cls, &bad, 2, theta, 34, logd, 2, se, 2), PF_ERR_INVALID_ARGUMENT,
                "smaller than the oldest pf_sample_options layout (48 bytes)");
@@ -557,6 +507,28 @@ static void test_sample_predict(pf_model *cls, pf_model *reg) {
     CHECK(all_equal_to(mean, 3, SENTINEL), "pf_sample_predict wrote outputs on failure");
 }
 
+/* Stored draws (start time 1) and the start-time checks, on the anchored fixture. */
+static void test_anchored(void) {
+    pf_model *m = load_fixture("affine_anchored");
+    pf_model_info info;
+    info.struct_size = sizeof info;
+    EXPECT_OK(pf_model_get_info(m, &info));
+    size_t d = info.weight_dim, n = 5;
+    float *theta = (float *)malloc(n * d * sizeof(float));
+    float logd[5];
+    pf_sample_options o = sample_opts(4, PF_SOLVER_DEFAULT, 0, PF_TRACE_NONE, 0);
+    o.start_time = 1.0;
+    EXPECT_OK(pf_sample(m, &o, n, theta, n * d, NULL, 0, NULL, 0));
+    check_ref("anchored_stored_theta", theta, n * d);
+    o.trace = PF_TRACE_EXACT;
+    EXPECT_ERR(pf_sample(m, &o, n, theta, n * d, logd, n, NULL, 0), PF_ERR_INVALID_ARGUMENT, "no density");
+    o.trace = PF_TRACE_NONE;
+    o.start_time = 2.0;
+    EXPECT_ERR(pf_sample(m, &o, n, theta, n * d, NULL, 0, NULL, 0), PF_ERR_INVALID_ARGUMENT, "options->start_time");
+    free(theta);
+    pf_model_free(m);
+}
+
 static void test_last_error_lifetime(void) {
     /* The message stays until the next failure, successful calls leave it alone. */
     EXPECT_ERR(pf_model_get_info(NULL, NULL), PF_ERR_INVALID_ARGUMENT, "model is NULL");
@@ -596,6 +568,7 @@ int main(int argc, char **argv) {
     test_log_prob(cls);
     test_predict(cls);
     test_sample_predict(cls, reg);
+    test_anchored();
     test_last_error_lifetime();
     pf_model_free(cls);
     pf_model_free(reg);
