@@ -37,9 +37,9 @@ DEFAULTS = {
         "target_accept": 0.8,
         "max_doublings": 10,
         "ensemble_size": 256,  # method = "ensemble": members per chain-sized group
-        # where the NUTS chains run (never changes the draws): "local" (one after another),
-        # "processes" (one process per chain), "ray" (one Ray task per chain at ray_address)
-        "executor": "local",
+        # where the NUTS chains run (never changes the draws): "processes" (one process per chain,
+        # all at once up to `workers`), "local" (one after another), "ray" (one Ray task per chain)
+        "executor": "processes",
         "workers": 0,  # executor = "processes": processes at a time, 0 = one per core
         "ray_address": "",  # executor = "ray": "auto", "HOST:PORT" or "" (a local Ray); --ray-address overrides
     },
