@@ -1,7 +1,7 @@
 // postflow C++17 wrapper: header-only RAII over the C API in postflow.h.
 //
 //   postflow::Model model("bundle_dir");
-//   postflow::SampleOptions opts;            // = pf_sample_options_default()
+//   postflow::SampleOptions opts;            // = pf_sample_options_init(&opts, sizeof opts)
 //   opts.trace = PF_TRACE_HUTCHINSON;
 //   postflow::Samples s = model.sample(100, opts);
 //   postflow::Prediction p = model.predict(x, n_inputs, s.theta, s.n, &s.log_density);
@@ -39,7 +39,7 @@ inline void check(pf_status status) {
 }
 }  // namespace detail
 
-/// Library version at run time ("0.1.0").
+/// Library version at run time (e.g. "0.2.0").
 inline std::string version() { return pf_version(); }
 
 /// pf_model_options with the defaults filled in.

@@ -68,6 +68,20 @@ int main() {
     CHECK(lp.size() == 6 && se.theta == s.theta);
     for (std::size_t i = 0; i < 6; i++) CHECK(std::fabs(lp[i] - se.log_density[i]) < 1e-2f);
 
+    // Start time: the bundle's default unless set; 1 returns the stored draws (no density).
+    postflow::Model anchored(fixture("affine_anchored"));
+    postflow::SampleOptions at;
+    CHECK(at.start_time == PF_START_TIME_BUNDLE);
+    at.seed = 9;
+    postflow::Samples by_default = anchored.sample(4, at);
+    at.start_time = 0.5;  // the fixture's default
+    CHECK(anchored.sample(4, at).theta == by_default.theta);
+    at.start_time = 0.9;
+    CHECK(anchored.sample(4, at).theta != by_default.theta);
+    at.start_time = 1.0;
+    at.trace = PF_TRACE_EXACT;
+    expect_error([&] { anchored.sample(2, at); }, PF_ERR_INVALID_ARGUMENT, "no density");
+
     std::vector<float> x = {0.5f, -1.0f, 1.5f, 0.25f};
     postflow::Prediction p = cls.predict(x, 2, s.theta, 6, &s.log_density);
     CHECK(p.mean.size() == 4 && p.total.size() == 2 && p.ess > 1.0 && p.ess <= 6.0);

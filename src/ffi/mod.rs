@@ -209,7 +209,7 @@ const PREDICTION_MIN: usize = std::mem::offset_of!(pf_prediction, epistemic_len)
 
 static VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
 
-/// The library's version, e.g. "0.1.0" (static storage; never free it). Compare
+/// The library's version, e.g. "0.2.0" (static storage; never free it). Compare
 /// with the header's `PF_VERSION_MAJOR/MINOR/PATCH` to detect a mismatch.
 #[no_mangle]
 pub extern "C" fn pf_version() -> *const c_char {

@@ -100,7 +100,10 @@ class _SampleOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("seed", ctypes.c_uint64), ("solver", ctypes.c_uint32),
                 ("steps", ctypes.c_uint32), ("rtol", ctypes.c_double), ("atol", ctypes.c_double),
                 ("trace", ctypes.c_uint32), ("probes", ctypes.c_uint32), ("max_steps", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32)]
+                ("batch_size", ctypes.c_uint32), ("start_time", ctypes.c_double)]
+
+# pf_sample_options.start_time value that selects the bundle's default start time.
+START_TIME_BUNDLE = -1.0
 
 
 class _Prediction(ctypes.Structure):
@@ -240,7 +243,7 @@ class Model:
         lib = _lib()
         self._handle = None
         opts = _ModelOptions()
-        lib.pf_model_options_default(ctypes.byref(opts))
+        _check(lib.pf_model_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
         opts.device = _enum(device, DEVICES, "device")
         opts.device_id = device_id
         opts.intra_op_threads = intra_op_threads
@@ -283,9 +286,9 @@ class Model:
 
     @staticmethod
     def _options(seed=0, solver="default", steps=0, rtol=0.0, atol=0.0, trace="none", probes=0, max_steps=0,
-                 batch_size=0, struct_size=None) -> _SampleOptions:
+                 batch_size=0, start_time=None, struct_size=None) -> _SampleOptions:
         o = _SampleOptions()
-        _lib().pf_sample_options_default(ctypes.byref(o))
+        _check(_lib().pf_sample_options_init(ctypes.byref(o), ctypes.sizeof(o)))
         o.seed = seed
         o.solver = _enum(solver, SOLVERS, "solver")
         o.steps = steps
@@ -295,6 +298,8 @@ class Model:
         o.probes = probes
         o.max_steps = max_steps
         o.batch_size = batch_size
+        # None: the bundle's default start time (0, the plain flow, for bundles without anchors).
+        o.start_time = START_TIME_BUNDLE if start_time is None else float(start_time)
         if struct_size is not None:
             o.struct_size = struct_size
         return o

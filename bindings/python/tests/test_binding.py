@@ -42,7 +42,7 @@ def reference():
 
 
 def test_version_and_library():
-    assert postflow.version() == "0.1.0"
+    assert postflow.version() == "0.2.0"
     assert postflow.library_path().endswith("libpostflow.so")
 
 
@@ -89,6 +89,24 @@ def test_matches_the_rust_api(cls, reg):
     s = reg.sample(4, seed=11, solver="euler", steps=10, trace="hutchinson-gaussian", probes=2)
     np.testing.assert_allclose(s.theta.ravel(), ref["reg_euler_theta"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(s.stderr, ref["reg_euler_stderr"], rtol=1e-6, atol=1e-6)
+
+
+def test_start_time_matches_the_rust_api():
+    ref = reference()
+    with postflow.Model(FIXTURES / "affine_anchored") as m:
+        s = m.sample(3, seed=21, trace="hutchinson")  # start_time None: the bundle's default, 0.5
+        np.testing.assert_allclose(s.theta.ravel(), ref["anchored_default_theta"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(s.log_density, ref["anchored_default_logd"], rtol=1e-6, atol=1e-6)
+        stored = m.sample(5, seed=4, start_time=1.0)
+        np.testing.assert_allclose(stored.theta.ravel(), ref["anchored_stored_theta"], rtol=1e-6, atol=1e-6)
+        explicit = m.sample(3, seed=21, start_time=0.5, trace="hutchinson")
+        np.testing.assert_array_equal(explicit.theta, s.theta)
+        logd, _ = m.log_prob(s.theta, seed=21, trace="hutchinson", start_time=0.5)  # the same probes
+        np.testing.assert_allclose(logd, s.log_density, atol=1e-3)
+        with pytest.raises(postflow.InvalidArgumentError, match="no density"):
+            m.sample(2, start_time=1.0, trace="exact")
+        with pytest.raises(postflow.InvalidArgumentError, match="options->start_time is 1.5"):
+            m.sample(2, start_time=1.5)
 
 
 def test_sample_properties(cls):
