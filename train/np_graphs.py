@@ -78,6 +78,9 @@ def build(params, jvp):
     g = _Builder()
     one = g.const("one", [1.0])
 
+    def cm(name, a):  # a channel matrix, transposed: it multiplies channels-first tensors from the left
+        return g.const(name, np.ascontiguousarray(a.T))
+
     # time: τ = silu(φ(t) T₁ + c₁) T₂ + c₂, s = silu(τ)
     freqs = np.exp(np.linspace(np.float32(0.0), np.log(np.float32(200.0)), n_freqs // 2, dtype=np.float32))
     targ = g.op("Mul", [g.unsq("t", [1]), g.const("freqs", freqs)])
@@ -85,44 +88,57 @@ def build(params, jvp):
     a1 = g.op("Gemm", [temb, g.const("tau1_w", w["tau1_w"]), g.const("tau1_b", w["tau1_b"])])
     tau = g.op("Gemm", [g.silu(a1)[0], g.const("tau2_w", w["tau2_w"]), g.const("tau2_b", w["tau2_b"])], "tau")
     s = g.silu(tau)[0]
-    tau4, tau3 = g.unsq(tau, [1, 2]), g.unsq(tau, [1])
+    tau3 = g.unsq(tau, [2])                                                         # [B,C,1]
 
-    # split x (and eps) by layer: W_l [o*i], b_l [o]
+    # split x (and eps) by layer: W_l [o*i], b_l [o]; features channels-first
     split = [n for i, o in zip(sizes[:-1], sizes[1:]) for n in (o * i, o)]
     xs = g.ops("Split", ["x", g.ints(split)], [f"x_part{p}" for p in range(len(split))], axis=1)
     es = (g.ops("Split", ["eps", g.ints(split)], [f"eps_part{p}" for p in range(len(split))], axis=2)
           if jvp else None)
-    E, V, dE, dV = [], [], [], []
-    for l, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+    shape = list(zip(sizes[1:], sizes[:-1]))                                        # (o, i) per layer
+    E, V, dE, dV = [], [], [], []                                                   # E [B,C,o,i], V [B,C,o]
+    for l, (n_out, n_in) in enumerate(shape):
         q_out, q_in = w[f"emb.{l + 1}"], w[f"emb.{l}"]
-        alpha = g.const(f"alpha{l}", w[f"alpha.{l}"])
-        beta = g.const(f"beta{l}", w[f"beta.{l}"])
-        w4 = g.op("Reshape", [xs[2 * l], g.ints([-1, n_out, n_in, 1])])
-        e = g.op("Add", [g.op("Mul", [w4, alpha]), g.const(f"qsum{l}", q_out[:, None, :] + q_in[None, :, :])])
-        E.append(g.op("Add", [e, tau4], f"E0_{l}"))
-        b3 = g.op("Reshape", [xs[2 * l + 1], g.ints([-1, n_out, 1])])
-        v = g.op("Add", [g.op("Mul", [b3, beta]), g.const(f"qout{l}", q_out)])
+        alpha = g.const(f"alpha{l}", w[f"alpha.{l}"][:, None])                      # [C,1]
+        beta = g.const(f"beta{l}", w[f"beta.{l}"][:, None])
+        qsum = (q_out[:, None, :] + q_in[None, :, :]).reshape(n_out * n_in, c).T   # [C, o*i]
+        e = g.op("Add", [g.op("Mul", [g.op("Reshape", [xs[2 * l], g.ints([-1, 1, n_out * n_in])]), alpha]),
+                         g.const(f"qsum{l}", qsum)])
+        E.append(g.op("Reshape", [g.op("Add", [e, tau3]), g.ints([0, c, n_out, n_in])], f"E0_{l}"))
+        v = g.op("Add", [g.op("Mul", [g.op("Reshape", [xs[2 * l + 1], g.ints([-1, 1, n_out])]), beta]),
+                         g.const(f"qout{l}", q_out.T)])
         V.append(g.op("Add", [v, tau3], f"V0_{l}"))
         if jvp:
-            dE.append(g.op("Mul", [g.op("Reshape", [es[2 * l], g.ints([0, 0, n_out, n_in, 1])]), alpha], f"dE0_{l}"))
-            dV.append(g.op("Mul", [g.op("Reshape", [es[2 * l + 1], g.ints([0, 0, n_out, 1])]), beta], f"dV0_{l}"))
+            de = g.op("Mul", [g.op("Reshape", [es[2 * l], g.ints([0, 0, 1, n_out * n_in])]), alpha])
+            dE.append(g.op("Reshape", [de, g.ints([0, 0, c, n_out, n_in])], f"dE0_{l}"))
+            dV.append(g.op("Mul", [g.op("Reshape", [es[2 * l + 1], g.ints([0, 0, 1, n_out])]), beta], f"dV0_{l}"))
+
+    def flat3(e, l):  # [B,C,o,i] -> [B,C,o*i]
+        return g.op("Reshape", [e, g.ints([0, c, shape[l][0] * shape[l][1]])])
+
+    def flat4(e, l):  # [B,K,C,o,i] -> [B,K,C,o*i]
+        return g.op("Reshape", [e, g.ints([0, 0, c, shape[l][0] * shape[l][1]])])
+
+    def dsilu(zz, ss):  # silu'(z) = σ(z)(1 + z(1 − σ(z)))
+        return g.op("Mul", [ss, g.op("Add", [g.op("Mul", [zz, g.op("Sub", [one, ss])]), one])])
 
     for k in range(params.blocks):
-        rows = [g.mean(e, [2]) for e in E]          # [B,o,C]
-        cols = [g.mean(e, [1]) for e in E]          # [B,i,C]
-        gl = g.op("Concat", [g.mean(e, [1, 2]) for e in E] + [g.mean(v, [1]) for v in V], axis=1)  # [B,2LC]
+        rows = [g.mean(e, [3]) for e in E]          # [B,C,o]
+        cols = [g.mean(e, [2]) for e in E]          # [B,C,i]
+        # each layer's global mean from its row means (mean over i, then over o): no third big pass
+        gl = g.op("Concat", [g.mean(r, [2]) for r in rows] + [g.mean(v, [2]) for v in V], axis=1)  # [B,2LC]
         N = []
         for m in range(n_layers + 1):
             parts = ([rows[m - 1], V[m - 1]] if m >= 1 else []) + ([cols[m]] if m <= n_layers - 1 else [])
-            N.append(parts[0] if len(parts) == 1 else g.op("Concat", parts, axis=2))
+            N.append(parts[0] if len(parts) == 1 else g.op("Concat", parts, axis=1))   # [B,nd,n_m]
         if jvp:
-            d_rows = [g.mean(e, [3]) for e in dE]   # [B,K,o,C]
-            d_cols = [g.mean(e, [2]) for e in dE]   # [B,K,i,C]
-            dgl = g.op("Concat", [g.mean(e, [2, 3]) for e in dE] + [g.mean(v, [2]) for v in dV], axis=2)
+            d_rows = [g.mean(e, [4]) for e in dE]   # [B,K,C,o]
+            d_cols = [g.mean(e, [3]) for e in dE]   # [B,K,C,i]
+            dgl = g.op("Concat", [g.mean(r, [3]) for r in d_rows] + [g.mean(v, [3]) for v in dV], axis=2)
             dN = []
             for m in range(n_layers + 1):
                 parts = ([d_rows[m - 1], dV[m - 1]] if m >= 1 else []) + ([d_cols[m]] if m <= n_layers - 1 else [])
-                dN.append(parts[0] if len(parts) == 1 else g.op("Concat", parts, axis=3))
+                dN.append(parts[0] if len(parts) == 1 else g.op("Concat", parts, axis=2))
         fw, fb = w[f"film_w.{k}"], w[f"film_b.{k}"]
         newE, newV, new_dE, new_dV = [], [], [], []
         for l in range(n_layers):
@@ -132,55 +148,52 @@ def build(params, jvp):
                                   g.const(f"film_b{p}.{q}", fb[(4 * l + q) * c:(4 * l + q + 1) * c])])
                     for q in range(4)]
             ge1, be, gv1, bv = g.op("Add", [film[0], one]), film[1], g.op("Add", [film[2], one]), film[3]
-            ge1_3 = g.unsq(ge1, [1])
-            theta, mt, ms = (g.const(n + p, w[n + p]) for n in ("theta", "mt", "ms"))
-            gam = g.const("gam" + p, w["gam" + p])
-            # weights: Z = (E Θ)(1+γ) + row_i + col_j
-            row = g.op("Add", [g.op("MatMul", [N[l + 1], mt]),
-                               g.unsq(g.op("Gemm", [gl, gam, g.const("be" + p, w["be" + p])]), [1])])
-            row = g.op("Add", [g.op("Mul", [row, ge1_3]), g.unsq(be, [1])])            # [B,o,C]
-            col = g.op("Mul", [g.op("MatMul", [N[l], ms]), ge1_3])                     # [B,i,C]
-            ge1_4 = g.unsq(ge1, [1, 2])
-            z = g.op("Mul", [g.op("MatMul", [E[l], theta]), ge1_4])
-            z = g.op("Add", [g.op("Add", [z, g.unsq(row, [2])]), g.unsq(col, [1])])
+            ge1_c = g.unsq(ge1, [2])                                                    # [B,C,1]
+            mt, ms, gam = cm("mt" + p, w["mt" + p]), cm("ms" + p, w["ms" + p]), g.const("gam" + p, w["gam" + p])
+            # weights: Z = (Θᵀ ⊙ (1+γ)) E + row_i + col_j, one batched product per layer
+            theta_b = g.op("Mul", [cm("theta" + p, w["theta" + p]), ge1_c])           # [B,C,C]
+            row = g.op("Add", [g.op("MatMul", [mt, N[l + 1]]),
+                               g.unsq(g.op("Gemm", [gl, gam, g.const("be" + p, w["be" + p])]), [2])])
+            row = g.op("Add", [g.op("Mul", [row, ge1_c]), g.unsq(be, [2])])            # [B,C,o]
+            col = g.op("Mul", [g.op("MatMul", [ms, N[l]]), ge1_c])                     # [B,C,i]
+            z = g.op("Reshape", [g.op("MatMul", [theta_b, flat3(E[l], l)]), g.ints([0, c, *shape[l]])])
+            z = g.op("Add", [g.op("Add", [z, g.unsq(row, [3])]), g.unsq(col, [2])])
             act, sig = g.silu(z)
             newE.append(g.op("Add", [E[l], act], f"E{k + 1}_{l}"))
             # biases
-            theta_b, mb = g.const("theta_b" + p, w["theta_b" + p]), g.const("mb" + p, w["mb" + p])
+            thb, mb = cm("theta_b" + p, w["theta_b" + p]), cm("mb" + p, w["mb" + p])
             gam_b = g.const("gam_b" + p, w["gam_b" + p])
-            hv = g.op("Add", [g.op("MatMul", [V[l], theta_b]), g.op("MatMul", [N[l + 1], mb])])
-            hv = g.op("Add", [hv, g.unsq(g.op("Gemm", [gl, gam_b, g.const("bv" + p, w["bv" + p])]), [1])])
-            zv = g.op("Add", [g.op("Mul", [hv, g.unsq(gv1, [1])]), g.unsq(bv, [1])])
+            hv = g.op("Add", [g.op("MatMul", [thb, V[l]]), g.op("MatMul", [mb, N[l + 1]])])
+            hv = g.op("Add", [hv, g.unsq(g.op("Gemm", [gl, gam_b, g.const("bv" + p, w["bv" + p])]), [2])])
+            zv = g.op("Add", [g.op("Mul", [hv, g.unsq(gv1, [2])]), g.unsq(bv, [2])])
             act_v, sig_v = g.silu(zv)
             newV.append(g.op("Add", [V[l], act_v], f"V{k + 1}_{l}"))
             if not jvp:
                 continue
-            # silu'(z) = σ(z)(1 + z(1 − σ(z)))
-            def dsilu(zz, ss):
-                return g.op("Mul", [ss, g.op("Add", [g.op("Mul", [zz, g.op("Sub", [one, ss])]), one])])
-            ge1_K = g.unsq(ge1, [1, 2])                                                   # [B,1,1,C]
-            d_row = g.op("Add", [g.op("MatMul", [dN[l + 1], mt]), g.unsq(g.op("MatMul", [dgl, gam]), [2])])
-            d_row = g.op("Mul", [d_row, ge1_K])                                          # [B,K,o,C]
-            d_col = g.op("Mul", [g.op("MatMul", [dN[l], ms]), ge1_K])                    # [B,K,i,C]
-            dz = g.op("Mul", [g.op("MatMul", [dE[l], theta]), g.unsq(ge1, [1, 2, 3])])   # [B,K,o,i,C]
-            dz = g.op("Add", [g.op("Add", [dz, g.unsq(d_row, [3])]), g.unsq(d_col, [2])])
+            ge1_k = g.unsq(ge1, [1, 3])                                                 # [B,1,C,1]
+            d_row = g.op("Add", [g.op("MatMul", [mt, dN[l + 1]]), g.unsq(g.op("MatMul", [dgl, gam]), [3])])
+            d_row = g.op("Mul", [d_row, ge1_k])                                        # [B,K,C,o]
+            d_col = g.op("Mul", [g.op("MatMul", [ms, dN[l]]), ge1_k])                  # [B,K,C,i]
+            dz = g.op("MatMul", [g.unsq(theta_b, [1]), flat4(dE[l], l)])               # [B,K,C,o*i]
+            dz = g.op("Reshape", [dz, g.ints([0, 0, c, *shape[l]])])
+            dz = g.op("Add", [g.op("Add", [dz, g.unsq(d_row, [4])]), g.unsq(d_col, [3])])
             new_dE.append(g.op("Add", [dE[l], g.op("Mul", [dz, g.unsq(dsilu(z, sig), [1])])], f"dE{k + 1}_{l}"))
-            dhv = g.op("Add", [g.op("MatMul", [dV[l], theta_b]), g.op("MatMul", [dN[l + 1], mb])])
-            dhv = g.op("Add", [dhv, g.unsq(g.op("MatMul", [dgl, gam_b]), [2])])
-            dzv = g.op("Mul", [dhv, g.unsq(gv1, [1, 2])])
+            dhv = g.op("Add", [g.op("MatMul", [thb, dV[l]]), g.op("MatMul", [mb, dN[l + 1]])])
+            dhv = g.op("Add", [dhv, g.unsq(g.op("MatMul", [dgl, gam_b]), [3])])
+            dzv = g.op("Mul", [dhv, g.unsq(gv1, [1, 3])])
             new_dV.append(g.op("Add", [dV[l], g.op("Mul", [dzv, g.unsq(dsilu(zv, sig_v), [1])])], f"dV{k + 1}_{l}"))
         E, V, dE, dV = newE, newV, new_dE, new_dV
 
     # decoder: y(W_l) = E_l u_l + o_l, y(b_l) = V_l uᵇ_l + oᵇ_l, in the flat layout
     ys, dys = [], []
-    for l, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        u, ub = g.const(f"dec_w{l}", w[f"dec_w.{l}"][:, None]), g.const(f"dec_b{l}", w[f"dec_b.{l}"][:, None])
-        yw = g.op("Add", [g.op("MatMul", [E[l], u]), g.const(f"dec_o{l}", w[f"dec_o.{l}"].reshape(1))])
-        yb = g.op("Add", [g.op("MatMul", [V[l], ub]), g.const(f"dec_ob{l}", w[f"dec_ob.{l}"].reshape(1))])
+    for l, (n_out, n_in) in enumerate(shape):
+        u, ub = g.const(f"dec_w{l}", w[f"dec_w.{l}"][None, :]), g.const(f"dec_b{l}", w[f"dec_b.{l}"][None, :])
+        yw = g.op("Add", [g.op("MatMul", [u, flat3(E[l], l)]), g.const(f"dec_o{l}", w[f"dec_o.{l}"].reshape(1))])
+        yb = g.op("Add", [g.op("MatMul", [ub, V[l]]), g.const(f"dec_ob{l}", w[f"dec_ob.{l}"].reshape(1))])
         ys += [g.op("Reshape", [yw, g.ints([-1, n_out * n_in])]), g.op("Reshape", [yb, g.ints([-1, n_out])])]
         if jvp:
-            dys += [g.op("Reshape", [g.op("MatMul", [dE[l], u]), g.ints([0, 0, n_out * n_in])]),
-                    g.op("Reshape", [g.op("MatMul", [dV[l], ub]), g.ints([0, 0, n_out])])]
+            dys += [g.op("Reshape", [g.op("MatMul", [u, flat4(dE[l], l)]), g.ints([0, 0, n_out * n_in])]),
+                    g.op("Reshape", [g.op("MatMul", [ub, dV[l]]), g.ints([0, 0, n_out])])]
     x1 = params.pred == "x1"
     y = g.op("Concat", ys, None if x1 else "v", axis=1)
     if x1:  # v = (y − x) / max(1 − t, clip)
