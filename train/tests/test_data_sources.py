@@ -1,8 +1,6 @@
 """Data sources (csv:, npz:, every tabular scikit-learn loader), the refusals that name file, line
 and column, `python -m train init`, and the build's no-partial-bundle rename. All fast: no NUTS."""
 
-import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -22,6 +20,12 @@ def dcfg(source, task="classification", **kw):
 
 def cfg_of(source, task="classification", **kw):
     return {"seed": 0, "data": dcfg(source, task, **kw)}
+
+
+def cli(argv):
+    """`python -m train ARGV` in this process (the same main(); no second interpreter to start)."""
+    from train.__main__ import main
+    return main(argv)
 
 
 def write(path, text):
@@ -201,12 +205,10 @@ def test_missing_file_and_unknown_source(tmp_path):
 
 # --- init ------------------------------------------------------------------------------------
 
-def test_init_writes_a_config_sized_from_the_data(tmp_path):
+def test_init_writes_a_config_sized_from_the_data(tmp_path, capsys):
     p = classes_csv(tmp_path, n=60)
     out = tmp_path / "configs" / "mine.toml"
-    r = subprocess.run([sys.executable, "-m", "train", "init", str(p), "--target", "label",
-                        "--task", "classification", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert cli(["init", str(p), "--target", "label", "--task", "classification", "--out", str(out)]) == 0
     raw = tomllib.loads(out.read_text())
     assert "name" not in raw and raw["data"]["source"] == "csv:../d.csv" and raw["data"]["target"] == "label"
     assert raw["network"]["hidden"] == [16, 16] and raw["posterior"]["executor"] == "processes"
@@ -214,9 +216,9 @@ def test_init_writes_a_config_sized_from_the_data(tmp_path):
     assert cfg["name"] == "my_bundle"
     d = data.load(cfg, base=out.parent)
     assert list(d["class_names"]) == ["cat", "dog", "emu"]
-    r = subprocess.run([sys.executable, "-m", "train", "init", str(p), "--target", "nope", "--task",
-                        "classification", "--out", str(tmp_path / "x.toml")], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "no target column 'nope'" in r.stderr
+    assert cli(["init", str(p), "--target", "nope", "--task", "classification", "--out", str(tmp_path / "x.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no target column 'nope'" in err
     assert not (tmp_path / "x.toml").exists()
 
 
@@ -272,12 +274,10 @@ def test_no_partial_bundle_at_out(tmp_path, monkeypatch):
     assert not (out / "stale").exists() and sorted(p.name for p in (tmp_path / "models").iterdir()) == ["mine"]
 
 
-def test_build_refuses_bad_data_with_one_error_line(tmp_path):
+def test_build_refuses_bad_data_with_one_error_line(tmp_path, capsys):
     p = write(tmp_path / "bad.csv", "a,y\n1,0\nx,1\n")
     cfg = write(tmp_path / "c.toml", f'[data]\nsource = "csv:bad.csv"\ntarget = "y"\n')
-    r = subprocess.run([sys.executable, "-m", "train", "build", str(cfg), "--out", str(tmp_path / "b"),
-                        "--work", str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.strip().splitlines()[-1] == (f"error: {p}: line 3, column 1 ('a'): 'x' is not a number "
-                                                 "(non-numeric feature)")
+    assert cli(["build", str(cfg), "--out", str(tmp_path / "b"), "--work", str(tmp_path / "w")]) == 2
+    assert capsys.readouterr().err == (f"error: {p}: line 3, column 1 ('a'): 'x' is not a number "
+                                       "(non-numeric feature)\n")
     assert not (tmp_path / "b").exists()
