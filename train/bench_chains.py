@@ -1,0 +1,56 @@
+"""Wall time of a config's NUTS chains, sequential (`local`) against one process per chain
+(`processes`), alternated `--reps` times, and whether the draws are bitwise equal:
+
+    nice -n 10 .venv/bin/python -m train.bench_chains train/configs/digits.toml --chains 2 --warmup 100 --draws 50
+
+The data and MAP stages run first (not timed); each timed run includes its JIT compilation (and,
+for processes, starting the interpreters), as in a build."""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+
+from . import config, data, map as map_stage, posterior
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m train.bench_chains", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("--chains", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--draws", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    cfg = config.load(args.config)
+    cfg["posterior"].update(chains=args.chains, warmup=args.warmup, draws=args.draws)
+    d = data.load(cfg, os.path.dirname(os.path.abspath(args.config)))
+    spec = posterior.chain_spec(cfg, d, map_stage.run(cfg, d))
+    res = {"config": args.config, "chains": args.chains, "warmup": args.warmup, "draws": args.draws,
+           "cores": os.cpu_count(), "local": [], "processes": [], "load1": [], "identical": True}
+    ref = None
+    for _ in range(args.reps):
+        for ex in ("local", "processes"):
+            res["load1"].append(round(os.getloadavg()[0], 1))
+            t0 = time.time()
+            draws, _ = posterior.run_chains(spec, args.chains, ex, workers=args.workers)
+            res[ex].append(round(time.time() - t0, 1))
+            draws = np.stack(draws)
+            ref = draws if ref is None else ref
+            res["identical"] &= bool(np.array_equal(ref, draws))
+            print(f"{ex}: {res[ex][-1]} s (1-min load average {res['load1'][-1]})", flush=True)
+    res["speedup"] = [round(a / b, 2) for a, b in zip(res["local"], res["processes"])]
+    print(json.dumps(res), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
