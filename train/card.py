@@ -62,7 +62,7 @@ def start_time_section(ctx, man):
     names = {"stored": f"stored anchors ({info['dtype']}, {info['count']})", "f32": f"same anchors, f32",
              "all_training_draws": f"all {info['training_draws']} training draws"}
     L += ["| draws | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    L += [f"| {names[k]} | " + " | ".join(_fmt(v[c]) for c in cols) + " |" for k, v in info["t1_bma"].items()]
+    L += [f"| {names[k]} | " + " | ".join(f"{v[c]:.5f}" for c in cols) + " |" for k, v in info["t1_bma"].items()]
     from .evaluate import start_time_failures
     epi_name = "mutual information" if classification else "epistemic variance"
     L += ["", "Sampling at start time t₀ starts from t₀·a + (1 − t₀)·z around a uniformly chosen stored draw a "
