@@ -165,3 +165,18 @@ def test_default_start_time_rule_regression():
     assert evaluate.choose_start_time(rows, hmc, False)[0] == 0.8
     rows = [reg(0.0, 1.0, 0.9, r=2.0), reg(1.0, 1.0, 0.9, r=2.0)]
     assert evaluate.choose_start_time(rows, hmc, False)[0] == 1.0
+
+
+def test_anchor_budget_fills_the_bundle_size_limit(tmp_path):
+    (tmp_path / "graphs").mkdir()
+    for name, size in (("flow", 300_000), ("flow_jvp", 310_000), ("net", 5_000)):
+        (tmp_path / "graphs" / f"{name}.onnx").write_bytes(b"\0" * size)
+    tens = {"eval.x": np.zeros((10, 3), np.float32)}
+    bcfg = {"max_bytes": 1_000_000, "reserve_bytes": 50_000, "max_anchors": 0}
+    ctx = {"work": tmp_path, "cfg": {"bundle": bcfg}}
+    other = bundle.other_bytes(ctx, tens)
+    assert other > 300_000 + 310_000 + 5_000 + 50_000 + 120  # graphs, reserve, the tensors file
+    n = bundle.anchor_budget(ctx, tens, 100, 2)
+    assert other + n * 200 + 256 <= 1_000_000 < other + (n + 1) * 200 + 256
+    bcfg["max_anchors"] = 17
+    assert bundle.anchor_budget(ctx, tens, 100, 2) == 17
