@@ -153,7 +153,9 @@ def render(ctx, man, figs):
           "weights scaled back (exact for ReLU; last layer untouched)",
           "- whitening: per-coordinate mean and sd of the training samples (`flow.whiten.*`)", ""]
     L += ["## Flow", "",
-          f"- velocity MLP {fl['hidden']} (SiLU) on [x, {fl['time_freqs']} sinusoidal time features]; "
+          (f"- velocity: {fl['hidden']} (train/np_field.py), {fl['time_freqs']} sinusoidal time features; "
+           if fl.get("field") == "np" else
+           f"- velocity MLP {fl['hidden']} (SiLU) on [x, {fl['time_freqs']} sinusoidal time features]; ") +
           f"coupling `{fl['coupling']}`, σ = {fl['sigma']}; AdamW lr {fl['optimizer']['lr']}, "
           f"{fl['steps']} steps of batch {fl['batch']}, EMA {fl['ema']}",
           f"- trained on {fl['train_samples']} samples; final CFM loss (per coordinate) train "
