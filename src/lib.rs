@@ -17,6 +17,7 @@ pub mod predict;
 pub mod rng;
 pub mod runtime;
 pub mod sampler;
+pub mod spread;
 pub mod trace;
 
 pub use bundle::Limits;

@@ -432,3 +432,75 @@ fn eval_settings_table_and_plot() {
         &["/no/such/dir/p.svg"],
     );
 }
+
+/// `eval` at start time 1 with as many samples as anchors is the model average of the
+/// stored draws themselves; `--sweep` reports every start time; bad start times are errors.
+#[test]
+fn eval_start_times_and_sweep() {
+    let bundle = common::fixture("affine_anchored");
+    let b = path_str(&bundle);
+    let model = common::open("affine_anchored");
+    let n = model.anchor_count();
+    let r = json(&["eval", b, "--json", "-q", "--start-time", "1", "-n", &n.to_string()]);
+    assert_eq!(r["flow"]["start_time"], 1.0);
+    let t = model.tensors();
+    let d = model.weight_dim();
+    let anchors = t.anchors.as_ref().unwrap();
+    let theta = ndarray::Array2::from_shape_fn((n, d), |(i, j)| t.whiten_mean[j] + t.whiten_scale[j] * anchors[[i, j]]);
+    let p = model.predict(t.eval_x.view(), theta.view(), None, &PredictOptions::default()).unwrap();
+    let Prediction::Classification(c) = p else { panic!("classification fixture") };
+    let labels = match &t.eval {
+        postflow::bundle::EvalTargets::Classification { labels, .. } => labels.clone(),
+        _ => unreachable!(),
+    };
+    let nll = c.probs.rows().into_iter().zip(&labels).map(|(row, y)| -row[*y as usize].ln()).sum::<f64>()
+        / labels.len() as f64;
+    let got = r["methods"]["flow"]["nll"].as_f64().unwrap();
+    assert!(close(got, nll, 1e-9), "eval at t0 = 1: nll {got} vs the anchors' average {nll}");
+    let mem = r["methods"]["flow"]["memorization_ratio"].as_f64().unwrap();
+    assert!(mem < 1e-3, "stored draws are at distance 0 from themselves: {mem}");
+    let map_epi = r["methods"]["map"]["epistemic_ratio_eval"].as_f64().unwrap();
+    assert!(map_epi.abs() < 1e-9, "one net has no epistemic spread: {map_epi}");
+
+    // The default start time is the bundle's; --sweep adds one row per start time.
+    let r = json(&["eval", b, "--json", "-q", "-n", "40", "--sweep"]);
+    assert_eq!(r["flow"]["start_time"], model.default_start_time());
+    let rows = r["sweep"].as_array().unwrap();
+    let times: Vec<f64> = rows.iter().map(|row| row["start_time"].as_f64().unwrap()).collect();
+    assert_eq!(times, [0.0, 0.5, 0.8, 0.9, 0.95, 1.0]);
+    for row in rows {
+        for key in
+            ["tv", "nll", "ece", "agreement", "memorization_ratio", "epistemic_ratio_eval", "epistemic_ratio_ood"]
+        {
+            assert!(row[key].as_f64().is_some_and(f64::is_finite), "{key} in {row}");
+        }
+    }
+    // The default row of the sweep is the main result (same seed and options).
+    assert_eq!(rows[1]["tv"], r["methods"]["flow"]["tv"]);
+    let text = ok(&["eval", b, "-q", "-n", "40", "--sweep"]);
+    assert!(text.contains("t0 = 0.5 *") && text.contains("mem.ratio") && text.contains("epi.ood"), "{text}");
+
+    // Without anchors the sweep has the plain flow only, and t0 > 0 is refused.
+    let plain = common::fixture("affine_cls");
+    let r = json(&["eval", path_str(&plain), "--json", "-q", "-n", "20", "--sweep"]);
+    assert_eq!(r["sweep"].as_array().unwrap().len(), 1);
+    assert!(r["methods"]["flow"].get("memorization_ratio").is_none());
+    assert_one_line_error(&postflow(&["eval", path_str(&plain), "-q", "--start-time", "0.5"]), &["flow.anchors"]);
+    assert_one_line_error(&postflow(&["eval", b, "-q", "--start-time", "1.5"]), &["start_time must be in [0, 1]"]);
+    assert_one_line_error(
+        &postflow(&[
+            "sample",
+            b,
+            "-q",
+            "--start-time",
+            "1",
+            "--trace",
+            "exact",
+            "-n",
+            "2",
+            "-o",
+            "/tmp/never.safetensors",
+        ]),
+        &["no density"],
+    );
+}

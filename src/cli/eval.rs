@@ -19,10 +19,32 @@ use super::predict::{draw, recorded_flow_samples, DEFAULT_SAMPLES};
 use super::{plot, ModelArgs, SolverArg};
 use crate::bundle::{EvalTargets, Task};
 use crate::metrics::{nll_from_logits, ClassificationMetrics, RegressionMetrics};
-use crate::{Error, Model, PredictOptions, Prediction, Result, SampleOptions, SolverKind};
+use crate::{spread, Error, Model, PredictOptions, Prediction, Result, SampleOptions, SolverKind};
 
 /// Groups of the delete-a-group jackknife for the flow metrics' standard errors.
 pub const JACKKNIFE_GROUPS: usize = 10;
+
+/// Start times of `--sweep` (the pipeline's sweep uses the same ones).
+pub const SWEEP_START_TIMES: [f64; 6] = [0.0, 0.5, 0.8, 0.9, 0.95, 1.0];
+
+/// The spread columns (keys of `spread_of`) and their table headers.
+const SPREAD_COLUMNS: [(&str, &str); 3] =
+    [("memorization_ratio", "mem.ratio"), ("epistemic_ratio_eval", "epi.eval"), ("epistemic_ratio_ood", "epi.ood")];
+
+/// Memorization ratio (with anchors) and epistemic ratios on the eval inputs and,
+/// when the bundle has them, on `eval.ood_x`, of weight samples `theta`.
+fn spread_of(model: &Model, theta: ArrayView2<f32>) -> Result<Map<String, Value>> {
+    let t = model.tensors();
+    let mut m = Map::new();
+    if let Some(r) = spread::memorization_ratio(model, theta) {
+        m.insert("memorization_ratio".into(), json!(r));
+    }
+    m.insert("epistemic_ratio_eval".into(), json!(spread::epistemic_ratio(model, t.eval_x.view(), theta)?));
+    if let Some(ood) = &t.ood_x {
+        m.insert("epistemic_ratio_ood".into(), json!(spread::epistemic_ratio(model, ood.view(), theta)?));
+    }
+    Ok(m)
+}
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -49,6 +71,13 @@ pub struct EvalArgs {
     /// Samples per ONNX Runtime call (0: default).
     #[arg(long, default_value_t = 0)]
     batch: usize,
+    /// Start time t0 in [0, 1] (default: the bundle's flow.default_start_time, else 0).
+    #[arg(long, value_name = "T0")]
+    start_time: Option<f64>,
+    /// Also evaluate every start time of the sweep (0, 0.5, 0.8, 0.9, 0.95, 1; only 0
+    /// without anchors), beside the manifest's reference_metrics.start_time_sweep.
+    #[arg(long)]
+    sweep: bool,
     /// Machine-readable JSON instead of the table.
     #[arg(long)]
     json: bool,
@@ -139,6 +168,29 @@ fn jackknife(
     Ok(Some(Value::Object(se)))
 }
 
+fn extend(metrics: &mut Value, more: Map<String, Value>) {
+    if let Value::Object(m) = metrics {
+        m.extend(more);
+    }
+}
+
+/// The averaged-prediction metrics against HMC and the spread, at every start time of
+/// the sweep (only 0 without anchors), each from `n` samples with the same options.
+fn run_sweep(model: &Model, base: &SampleOptions, n: usize, targets: &EvalTargets, quiet: bool) -> Result<Value> {
+    let times: &[f64] = if model.anchor_count() > 0 { &SWEEP_START_TIMES } else { &SWEEP_START_TIMES[..1] };
+    let x = model.tensors().eval_x.view();
+    let mut rows = Vec::with_capacity(times.len());
+    for &t0 in times {
+        let drawn = draw(model, n, &SampleOptions { start_time: Some(t0), ..base.clone() }, quiet)?;
+        let p = model.predict(x, drawn.theta.view(), None, &PredictOptions::default())?;
+        let mut row = json!({"start_time": t0});
+        extend(&mut row, metrics_of(&predictive(&p), targets, true)?.as_object().cloned().unwrap_or_default());
+        extend(&mut row, spread_of(model, drawn.theta.view())?);
+        rows.push(row);
+    }
+    Ok(Value::Array(rows))
+}
+
 pub fn run_eval(args: &EvalArgs) -> Result<()> {
     let model = args.model.open()?;
     let rm = model.manifest().reference_metrics.clone();
@@ -167,8 +219,10 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
         rtol: args.rtol,
         atol: args.atol,
         batch_size: args.batch,
+        start_time: args.start_time,
         ..SampleOptions::default()
     };
+    let start_time = args.start_time.unwrap_or_else(|| model.default_start_time());
     let default = model.default_solver();
     let kind = solver.unwrap_or(default.kind);
     let solver_json = if kind == SolverKind::Dopri5 {
@@ -187,14 +241,17 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
     let reference = Array2::from_shape_vec((1, d), model.tensors().reference_theta.clone()).expect("[1, D]");
     let map = predictive(&model.predict(x, reference.view(), None, &PredictOptions::default())?);
 
-    let flow_metrics = metrics_of(&flow, &targets, true)?;
+    let mut flow_metrics = metrics_of(&flow, &targets, true)?;
+    extend(&mut flow_metrics, spread_of(&model, drawn.theta.view())?);
     let hmc_metrics = metrics_of(&hmc, &targets, false)?;
     let mut map_metrics = metrics_of(&map, &targets, true)?;
+    extend(&mut map_metrics, spread_of(&model, reference.view())?);
     if let EvalTargets::Classification { labels, .. } = &targets {
         let logits = model.net_outputs(x, reference.view())?;
         map_metrics["nll"] = json!(nll_from_logits(logits.index_axis(Axis(0), 0), labels.as_slice())?);
     }
     let stderr = jackknife(&model, x, drawn.theta.view(), &targets)?;
+    let sweep = if args.sweep { Some(run_sweep(&model, &options, n, &targets, args.model.quiet)?) } else { None };
 
     let task_name = match model.manifest().task {
         Task::Classification { .. } => "classification",
@@ -208,6 +265,8 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
         "flow": {
             "samples": n,
             "seed": seed,
+            "start_time": start_time,
+            "anchors": model.anchor_count(),
             "solver": solver_json,
             "seconds": drawn.seconds,
             "samples_per_second": n as f64 / drawn.seconds,
@@ -215,6 +274,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
         },
         "methods": {"flow": flow_metrics, "hmc": hmc_metrics, "map": map_metrics},
         "flow_stderr": stderr,
+        "sweep": sweep,
         "reference_metrics": rm,
     });
 
@@ -251,14 +311,16 @@ fn eval_text(model: &Model, r: &Value) -> String {
         Some(steps) => format!("{} {steps} steps", solver["method"].as_str().unwrap_or("")),
         None => format!("{} rtol {} atol {}", solver["method"].as_str().unwrap_or(""), solver["rtol"], solver["atol"]),
     };
+    let t0 = f["start_time"].as_f64().unwrap_or(0.0);
     let _ = writeln!(
         o,
-        "flow: {} samples (seed {}, {solver_text}) in {:.2} s: {:.0} posterior samples/s",
+        "flow: {} samples (seed {}, {solver_text}, start time {t0}) in {:.2} s: {:.0} posterior samples/s",
         f["samples"],
         f["seed"],
         f["seconds"].as_f64().unwrap_or(0.0),
         f["samples_per_second"].as_f64().unwrap_or(0.0)
     );
+    let _ = writeln!(o, "{}", start_time_note(t0, f["anchors"].as_u64().unwrap_or(0)));
     let _ = writeln!(o);
     let recorded = r["reference_metrics"].get("methods").and_then(Value::as_object);
     let mut rows: Vec<(String, Value)> = Vec::new();
@@ -284,6 +346,47 @@ fn eval_text(model: &Model, r: &Value) -> String {
         }
     }
     o.push_str(&metrics_table(task, &rows));
+    let _ = writeln!(o);
+    let manifest_sweep = r["reference_metrics"].get("start_time_sweep").and_then(Value::as_array);
+    let recorded_spread = manifest_sweep.and_then(|rows| sweep_row(rows, t0));
+    let mut spread_rows = vec![("flow BMA".to_string(), r["methods"]["flow"].clone())];
+    if let Some(m) = recorded_spread {
+        spread_rows.push(("  manifest".to_string(), m.clone()));
+    }
+    spread_rows.push((
+        "HMC (held-out chain)".to_string(),
+        json!({"epistemic_ratio_eval": 1.0, "epistemic_ratio_ood": 1.0, "memorization_ratio": 1.0}),
+    ));
+    spread_rows.push(("MAP".to_string(), r["methods"]["map"].clone()));
+    o.push_str(&table(&SPREAD_COLUMNS, &spread_rows));
+    let _ = writeln!(
+        o,
+        "spread: mem.ratio = median distance (whitened) from samples to the nearest stored draw, over the same for \
+         the held-out HMC chain; epi.eval/epi.ood = mean epistemic uncertainty (classification: mutual \
+         information; regression: variance of the means) over the held-out chain's, on the eval and OOD inputs"
+    );
+    if let Some(rows) = r["sweep"].as_array() {
+        let _ =
+            writeln!(o, "\nstart-time sweep (this runtime; manifest rows from reference_metrics.start_time_sweep):");
+        let mut sweep_rows = Vec::new();
+        for row in rows {
+            let t = row["start_time"].as_f64().unwrap_or(f64::NAN);
+            let mark = if (t - t0).abs() < 1e-12 { " *" } else { "" };
+            sweep_rows.push((format!("t0 = {t}{mark}"), row.clone()));
+            if let Some(m) = manifest_sweep.and_then(|rows| sweep_row(rows, t)) {
+                sweep_rows.push(("  manifest".to_string(), m.clone()));
+            }
+        }
+        let columns: Vec<(&str, &str)> = match task {
+            Task::Classification { .. } => {
+                vec![("tv", "tv"), ("nll", "nll"), ("ece", "ece"), ("agreement", "agreement")]
+            }
+            Task::Regression { .. } => vec![("nll", "nll"), ("rmse", "rmse"), ("coverage90", "coverage90")],
+        };
+        let columns: Vec<(&str, &str)> = columns.into_iter().chain(SPREAD_COLUMNS).collect();
+        o.push_str(&table(&columns, &sweep_rows));
+        let _ = writeln!(o, "* the start time used above");
+    }
     let rm = &r["reference_metrics"];
     if let (Some(_), Some(fs)) = (recorded, rm.get("flow_samples")) {
         let mut note = format!("\nmanifest flow metrics: {fs} samples");
@@ -312,22 +415,54 @@ fn fmt_num(x: f64) -> String {
     }
 }
 
+/// The row of a manifest sweep (`reference_metrics.start_time_sweep`) at start time `t0`.
+fn sweep_row(rows: &[Value], t0: f64) -> Option<&Value> {
+    rows.iter().find(|r| r.get("start_time").and_then(Value::as_f64).is_some_and(|t| (t - t0).abs() < 1e-9))
+}
+
+/// One line on what the start time means for the samples.
+fn start_time_note(t0: f64, anchors: u64) -> String {
+    if t0 == 0.0 {
+        format!("start time 0: fresh flow samples from N(0, I) ({anchors} stored draws in the bundle)")
+    } else if t0 == 1.0 {
+        format!("start time 1: the {anchors} stored posterior draws themselves (the exact HMC average of those draws)")
+    } else {
+        format!(
+            "start time {t0}: each sample starts at {t0}·a + {:.2}·z around one of the {anchors} stored draws a; \
+             near 1 the samples are close copies of stored draws (see mem.ratio)",
+            1.0 - t0
+        )
+    }
+}
+
 /// A text table of metrics: one row per (label, JSON object of metric → number or text).
 pub(super) fn metrics_table(task: &Task, rows: &[(String, Value)]) -> String {
-    let columns: &[&str] = match task {
-        Task::Classification { .. } => &["accuracy", "nll", "ece", "brier", "agreement", "tv"],
-        Task::Regression { .. } => &["rmse", "nll", "coverage90"],
+    let columns: &[(&str, &str)] = match task {
+        Task::Classification { .. } => &[
+            ("accuracy", "accuracy"),
+            ("nll", "nll"),
+            ("ece", "ece"),
+            ("brier", "brier"),
+            ("agreement", "agreement"),
+            ("tv", "tv"),
+        ],
+        Task::Regression { .. } => &[("rmse", "rmse"), ("nll", "nll"), ("coverage90", "coverage90")],
     };
+    table(columns, rows)
+}
+
+/// A text table: `columns` are (JSON key, header) pairs; one row per (label, JSON object).
+fn table(columns: &[(&str, &str)], rows: &[(String, Value)]) -> String {
     let label_width = rows.iter().map(|(l, _)| l.chars().count()).max().unwrap_or(6).max(6);
     let mut o = String::new();
     let _ = write!(o, "{:<label_width$}", "method");
-    for c in columns {
-        let _ = write!(o, " {c:>10}");
+    for (_, header) in columns {
+        let _ = write!(o, " {header:>10}");
     }
     o.push('\n');
     for (label, values) in rows {
         let _ = write!(o, "{label:<label_width$}");
-        for c in columns {
+        for (c, _) in columns {
             let cell = match values.get(*c) {
                 Some(Value::Number(n)) => fmt_num(n.as_f64().unwrap_or(f64::NAN)),
                 Some(Value::String(s)) => s.clone(),

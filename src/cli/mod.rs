@@ -108,6 +108,11 @@ pub(crate) struct SolverArgs {
     /// Samples per ONNX Runtime call (0: default).
     #[arg(long, default_value_t = 0)]
     pub batch: usize,
+    /// Start time t0 in [0, 1] (default: the bundle's). 0 integrates the flow from N(0, I);
+    /// between 0 and 1 it starts at t0·a + (1 − t0)·z around a stored draw a; 1 returns the
+    /// stored posterior draws themselves (close to 1: near-copies of them).
+    #[arg(long, value_name = "T0")]
+    pub start_time: Option<f64>,
 }
 
 impl SolverArgs {
@@ -125,6 +130,7 @@ impl SolverArgs {
             atol: self.atol,
             trace,
             batch_size: self.batch,
+            start_time: self.start_time,
             ..SampleOptions::default()
         }
     }
