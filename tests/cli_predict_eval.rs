@@ -302,7 +302,7 @@ fn close(a: f64, b: f64, tol: f64) -> bool {
 /// extra bundle folders listed in `POSTFLOW_EVAL_BUNDLES` (separated by `:`).
 fn eval_bundles() -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> =
-        ["affine_cls", "affine_reg", "affine_hetero"].iter().map(|n| common::fixture(n)).collect();
+        ["affine_cls", "affine_reg", "affine_hetero", "affine_anchored"].iter().map(|n| common::fixture(n)).collect();
     let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     if let Ok(entries) = std::fs::read_dir(&models) {
         let mut found: Vec<PathBuf> =
@@ -337,7 +337,8 @@ fn eval_reproduces_reference_metrics() {
     let mut report = Vec::new();
     for bundle in eval_bundles() {
         let name = bundle.file_name().unwrap().to_string_lossy().into_owned();
-        let v = json(&["eval", path_str(&bundle), "--json", "-q"]);
+        // The manifest's flow row is the plain flow (start time 0); its sweep covers the others.
+        let v = json(&["eval", path_str(&bundle), "--json", "-q", "--start-time", "0", "--sweep"]);
         let rm = &v["reference_metrics"];
         let recorded = rm["methods"].as_object().unwrap_or_else(|| panic!("{name}: no reference_metrics.methods"));
         assert_eq!(rm["n"].as_u64(), v["n_eval"].as_u64(), "{name}: eval split size");
@@ -377,8 +378,40 @@ fn eval_reproduces_reference_metrics() {
                 report.push(format!("{name} flow.{metric}: {got} vs {w} (tol {tol:e})"));
             }
         }
+        if let Some(rows) = rm.get("start_time_sweep").and_then(Value::as_array) {
+            report.extend(compare_sweeps(&name, rows, v["sweep"].as_array().unwrap()));
+        }
     }
     eprintln!("{}", report.join("\n"));
+}
+
+/// The runtime's start-time sweep against the manifest's, row by row. Each row is a Monte
+/// Carlo estimate from other draws (JAX there, ONNX Runtime here) with no standard error
+/// recorded, so the tolerances are generous: 0.03 + 5 % for the averaged-prediction metrics,
+/// 0.05 + 15 % for the spread ratios (the epistemic ratio divides two small means).
+fn compare_sweeps(name: &str, recorded: &[Value], ours: &[Value]) -> Vec<String> {
+    let mut report = Vec::new();
+    for want in recorded {
+        let t0 = want["start_time"].as_f64().unwrap();
+        let got = ours
+            .iter()
+            .find(|r| (r["start_time"].as_f64().unwrap() - t0).abs() < 1e-9)
+            .unwrap_or_else(|| panic!("{name}: eval --sweep has no start time {t0}"));
+        for (metric, w) in want.as_object().unwrap() {
+            let (Some(w), Some(g)) = (w.as_f64(), got.get(metric).and_then(Value::as_f64)) else { continue };
+            if metric == "start_time" {
+                continue;
+            }
+            let tol = if metric.ends_with("_ratio") || metric.contains("_ratio_") {
+                0.05 + 0.15 * w.abs()
+            } else {
+                0.03 + 0.05 * w.abs()
+            };
+            assert!((g - w).abs() <= tol, "{name}: t0 {t0}: {metric} = {g}, manifest {w} (tolerance {tol})");
+            report.push(format!("{name} t0 {t0} {metric}: {g} vs {w}"));
+        }
+    }
+    report
 }
 
 #[test]

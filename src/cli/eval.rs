@@ -323,6 +323,7 @@ fn eval_text(model: &Model, r: &Value) -> String {
     let _ = writeln!(o, "{}", start_time_note(t0, f["anchors"].as_u64().unwrap_or(0)));
     let _ = writeln!(o);
     let recorded = r["reference_metrics"].get("methods").and_then(Value::as_object);
+    let manifest_sweep = r["reference_metrics"].get("start_time_sweep").and_then(Value::as_array);
     let mut rows: Vec<(String, Value)> = Vec::new();
     let labels = [("flow", "flow BMA"), ("hmc", "HMC BMA"), ("map", "MAP")];
     for (key, label) in labels {
@@ -336,7 +337,12 @@ fn eval_text(model: &Model, r: &Value) -> String {
                 rows.push(("  ± jackknife SE".to_string(), Value::Object(se)));
             }
         }
-        if let Some(m) = recorded.and_then(|m| m.get(key)) {
+        // The manifest's flow row is for start time 0; at another start time its sweep row is the match.
+        let manifest_row = match key {
+            "flow" if t0 != 0.0 => manifest_sweep.and_then(|rows| sweep_row(rows, t0)),
+            _ => recorded.and_then(|m| m.get(key)),
+        };
+        if let Some(m) = manifest_row {
             rows.push(("  manifest".to_string(), m.clone()));
         }
     }
@@ -347,7 +353,6 @@ fn eval_text(model: &Model, r: &Value) -> String {
     }
     o.push_str(&metrics_table(task, &rows));
     let _ = writeln!(o);
-    let manifest_sweep = r["reference_metrics"].get("start_time_sweep").and_then(Value::as_array);
     let recorded_spread = manifest_sweep.and_then(|rows| sweep_row(rows, t0));
     let mut spread_rows = vec![("flow BMA".to_string(), r["methods"]["flow"].clone())];
     if let Some(m) = recorded_spread {
