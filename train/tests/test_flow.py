@@ -73,3 +73,11 @@ def test_velocity_field_shapes_and_time_dependence():
     v0 = flow.velocity(params, jnp.zeros(3), x)
     v1 = flow.velocity(params, jnp.ones(3), x)
     assert v0.shape == (3, 10) and not np.allclose(v0, v1)
+
+
+def test_time_sampling():
+    """flow.time_pow: p = 1 is exactly the uniform draws; p > 1 moves mass toward t = 1."""
+    key = jax.random.PRNGKey(0)
+    np.testing.assert_array_equal(flow.sample_times(key, 1000), jax.random.uniform(key, (1000,)))
+    t = np.asarray(flow.sample_times(key, 20000, 3.0))
+    assert t.min() >= 0 and t.max() <= 1 and abs(t.mean() - 0.75) < 0.01  # E[1 − (1 − u)³] = 3/4
