@@ -69,6 +69,7 @@ DEFAULTS = {
         "lr": 1e-3,
         "weight_decay": 1e-5,
         "ema": 0.999,
+        "ema_warmup": False,  # EMA decay min(ema, (1 + i)/(10 + i)) at step i: short runs forget their start
         "eval_every": 500,
     },
     "export": {"parity_tol": 1e-4},

@@ -113,16 +113,22 @@ def train(train_x, held_x, fcfg, seed, sizes=None):
     opt_state = opt.init(params)
     ema = params
     decay = fcfg["ema"]
+    ema_warmup = bool(fcfg.get("ema_warmup", False))
+
+    def ema_decay(i):
+        """`flow.ema_warmup`: min(ema, (1 + i)/(10 + i)), so a short run's EMA forgets its start."""
+        return jnp.minimum(decay, (1.0 + i) / (10.0 + i)) if ema_warmup else decay
 
     @jax.jit
-    def step(params, ema, opt_state, x0, x1, key):
+    def step(params, ema, opt_state, x0, x1, key, i):
         kt, kn = jax.random.split(key)
         t = sample_times(kt, x0.shape[0], time_pow)
         noise = jax.random.normal(kn, x0.shape)
         loss, g = jax.value_and_grad(cfm_loss)(params, x0, x1, t, noise, sigma)
         upd, opt_state = opt.update(g, opt_state, params)
         params = optax.apply_updates(params, upd)
-        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+        dec = ema_decay(i)
+        ema = jax.tree.map(lambda e, p: dec * e + (1 - dec) * p, ema, params)
         return params, ema, opt_state, loss
 
     # held-out CFM loss with fixed draws, same coupling as training
@@ -140,7 +146,8 @@ def train(train_x, held_x, fcfg, seed, sizes=None):
         idx = rng.choice(n, batch, replace=False)
         x1 = train_x[idx]
         x0 = couple(rng.standard_normal(x1.shape).astype(np.float32), x1, fcfg["coupling"])
-        params, ema, opt_state, loss = step(params, ema, opt_state, x0, x1, jax.random.fold_in(key, i))
+        params, ema, opt_state, loss = step(params, ema, opt_state, x0, x1, jax.random.fold_in(key, i),
+                                                 np.float32(i))
         losses.append(loss)
         pbar.update(1)
         if (i + 1) % fcfg["eval_every"] == 0 or i + 1 == steps:
@@ -166,6 +173,8 @@ def train(train_x, held_x, fcfg, seed, sizes=None):
                        "pred_clip": params.clip, "time_pow": time_pow})
     elif time_pow != 1.0:
         report["time_pow"] = time_pow
+    if ema_warmup:
+        report["ema_warmup"] = True
     return jax.tree.map(np.asarray, ema), report
 
 
