@@ -15,6 +15,13 @@
 #define PF_VERSION_STRING "0.2.0"
 
 /**
+ * `pf_model_options.flags`: let ONNX Runtime's worker threads spin (busy-wait) between runs.
+ * Off by default, so that idle pools do not take the host application's cores; turn it on
+ * in a process that does nothing but sample.
+ */
+#define PF_MODEL_FLAG_ALLOW_SPINNING 1
+
+/**
  * `pf_sample_options.start_time` value that selects the bundle's default start time.
  */
 #define PF_START_TIME_BUNDLE -1.0
@@ -209,6 +216,11 @@ typedef struct {
      * 0 means the number of CPU cores. (Added in 0.1; older callers get 0.)
      */
     uint32_t max_sessions;
+    /**
+     * Bit set of `PF_MODEL_FLAG_*`; 0 is the default. Unknown bits are refused.
+     * (Added in 0.2, after the padding that ends the 0.1 struct; older callers get 0.)
+     */
+    uint64_t flags;
 } pf_model_options;
 
 /**
@@ -330,7 +342,7 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * The library's version, e.g. "0.1.0" (static storage; never free it). Compare
+ * The library's version, e.g. "0.2.0" (static storage; never free it). Compare
  * with the header's `PF_VERSION_MAJOR/MINOR/PATCH` to detect a mismatch.
  */
 const char *pf_version(void);

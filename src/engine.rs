@@ -32,6 +32,8 @@ pub struct SessionConfig {
     pub intra_op_threads: usize,
     /// Most sessions per graph (concurrent runs of that graph); at least 1.
     pub max_sessions: usize,
+    /// Let ONNX Runtime's intra-op worker threads spin (busy-wait) between runs.
+    pub allow_spinning: bool,
 }
 
 struct SessionPool {
@@ -91,6 +93,11 @@ fn build_session(config: &SessionConfig, bytes: &[u8], graph: &str) -> Result<Se
         builder =
             builder.with_intra_threads(config.intra_op_threads).map_err(|e| fail("intra-op threads", e.to_string()))?;
     }
+    // An idle spinning pool burns cores the host application may need (see ModelOptions).
+    builder = builder
+        .with_intra_op_spinning(config.allow_spinning)
+        .and_then(|b| b.with_inter_op_spinning(config.allow_spinning))
+        .map_err(|e| fail("thread-pool spinning", e.to_string()))?;
     match config.device {
         Device::Cpu => {}
         #[cfg(feature = "cuda")]

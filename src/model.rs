@@ -21,6 +21,11 @@ pub struct ModelOptions {
     pub onnxruntime_path: Option<PathBuf>,
     /// Most concurrent sessions per graph; 0 means the number of CPU cores.
     pub max_sessions: usize,
+    /// Let ONNX Runtime's worker threads spin (busy-wait) for work between runs. Off by
+    /// default: postflow is a library inside someone else's process, and spinning pools
+    /// take cores from the host's own threads (and from its own ONNX Runtime sessions)
+    /// whenever postflow is idle. Turn it on for a process that does nothing but sample.
+    pub allow_spinning: bool,
     pub limits: Limits,
 }
 
@@ -31,6 +36,7 @@ impl Default for ModelOptions {
             intra_op_threads: 0,
             onnxruntime_path: None,
             max_sessions: 0,
+            allow_spinning: false,
             limits: Limits::default(),
         }
     }
@@ -53,7 +59,12 @@ impl Model {
         } else {
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
         };
-        let config = SessionConfig { device: options.device, intra_op_threads: options.intra_op_threads, max_sessions };
+        let config = SessionConfig {
+            device: options.device,
+            intra_op_threads: options.intra_op_threads,
+            max_sessions,
+            allow_spinning: options.allow_spinning,
+        };
         let Bundle { dir, manifest, tensors, graphs } = bundle;
         let engine = Engine::new(&manifest, graphs, config)?;
         Ok(Model { dir, manifest, tensors, engine })

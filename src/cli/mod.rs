@@ -54,6 +54,10 @@ pub(crate) struct ModelArgs {
     /// Intra-op threads per ONNX Runtime session (0: ONNX Runtime's default).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Let ONNX Runtime's worker threads spin between runs (faster in a process that only
+    /// samples; off by default so idle pools leave the cores to other work).
+    #[arg(long)]
+    pub allow_spinning: bool,
     /// No progress bar.
     #[arg(long, short)]
     pub quiet: bool,
@@ -65,6 +69,7 @@ impl ModelArgs {
             device: self.cuda.map_or(crate::Device::Cpu, crate::Device::Cuda),
             intra_op_threads: self.threads,
             onnxruntime_path: self.onnxruntime.clone(),
+            allow_spinning: self.allow_spinning,
             ..ModelOptions::default()
         };
         Model::open(&self.bundle, &options)

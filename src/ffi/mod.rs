@@ -124,7 +124,15 @@ pub struct pf_model_options {
     /// Most ONNX Runtime sessions per graph, i.e. concurrent calls served in parallel;
     /// 0 means the number of CPU cores. (Added in 0.1; older callers get 0.)
     pub max_sessions: u32,
+    /// Bit set of `PF_MODEL_FLAG_*`; 0 is the default. Unknown bits are refused.
+    /// (Added in 0.2, after the padding that ends the 0.1 struct; older callers get 0.)
+    pub flags: u64,
 }
+
+/// `pf_model_options.flags`: let ONNX Runtime's worker threads spin (busy-wait) between runs.
+/// Off by default, so that idle pools do not take the host application's cores; turn it on
+/// in a process that does nothing but sample.
+pub const PF_MODEL_FLAG_ALLOW_SPINNING: u64 = 1;
 
 /// What a model is (`pf_model_get_info`). Set `struct_size = sizeof(pf_model_info)` before the call.
 #[repr(C)]
@@ -251,6 +259,7 @@ fn model_options_defaults() -> pf_model_options {
         intra_op_threads: 0,
         onnxruntime_path: std::ptr::null(),
         max_sessions: 0,
+        flags: 0,
     }
 }
 
@@ -408,6 +417,13 @@ unsafe fn read_model_options(p: *const pf_model_options) -> Result<ModelOptions>
         opts.onnxruntime_path = Some(path_from_c(unsafe { CStr::from_ptr(path) }));
     }
     opts.max_sessions = get_field!(p, size, pf_model_options, max_sessions: u32).unwrap_or(0) as usize;
+    let flags = get_field!(p, size, pf_model_options, flags: u64).unwrap_or(0);
+    if flags & !PF_MODEL_FLAG_ALLOW_SPINNING != 0 {
+        return Err(Error::invalid(format!(
+            "options->flags is {flags:#x}: unknown bits (this library knows PF_MODEL_FLAG_ALLOW_SPINNING = 1)"
+        )));
+    }
+    opts.allow_spinning = flags & PF_MODEL_FLAG_ALLOW_SPINNING != 0;
     Ok(opts)
 }
 
@@ -963,7 +979,8 @@ mod tests {
         use std::mem::{offset_of, size_of};
         assert_eq!(size_of::<pf_status>(), 4);
         assert_eq!(MODEL_OPTIONS_MIN, 24);
-        assert_eq!(size_of::<pf_model_options>(), 32);
+        assert_eq!(size_of::<pf_model_options>(), 40);
+        assert_eq!(offset_of!(pf_model_options, flags), 32);
         assert_eq!(MODEL_INFO_MIN, 32);
         assert_eq!(size_of::<pf_model_info>(), 40);
         assert_eq!(offset_of!(pf_sample_options, seed), 8);

@@ -94,7 +94,7 @@ static void test_options_init(void) {
     pf_model_options_default(&mo);
     CHECK(mo.struct_size == sizeof mo, "model options struct_size %u", mo.struct_size);
     CHECK(mo.device == PF_DEVICE_CPU && mo.device_id == 0 && mo.intra_op_threads == 0 && mo.onnxruntime_path == NULL &&
-              mo.max_sessions == 0,
+              mo.max_sessions == 0 && mo.flags == 0,
           "model option defaults");
     (pf_model_options_default)(NULL); /* the exported symbol ignores NULL (the macro needs an lvalue) */
     /* The exported symbol (what binaries built against older headers call) writes only the first layout. */
@@ -213,9 +213,14 @@ static void test_load_errors(void) {
     pf_model_options_default(&mo);
     mo.onnxruntime_path = getenv("POSTFLOW_ORT_LIB");
     mo.max_sessions = 2;
+    mo.flags = PF_MODEL_FLAG_ALLOW_SPINNING;
     m = NULL;
     EXPECT_OK(pf_model_load(path, &mo, &m));
     pf_model_free(m);
+    mo.flags = 6;
+    m = sentinel;
+    EXPECT_ERR(pf_model_load(path, &mo, &m), PF_ERR_INVALID_ARGUMENT, "options->flags is 0x6: unknown bits");
+    CHECK(m == sentinel, "out written on failure");
     pf_model_free(NULL); /* fine */
 }
 

@@ -88,7 +88,10 @@ _f32p = ctypes.POINTER(ctypes.c_float)
 class _ModelOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("device", ctypes.c_uint32), ("device_id", ctypes.c_int32),
                 ("intra_op_threads", ctypes.c_uint32), ("onnxruntime_path", ctypes.c_char_p),
-                ("max_sessions", ctypes.c_uint32)]
+                ("max_sessions", ctypes.c_uint32), ("flags", ctypes.c_uint64)]
+
+# pf_model_options.flags bit: let ONNX Runtime's worker threads spin between runs.
+MODEL_FLAG_ALLOW_SPINNING = 1
 
 
 class _ModelInfo(ctypes.Structure):
@@ -239,7 +242,7 @@ class Model:
     """A loaded bundle (``pf_model``). Use as a context manager, or call :meth:`close`."""
 
     def __init__(self, bundle_dir, device: Union[str, int] = "cpu", device_id: int = 0, intra_op_threads: int = 0,
-                 onnxruntime_path: Optional[str] = None, max_sessions: int = 0):
+                 onnxruntime_path: Optional[str] = None, max_sessions: int = 0, allow_spinning: bool = False):
         lib = _lib()
         self._handle = None
         opts = _ModelOptions()
@@ -249,6 +252,8 @@ class Model:
         opts.intra_op_threads = intra_op_threads
         opts.onnxruntime_path = os.fsencode(onnxruntime_path) if onnxruntime_path else None
         opts.max_sessions = max_sessions
+        # Off by default: idle spinning pools would take cores from the host process.
+        opts.flags = MODEL_FLAG_ALLOW_SPINNING if allow_spinning else 0
         handle = ctypes.c_void_p()
         _check(lib.pf_model_load(os.fsencode(os.fspath(bundle_dir)), ctypes.byref(opts), ctypes.byref(handle)))
         self._handle = handle

@@ -91,6 +91,13 @@ def test_matches_the_rust_api(cls, reg):
     np.testing.assert_allclose(s.stderr, ref["reg_euler_stderr"], rtol=1e-6, atol=1e-6)
 
 
+def test_spinning_is_an_option():
+    with postflow.Model(FIXTURES / "affine_cls", allow_spinning=True, intra_op_threads=2) as m:
+        a = m.sample(3, seed=1)
+    with postflow.Model(FIXTURES / "affine_cls", intra_op_threads=2) as m:
+        np.testing.assert_array_equal(m.sample(3, seed=1).theta, a.theta)
+
+
 def test_start_time_matches_the_rust_api():
     ref = reference()
     with postflow.Model(FIXTURES / "affine_anchored") as m:
