@@ -125,11 +125,12 @@ def start_times(ctx, tens):
     classification = ctx["cfg"]["data"]["task"] == "classification"
     stored, info = select_anchors(ctx, tens)
     rows, hmc_epi, details = evaluate.start_time_sweep(ctx, stored.astype(np.float32), tens["eval.ood_x"])
-    t0, reason = evaluate.choose_start_time(rows, ctx["reports"]["evaluate"]["methods"]["hmc"], classification)
+    ece = ctx["cfg"]["bundle"]["start_time_rule_ece"]
+    t0, reason = evaluate.choose_start_time(rows, ctx["reports"]["evaluate"]["methods"]["hmc"], classification, ece)
     print(f"  default start time {t0}: {reason}", flush=True)
     return {"stored": stored, "info": info, "sweep": rows, "hmc_epistemic": hmc_epi, "details": details,
-            "default_start_time": t0, "reason": reason,
-            "rule": evaluate.START_TIME_RULES["classification" if classification else "regression"]}
+            "default_start_time": t0, "reason": reason, "rule_ece": ece,
+            "rule": evaluate.start_time_rule(classification, ece)}
 
 
 def reference_metrics(ctx):

@@ -85,7 +85,7 @@ def start_time_section(ctx, man):
         vals = ([r["tv"], r["memorization_ratio"], r["nll"], r["ece"], r["agreement"]] if classification
                 else [r["nll"], r["memorization_ratio"], r["rmse"], r["coverage90"]])
         vals += [r["epistemic_ratio_eval"], r["epistemic_ratio_ood"]]
-        ok = not start_time_failures(r, hmc, classification)
+        ok = not start_time_failures(r, hmc, classification, st.get("rule_ece", False))
         t0 = f"**{r['start_time']:g}** (default)" if r["start_time"] == st["default_start_time"] else f"{r['start_time']:g}"
         L.append(f"| {t0} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {'yes' if ok else 'no'} |")
     hmc_line = (f"HMC (held-out chain): NLL {hmc['nll']:.4f}, ECE {hmc['ece']:.4f}" if classification

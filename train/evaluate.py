@@ -244,14 +244,24 @@ START_TIME_RULES = {
 }
 
 
-def start_time_failures(row, hmc, classification):
-    """The rule's clauses this sweep row fails (empty: it meets them). `hmc`: HMC's metrics."""
+def start_time_rule(classification, ece=False):
+    """The rule in words; `ece` (config `bundle.start_time_rule_ece`) adds the issue's ECE target."""
+    rule = START_TIME_RULES["classification" if classification else "regression"]
+    return rule.replace("nll <= HMC nll + 0.02,", "nll <= HMC nll + 0.02, ece <= HMC ece + 0.01,") \
+        if ece and classification else rule
+
+
+def start_time_failures(row, hmc, classification, ece=False):
+    """The rule's clauses this sweep row fails (empty: it meets them). `hmc`: HMC's metrics;
+    `ece`: also require ECE <= HMC's + 0.01 (classification)."""
     fails = []
     if classification:
         if not row["tv"] <= 0.05:
             fails.append(f"tv {row['tv']:.4f} > 0.05")
         if not row["nll"] <= hmc["nll"] + 0.02:
             fails.append(f"nll {row['nll']:.4f} > HMC {hmc['nll']:.4f} + 0.02")
+        if ece and not row["ece"] <= hmc["ece"] + 0.01:
+            fails.append(f"ece {row['ece']:.4f} > HMC {hmc['ece']:.4f} + 0.01")
     else:
         if not row["nll"] <= hmc["nll"] + 0.05:
             fails.append(f"nll {row['nll']:.4f} > HMC {hmc['nll']:.4f} + 0.05")
@@ -264,12 +274,12 @@ def start_time_failures(row, hmc, classification):
     return fails
 
 
-def choose_start_time(rows, hmc, classification):
+def choose_start_time(rows, hmc, classification, ece=False):
     """The default start time: the smallest swept t₀ whose row meets START_TIME_RULES (0 when the
     plain flow does); 1 (the stored draws) when no row does. Returns (t₀, reason)."""
     why = []
     for row in sorted(rows, key=lambda r: r["start_time"]):
-        fails = start_time_failures(row, hmc, classification)
+        fails = start_time_failures(row, hmc, classification, ece)
         if not fails:
             return row["start_time"], "; ".join(why + [f"t0={row['start_time']:g} meets every clause"])
         why.append(f"t0={row['start_time']:g}: " + ", ".join(fails))

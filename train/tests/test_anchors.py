@@ -180,3 +180,12 @@ def test_anchor_budget_fills_the_bundle_size_limit(tmp_path):
     assert other + n * 200 + 256 <= 1_000_000 < other + (n + 1) * 200 + 256
     bcfg["max_anchors"] = 17
     assert bundle.anchor_budget(ctx, tens, 100, 2) == 17
+
+
+def test_default_start_time_rule_with_the_ece_clause():
+    hmc = {"nll": 0.10, "ece": 0.05}
+    rows = [dict(_row(0.8), ece=0.07), dict(_row(0.9), ece=0.055)]
+    assert evaluate.choose_start_time(rows, hmc, True)[0] == 0.8  # the agreed rule has no ECE clause
+    t0, why = evaluate.choose_start_time(rows, hmc, True, ece=True)
+    assert t0 == 0.9 and "ece 0.0700 > HMC 0.0500 + 0.01" in why
+    assert "ece <= HMC ece + 0.01" in evaluate.start_time_rule(True, ece=True)
