@@ -224,6 +224,34 @@ typedef struct {
 } pf_model_options;
 
 /**
+ * What a model is (`pf_model_get_info`). Set `struct_size = sizeof(pf_model_info)` before the call.
+ */
+typedef struct {
+    uint32_t struct_size;
+    /**
+     * `PF_TASK_CLASSIFICATION` or `PF_TASK_REGRESSION`.
+     */
+    pf_task task;
+    /**
+     * Features per input row (`d_in`).
+     */
+    size_t input_dim;
+    /**
+     * Width of a prediction's mean: classes, or regression outputs.
+     */
+    size_t output_dim;
+    /**
+     * Number of network weights `D` (the length of one sample).
+     */
+    size_t weight_dim;
+    /**
+     * Columns `U` of the uncertainty outputs of `pf_prediction`: 1 (entropies) for
+     * classification, `output_dim` (variances) for regression.
+     */
+    size_t uncertainty_dim;
+} pf_model_info;
+
+/**
  * Options for `pf_sample`, `pf_log_prob` and `pf_sample_predict`. Initialise with
  * `pf_sample_options_default()` (or `pf_sample_options_init()`), then change fields.
  */
@@ -274,34 +302,6 @@ typedef struct {
      */
     double start_time;
 } pf_sample_options;
-
-/**
- * What a model is (`pf_model_get_info`). Set `struct_size = sizeof(pf_model_info)` before the call.
- */
-typedef struct {
-    uint32_t struct_size;
-    /**
-     * `PF_TASK_CLASSIFICATION` or `PF_TASK_REGRESSION`.
-     */
-    pf_task task;
-    /**
-     * Features per input row (`d_in`).
-     */
-    size_t input_dim;
-    /**
-     * Width of a prediction's mean: classes, or regression outputs.
-     */
-    size_t output_dim;
-    /**
-     * Number of network weights `D` (the length of one sample).
-     */
-    size_t weight_dim;
-    /**
-     * Columns `U` of the uncertainty outputs of `pf_prediction`: 1 (entropies) for
-     * classification, `output_dim` (variances) for regression.
-     */
-    size_t uncertainty_dim;
-} pf_model_info;
 
 /**
  * Outputs of `pf_predict` and `pf_sample_predict`: caller-owned buffers, each
@@ -362,6 +362,40 @@ const char *pf_status_string(pf_status status);
 const char *pf_last_error_message(void);
 
 /**
+ * Load and validate the bundle in directory `bundle_dir` and create its ONNX
+ * Runtime sessions. `options` may be NULL (defaults). On success `*out` receives
+ * a new handle owned by the caller, to be released with `pf_model_free`; on
+ * failure `*out` is left untouched. Errors: NULL `bundle_dir`/`out` or bad options
+ * (PF_ERR_INVALID_ARGUMENT), unreadable files (PF_ERR_IO), an invalid bundle
+ * (PF_ERR_BUNDLE), ONNX Runtime missing or failing (PF_ERR_RUNTIME), CUDA not
+ * available (PF_ERR_UNSUPPORTED). Thread-safe; loading is slow, do it once.
+ *
+ * # Safety
+ * `bundle_dir` is NULL or a NUL-terminated path; `options` is NULL or a valid
+ * `pf_model_options` (see struct_size); `out` is NULL or a writable `pf_model *`.
+ */
+pf_status pf_model_load(const char *bundle_dir, const pf_model_options *options, pf_model **out);
+
+/**
+ * Release a model handle and everything it owns. NULL is ignored. The handle
+ * must not be in use by another thread, and must not be used afterwards.
+ *
+ * # Safety
+ * `model` is NULL or a handle from `pf_model_load` not yet freed.
+ */
+void pf_model_free(pf_model *model);
+
+/**
+ * Describe a model: task and dimensions. Set `out->struct_size = sizeof(pf_model_info)`
+ * first; fields beyond `struct_size` are not written. Errors: NULL `model`/`out`
+ * or a bad struct_size (PF_ERR_INVALID_ARGUMENT). Thread-safe.
+ *
+ * # Safety
+ * `model` is NULL or a live handle; `out` is NULL or points to `out->struct_size` writable bytes.
+ */
+pf_status pf_model_get_info(const pf_model *model, pf_model_info *out);
+
+/**
  * Fill the first published layout of `*out` (the fields up to `onnxruntime_path`;
  * 24 bytes on 64-bit targets) with the defaults and set `struct_size` to that
  * size, so a binary compiled against any header is never written past its struct;
@@ -410,38 +444,47 @@ void pf_sample_options_default(pf_sample_options *out);
 pf_status pf_sample_options_init(pf_sample_options *out, uint32_t struct_size);
 
 /**
- * Load and validate the bundle in directory `bundle_dir` and create its ONNX
- * Runtime sessions. `options` may be NULL (defaults). On success `*out` receives
- * a new handle owned by the caller, to be released with `pf_model_free`; on
- * failure `*out` is left untouched. Errors: NULL `bundle_dir`/`out` or bad options
- * (PF_ERR_INVALID_ARGUMENT), unreadable files (PF_ERR_IO), an invalid bundle
- * (PF_ERR_BUNDLE), ONNX Runtime missing or failing (PF_ERR_RUNTIME), CUDA not
- * available (PF_ERR_UNSUPPORTED). Thread-safe; loading is slow, do it once.
+ * Bayesian model average of the network over weight samples `theta`
+ * (`n_samples x weight_dim`, `theta_len` equal to that) at inputs `x`
+ * (`n_inputs x input_dim`, `x_len` equal to that), with optional per-sample
+ * `log_weights` (`n_samples` floats, self-normalised; NULL = uniform). Fills the
+ * non-NULL buffers of `*out` (see `pf_prediction`) and `out->ess`; `out` itself is
+ * required. Outputs are written only on success. Errors: NULL `model`/`x`/`theta`/`out`,
+ * zero counts, wrong or too-small lengths, non-finite inputs (PF_ERR_INVALID_ARGUMENT);
+ * non-finite network outputs (PF_ERR_NUMERIC). Thread-safe.
  *
  * # Safety
- * `bundle_dir` is NULL or a NUL-terminated path; `options` is NULL or a valid
- * `pf_model_options` (see struct_size); `out` is NULL or a writable `pf_model *`.
+ * `model` is NULL or a live handle; `x`, `theta` and a non-NULL `log_weights`
+ * point to their lengths of readable floats; `out` is NULL or a valid
+ * `pf_prediction` whose non-NULL buffers have their lengths of writable floats.
  */
-pf_status pf_model_load(const char *bundle_dir, const pf_model_options *options, pf_model **out);
+pf_status pf_predict(const pf_model *model,
+                     const float *x,
+                     size_t n_inputs,
+                     size_t x_len,
+                     const float *theta,
+                     size_t n_samples,
+                     size_t theta_len,
+                     const float *log_weights,
+                     pf_prediction *out);
 
 /**
- * Release a model handle and everything it owns. NULL is ignored. The handle
- * must not be in use by another thread, and must not be used afterwards.
+ * Draw `n_samples` weights (as `pf_sample` with `options`, NULL = defaults) and
+ * average their predictions at `x` (`n_inputs x input_dim`, `x_len` equal to
+ * that) into `*out` (as `pf_predict` with uniform weights). The result equals
+ * `pf_sample` followed by `pf_predict` with the same seed. Errors as those two
+ * functions. Thread-safe.
  *
  * # Safety
- * `model` is NULL or a handle from `pf_model_load` not yet freed.
+ * As `pf_sample` and `pf_predict`.
  */
-void pf_model_free(pf_model *model);
-
-/**
- * Describe a model: task and dimensions. Set `out->struct_size = sizeof(pf_model_info)`
- * first; fields beyond `struct_size` are not written. Errors: NULL `model`/`out`
- * or a bad struct_size (PF_ERR_INVALID_ARGUMENT). Thread-safe.
- *
- * # Safety
- * `model` is NULL or a live handle; `out` is NULL or points to `out->struct_size` writable bytes.
- */
-pf_status pf_model_get_info(const pf_model *model, pf_model_info *out);
+pf_status pf_sample_predict(const pf_model *model,
+                            const pf_sample_options *options,
+                            size_t n_samples,
+                            const float *x,
+                            size_t n_inputs,
+                            size_t x_len,
+                            pf_prediction *out);
 
 /**
  * Draw `n_samples` posterior weight samples. Writes `theta_out` (`n_samples x
@@ -495,49 +538,6 @@ pf_status pf_log_prob(const pf_model *model,
                       size_t log_density_out_len,
                       float *stderr_out,
                       size_t stderr_out_len);
-
-/**
- * Bayesian model average of the network over weight samples `theta`
- * (`n_samples x weight_dim`, `theta_len` equal to that) at inputs `x`
- * (`n_inputs x input_dim`, `x_len` equal to that), with optional per-sample
- * `log_weights` (`n_samples` floats, self-normalised; NULL = uniform). Fills the
- * non-NULL buffers of `*out` (see `pf_prediction`) and `out->ess`; `out` itself is
- * required. Outputs are written only on success. Errors: NULL `model`/`x`/`theta`/`out`,
- * zero counts, wrong or too-small lengths, non-finite inputs (PF_ERR_INVALID_ARGUMENT);
- * non-finite network outputs (PF_ERR_NUMERIC). Thread-safe.
- *
- * # Safety
- * `model` is NULL or a live handle; `x`, `theta` and a non-NULL `log_weights`
- * point to their lengths of readable floats; `out` is NULL or a valid
- * `pf_prediction` whose non-NULL buffers have their lengths of writable floats.
- */
-pf_status pf_predict(const pf_model *model,
-                     const float *x,
-                     size_t n_inputs,
-                     size_t x_len,
-                     const float *theta,
-                     size_t n_samples,
-                     size_t theta_len,
-                     const float *log_weights,
-                     pf_prediction *out);
-
-/**
- * Draw `n_samples` weights (as `pf_sample` with `options`, NULL = defaults) and
- * average their predictions at `x` (`n_inputs x input_dim`, `x_len` equal to
- * that) into `*out` (as `pf_predict` with uniform weights). The result equals
- * `pf_sample` followed by `pf_predict` with the same seed. Errors as those two
- * functions. Thread-safe.
- *
- * # Safety
- * As `pf_sample` and `pf_predict`.
- */
-pf_status pf_sample_predict(const pf_model *model,
-                            const pf_sample_options *options,
-                            size_t n_samples,
-                            const float *x,
-                            size_t n_inputs,
-                            size_t x_len,
-                            pf_prediction *out);
 
 #ifdef __cplusplus
 }  // extern "C"

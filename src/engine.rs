@@ -94,10 +94,8 @@ fn build_session(config: &SessionConfig, bytes: &[u8], graph: &str) -> Result<Se
             builder.with_intra_threads(config.intra_op_threads).map_err(|e| fail("intra-op threads", e.to_string()))?;
     }
     // An idle spinning pool burns cores the host application may need (see ModelOptions).
-    builder = builder
-        .with_intra_op_spinning(config.allow_spinning)
-        .and_then(|b| b.with_inter_op_spinning(config.allow_spinning))
-        .map_err(|e| fail("thread-pool spinning", e.to_string()))?;
+    builder = builder.with_intra_op_spinning(config.allow_spinning).map_err(|e| fail("spinning", e.to_string()))?;
+    builder = builder.with_inter_op_spinning(config.allow_spinning).map_err(|e| fail("spinning", e.to_string()))?;
     match config.device {
         Device::Cpu => {}
         #[cfg(feature = "cuda")]
