@@ -168,7 +168,8 @@ def manifest(ctx):
         flow["default_start_time"] = st["default_start_time"]
         provenance_extra = {
             "anchors": {k: v for k, v in st["info"].items() if k not in ("tensor", "count", "dtype")},
-            "start_time": {"default": st["default_start_time"], "rule": st["rule"], "reason": st["reason"],
+            "start_time": {"default": st["default_start_time"], "rule": st["rule"], "rule_ece": st["rule_ece"],
+                           "reason": st["reason"],
                            "sweep_details": st["details"],
                            "ood_inputs": "eval.ood_x: each feature uniform in training mean +- 4 sd"
                                          + (", then uniform noise and shuffled-pixel eval images"
