@@ -387,8 +387,11 @@ fn eval_reproduces_reference_metrics() {
 
 /// The runtime's start-time sweep against the manifest's, row by row. Each row is a Monte
 /// Carlo estimate from other draws (JAX there, ONNX Runtime here) with no standard error
-/// recorded, so the tolerances are generous: 0.03 + 5 % for the averaged-prediction metrics,
-/// 0.05 + 15 % for the spread ratios (the epistemic ratio divides two small means).
+/// recorded, so the tolerances are generous: 0.03 + 5 % for TV, ECE, agreement and coverage;
+/// 0.05 + 25 % for NLL and RMSE (a few far-off samples move a regression NLL at mid start
+/// times); a factor e^0.35 ≈ 1.4 for the spread ratios (the epistemic ratio of a poor flow is a
+/// ratio of heavy-tailed means: regression1d's is 16 000–20 000 at t₀ = 0.5), or 0.05 absolute
+/// where the ratio is near 0.
 fn compare_sweeps(name: &str, recorded: &[Value], ours: &[Value]) -> Vec<String> {
     let mut report = Vec::new();
     for want in recorded {
@@ -402,12 +405,18 @@ fn compare_sweeps(name: &str, recorded: &[Value], ours: &[Value]) -> Vec<String>
             if metric == "start_time" {
                 continue;
             }
-            let tol = if metric.ends_with("_ratio") || metric.contains("_ratio_") {
-                0.05 + 0.15 * w.abs()
+            let ok = if metric.ends_with("_ratio") || metric.contains("_ratio_") {
+                if w.abs() < 0.05 {
+                    (g - w).abs() <= 0.05
+                } else {
+                    g > 0.0 && (g / w).ln().abs() <= 0.35
+                }
+            } else if metric == "nll" || metric == "rmse" {
+                (g - w).abs() <= 0.05 + 0.25 * w.abs()
             } else {
-                0.03 + 0.05 * w.abs()
+                (g - w).abs() <= 0.03 + 0.05 * w.abs()
             };
-            assert!((g - w).abs() <= tol, "{name}: t0 {t0}: {metric} = {g}, manifest {w} (tolerance {tol})");
+            assert!(ok, "{name}: t0 {t0}: {metric} = {g}, manifest {w}: further apart than sampling noise allows");
             report.push(format!("{name} t0 {t0} {metric}: {g} vs {w}"));
         }
     }
