@@ -59,13 +59,48 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// The memorization ratio of weight samples `theta` `[n, D]`, or `None` when the
-/// bundle has no anchors.
-pub fn memorization_ratio(model: &Model, theta: ArrayView2<f32>) -> Option<f64> {
-    let anchors = model.tensors().anchors.as_ref()?;
-    let samples = median(&nearest_distances(whiten(model, theta).view(), anchors.view()));
-    let held_out = whiten(model, model.tensors().posterior_theta.view());
-    Some(samples / median(&nearest_distances(held_out.view(), anchors.view())))
+/// The held-out chain's side of both ratios, computed once per model and reused for
+/// every sample set judged against it.
+pub struct HeldOut {
+    /// Median nearest-anchor distance of the held-out draws; `None` without anchors.
+    nearest_anchor_median: Option<f64>,
+    epistemic_eval: f64,
+    epistemic_ood: Option<f64>,
+}
+
+impl HeldOut {
+    pub fn new(model: &Model) -> Result<HeldOut> {
+        let t = model.tensors();
+        let held = t.posterior_theta.view();
+        let nearest_anchor_median =
+            t.anchors.as_ref().map(|anchors| median(&nearest_distances(whiten(model, held).view(), anchors.view())));
+        let epistemic_ood = t.ood_x.as_ref().map(|ood| mean_epistemic(model, ood.view(), held)).transpose()?;
+        Ok(HeldOut {
+            nearest_anchor_median,
+            epistemic_eval: mean_epistemic(model, t.eval_x.view(), held)?,
+            epistemic_ood,
+        })
+    }
+
+    /// The memorization ratio of weight samples `theta` `[n, D]`, or `None` without anchors.
+    pub fn memorization_ratio(&self, model: &Model, theta: ArrayView2<f32>) -> Option<f64> {
+        let anchors = model.tensors().anchors.as_ref()?;
+        let samples = median(&nearest_distances(whiten(model, theta).view(), anchors.view()));
+        Some(samples / self.nearest_anchor_median?)
+    }
+
+    /// The epistemic ratio of `theta` on the eval inputs.
+    pub fn epistemic_ratio_eval(&self, model: &Model, theta: ArrayView2<f32>) -> Result<f64> {
+        Ok(mean_epistemic(model, model.tensors().eval_x.view(), theta)? / self.epistemic_eval)
+    }
+
+    /// The epistemic ratio of `theta` on `eval.ood_x`, or `None` when the bundle has none.
+    pub fn epistemic_ratio_ood(&self, model: &Model, theta: ArrayView2<f32>) -> Result<Option<f64>> {
+        match (&model.tensors().ood_x, self.epistemic_ood) {
+            (Some(ood), Some(held)) => Ok(Some(mean_epistemic(model, ood.view(), theta)? / held)),
+            _ => Ok(None),
+        }
+    }
 }
 
 /// Mean epistemic uncertainty of the model average of `theta` at inputs `x`.
@@ -73,12 +108,6 @@ pub fn mean_epistemic(model: &Model, x: ArrayView2<f32>, theta: ArrayView2<f32>)
     let p = model.predict(x, theta, None, &PredictOptions::default())?;
     let (_, _, epistemic) = p.decomposition();
     epistemic.mean().ok_or_else(|| Error::invalid("no inputs for the epistemic ratio"))
-}
-
-/// The epistemic ratio of `theta` at inputs `x` against the held-out chain.
-pub fn epistemic_ratio(model: &Model, x: ArrayView2<f32>, theta: ArrayView2<f32>) -> Result<f64> {
-    let held_out = mean_epistemic(model, x, model.tensors().posterior_theta.view())?;
-    Ok(mean_epistemic(model, x, theta)? / held_out)
 }
 
 #[cfg(test)]

@@ -13,17 +13,6 @@ from . import metrics, sampler
 from .export import run_net
 
 
-def _nearest_distance(a, b, chunk=256):
-    """For each row of a, the Euclidean distance to its nearest row of b."""
-    b2 = np.sum(b.astype(np.float64) ** 2, axis=1)
-    out = []
-    for i in range(0, len(a), chunk):
-        x = a[i:i + chunk].astype(np.float64)
-        d2 = np.sum(x**2, axis=1)[:, None] + b2[None, :] - 2 * x @ b.T.astype(np.float64)
-        out.append(np.sqrt(np.maximum(d2.min(axis=1), 0.0)))
-    return np.concatenate(out)
-
-
 def _grid(data):
     """Plotting grid in raw feature space (2-D: plane; 1-D: line through and past the data)."""
     x = np.concatenate([data["x_train"], data["x_eval"]])
@@ -94,8 +83,8 @@ def run(cfg, data, map_out, canon_out, whiten_out, flow_params, net_bytes):
     else:
         diagnostics = {"pair_midpoints": metrics.regression(y_eval, *metrics.bma_gaussian(mid_out, sigma))}
 
-    nn_flow = _nearest_distance(flow_theta, train_set)
-    nn_held = _nearest_distance(held, train_set)
+    nn_flow = metrics.nearest_distance(flow_theta, train_set)
+    nn_held = metrics.nearest_distance(held, train_set)
     report = {
         "methods": table,
         "memorization": {

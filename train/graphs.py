@@ -56,7 +56,8 @@ def _first_layer(w, b, d):
     return nodes, inits
 
 
-def _model(nodes, inits, name, d, jvp):
+def flow_model(nodes, inits, name, d, jvp, producer="train.graphs"):
+    """A flow graph's model: the bundle format's inputs/outputs (t, x[, eps]) -> v[, quad], checked."""
     inputs = [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["B"]),
               helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", d])]
     outputs = [helper.make_tensor_value_info("v", TensorProto.FLOAT, ["B", d])]
@@ -64,7 +65,7 @@ def _model(nodes, inits, name, d, jvp):
         inputs.append(helper.make_tensor_value_info("eps", TensorProto.FLOAT, ["B", "K", d]))
         outputs.append(helper.make_tensor_value_info("quad", TensorProto.FLOAT, ["B", "K"]))
     graph = helper.make_graph(nodes, f"postflow_{name}", inputs, outputs, initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="train.graphs")
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name=producer)
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
@@ -85,7 +86,7 @@ def flow_graph(params, d):
             # the last product writes the output itself: an Identity would cost a [B,D] copy
             helper.make_node("Gemm", [f"A{i}", f"W{i}", f"b{i}"], ["v" if i == last else f"P{i}"]),
         ]
-    return _model(nodes, inits, "flow", d, jvp=False)
+    return flow_model(nodes, inits, "flow", d, jvp=False)
 
 
 def flow_jvp_graph(params, d):
@@ -114,4 +115,4 @@ def flow_jvp_graph(params, d):
         ]
     nodes += [helper.make_node("Mul", [f"T{last}", "eps"], ["je"]),
               helper.make_node("ReduceSum", ["je", "axlast"], ["quad"], keepdims=0)]
-    return _model(nodes, inits, "flow_jvp", d, jvp=True)
+    return flow_model(nodes, inits, "flow_jvp", d, jvp=True)

@@ -18,12 +18,10 @@ quad = Σ ε·(dy − ε)/c(t). Ops: Split, Reshape, Unsqueeze, Concat, MatMul, 
 Mul, Div, Max, Sigmoid, Sin, Cos, ReduceMean, ReduceSum — all in the default ONNX domain."""
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
-from . import np_field
+from . import graphs, np_field  # graphs imports this module too: graphs.* is used at call time only
 
-OPSET = 17
 OPS = {"Split", "Reshape", "Unsqueeze", "Concat", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Max",
        "Sigmoid", "Sin", "Cos", "ReduceMean", "ReduceSum"}
 
@@ -206,18 +204,8 @@ def build(params, jvp):
             dy = g.op("Div", [g.op("Sub", [dy, "eps"]), g.unsq(den, [2])])
         g.op("ReduceSum", [g.op("Mul", [dy, "eps"]), last], "quad", keepdims=0)
 
-    inputs = [helper.make_tensor_value_info("t", TensorProto.FLOAT, ["B"]),
-              helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", d])]
-    outputs = [helper.make_tensor_value_info("v", TensorProto.FLOAT, ["B", d])]
-    if jvp:
-        inputs.append(helper.make_tensor_value_info("eps", TensorProto.FLOAT, ["B", "K", d]))
-        outputs.append(helper.make_tensor_value_info("quad", TensorProto.FLOAT, ["B", "K"]))
     name = "flow_jvp" if jvp else "flow"
-    graph = helper.make_graph(g.nodes, f"postflow_{name}", inputs, outputs, initializer=g.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="train.np_graphs")
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return graphs.flow_model(g.nodes, g.inits, name, d, jvp, producer="train.np_graphs")
 
 
 def flow_graph(params):

@@ -33,15 +33,14 @@ const SPREAD_COLUMNS: [(&str, &str); 3] =
 
 /// Memorization ratio (with anchors) and epistemic ratios on the eval inputs and,
 /// when the bundle has them, on `eval.ood_x`, of weight samples `theta`.
-fn spread_of(model: &Model, theta: ArrayView2<f32>) -> Result<Map<String, Value>> {
-    let t = model.tensors();
+fn spread_of(model: &Model, held: &spread::HeldOut, theta: ArrayView2<f32>) -> Result<Map<String, Value>> {
     let mut m = Map::new();
-    if let Some(r) = spread::memorization_ratio(model, theta) {
+    if let Some(r) = held.memorization_ratio(model, theta) {
         m.insert("memorization_ratio".into(), json!(r));
     }
-    m.insert("epistemic_ratio_eval".into(), json!(spread::epistemic_ratio(model, t.eval_x.view(), theta)?));
-    if let Some(ood) = &t.ood_x {
-        m.insert("epistemic_ratio_ood".into(), json!(spread::epistemic_ratio(model, ood.view(), theta)?));
+    m.insert("epistemic_ratio_eval".into(), json!(held.epistemic_ratio_eval(model, theta)?));
+    if let Some(r) = held.epistemic_ratio_ood(model, theta)? {
+        m.insert("epistemic_ratio_ood".into(), json!(r));
     }
     Ok(m)
 }
@@ -176,7 +175,14 @@ fn extend(metrics: &mut Value, more: Map<String, Value>) {
 
 /// The averaged-prediction metrics against HMC and the spread, at every start time of
 /// the sweep (only 0 without anchors), each from `n` samples with the same options.
-fn run_sweep(model: &Model, base: &SampleOptions, n: usize, targets: &EvalTargets, quiet: bool) -> Result<Value> {
+fn run_sweep(
+    model: &Model,
+    held: &spread::HeldOut,
+    base: &SampleOptions,
+    n: usize,
+    targets: &EvalTargets,
+    quiet: bool,
+) -> Result<Value> {
     let times: &[f64] = if model.anchor_count() > 0 { &SWEEP_START_TIMES } else { &SWEEP_START_TIMES[..1] };
     let x = model.tensors().eval_x.view();
     let mut rows = Vec::with_capacity(times.len());
@@ -185,7 +191,7 @@ fn run_sweep(model: &Model, base: &SampleOptions, n: usize, targets: &EvalTarget
         let p = model.predict(x, drawn.theta.view(), None, &PredictOptions::default())?;
         let mut row = json!({"start_time": t0});
         extend(&mut row, metrics_of(&predictive(&p), targets, true)?.as_object().cloned().unwrap_or_default());
-        extend(&mut row, spread_of(model, drawn.theta.view())?);
+        extend(&mut row, spread_of(model, held, drawn.theta.view())?);
         rows.push(row);
     }
     Ok(Value::Array(rows))
@@ -241,17 +247,19 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
     let reference = Array2::from_shape_vec((1, d), model.tensors().reference_theta.clone()).expect("[1, D]");
     let map = predictive(&model.predict(x, reference.view(), None, &PredictOptions::default())?);
 
+    let held = spread::HeldOut::new(&model)?;
     let mut flow_metrics = metrics_of(&flow, &targets, true)?;
-    extend(&mut flow_metrics, spread_of(&model, drawn.theta.view())?);
+    extend(&mut flow_metrics, spread_of(&model, &held, drawn.theta.view())?);
     let hmc_metrics = metrics_of(&hmc, &targets, false)?;
     let mut map_metrics = metrics_of(&map, &targets, true)?;
-    extend(&mut map_metrics, spread_of(&model, reference.view())?);
+    extend(&mut map_metrics, spread_of(&model, &held, reference.view())?);
     if let EvalTargets::Classification { labels, .. } = &targets {
         let logits = model.net_outputs(x, reference.view())?;
         map_metrics["nll"] = json!(nll_from_logits(logits.index_axis(Axis(0), 0), labels.as_slice())?);
     }
     let stderr = jackknife(&model, x, drawn.theta.view(), &targets)?;
-    let sweep = if args.sweep { Some(run_sweep(&model, &options, n, &targets, args.model.quiet)?) } else { None };
+    let sweep =
+        if args.sweep { Some(run_sweep(&model, &held, &options, n, &targets, args.model.quiet)?) } else { None };
 
     let task_name = match model.manifest().task {
         Task::Classification { .. } => "classification",
