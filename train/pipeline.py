@@ -25,7 +25,9 @@ SECTIONS = {
 # keys that change no result (where the chains run): left out of every fingerprint
 NOT_FINGERPRINTED = {"posterior": ("executor", "workers", "ray_address")}
 # keys added after the shipped bundles were cached: left out while they hold these defaults
-NEW_KEY_DEFAULTS = {"data": {"target": None, "features": None}}
+NEW_KEY_DEFAULTS = {"data": {"target": None, "features": None},
+                    "flow": {k: config.DEFAULTS["flow"][k] for k in ("rt_channels", "rt_blocks", "rt_heads")
+                             if k in config.DEFAULTS["flow"]}}
 
 
 def _section(cfg, key):
