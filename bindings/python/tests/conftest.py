@@ -1,24 +1,4 @@
-"""Where the binding under test comes from.
-
-The suite tests the package as users get it: ``test_wheel.py`` builds the wheel,
-installs it into a fresh venv outside the repository and runs this folder there
-with no ``POSTFLOW_*`` variables. Three cases:
-
-- ``postflow`` is installed (not from this checkout): that fresh venv, or any other
-  install. Every test runs against it; ``test_wheel.py`` skips itself.
-- ``postflow`` is importable from this checkout (``PYTHONPATH=bindings/python``, a
-  quick loop while editing): every test runs, the wheel test included.
-- ``postflow`` is not importable (the repository's ``.venv``, ``make test-python``):
-  only ``test_wheel.py`` is collected; it runs the rest inside the fresh venv.
-"""
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[3]
-_spec = importlib.util.find_spec("postflow")
-#: The package is importable at all.
-IMPORTABLE = _spec is not None and _spec.origin is not None
-#: The package comes from an install, not from this checkout's bindings/python.
-INSTALLED = IMPORTABLE and ROOT not in Path(_spec.origin).resolve().parents
+"""Collect only test_wheel.py where postflow is not importable (see postflow_where.py)."""
+from postflow_where import IMPORTABLE
 
 collect_ignore = [] if IMPORTABLE else ["test_binding.py", "test_as_a_user.py"]

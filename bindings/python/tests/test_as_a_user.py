@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import postflow
-from conftest import ROOT
+from postflow_where import ROOT
 
 DIGITS = ROOT / "models" / "digits"
 SEED = 3
@@ -89,7 +89,7 @@ def test_the_readme_example(tmp_path):
 def test_types_check_strictly(tmp_path):
     """A user's code type-checks against the package (py.typed) under mypy --strict."""
     pytest.importorskip("mypy")
-    from conftest import INSTALLED
+    from postflow_where import INSTALLED
     if not INSTALLED:
         pytest.skip("mypy reads the installed package (py.typed)")
     user = tmp_path / "user.py"

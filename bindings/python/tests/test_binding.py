@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import postflow
-from conftest import INSTALLED, ROOT
+from postflow_where import INSTALLED, ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures" / "bundles"
 REFERENCE = ROOT / "target" / "c-tests" / "reference.txt"

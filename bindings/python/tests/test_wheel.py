@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import INSTALLED, ROOT
+from postflow_where import INSTALLED, ROOT
 
 pytestmark = pytest.mark.skipif(INSTALLED, reason="already running from an installed postflow")
 
