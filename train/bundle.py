@@ -200,7 +200,7 @@ def manifest(ctx):
     posterior["heldout"] = "last chain -> posterior.theta, eval.hmc_*"
     flow_report = {k: v for k, v in reports["flow"].items() if k != "curve"}
     st = ctx.get("start_times")
-    flow = {"dim": d, "base": "standard_normal", "time": [0.0, 1.0], "geometry": "euclidean",
+    flow = {"dim": d, "base": "standard_normal", "time": [0.0, 1.0], "geometry": cfg["flow"].get("geometry", "euclidean"),
             "default_solver": default_solver(ctx),
             "hutchinson": {"probes": 1, "noise": "rademacher"}}
     provenance_extra = {}

@@ -54,6 +54,7 @@ DEFAULTS = {
     "canon": {"enabled": True},
     "whiten": {"min_scale": 1e-4},
     "flow": {
+        "geometry": "euclidean",  # or "sphere_product": Riemannian flow matching on the canonical slice (train/sphere.py)
         "field": "mlp",  # or "np": the NP-layer weight-space field (train/np_field.py); "rt": train/rt_field.py
         "hidden": [256, 256, 256],  # mlp field
         "np_channels": 24,  # np field: channels C per weight / neuron
