@@ -3,8 +3,8 @@ empty folder (the `c` block marked `<!-- file: NAME -->` written to NAME first),
 blocks marked `<!-- not run: needs a Ray cluster -->`; then the outputs are checked.
 
 To fit CI (2 cores), the config that the page's `train init` writes is shortened before the build
-(`SHORTER` below: fewer NUTS iterations and chains, fewer MAP and flow steps); nothing else on the
-page changes. POSTFLOW_TRAIN_DOC_FULL=1 runs the page with init's defaults (15+ minutes here).
+(`SHORTER`, `ADDED` below: fewer NUTS iterations, chains and tree doublings, fewer MAP and flow
+steps, fewer flow samples in the evaluation); nothing else on the page changes. POSTFLOW_TRAIN_DOC_FULL=1 runs the page with init's defaults (15+ minutes here).
 
 The issue-14 target, a 500 × 20 CSV built with one command and default settings, is its own test
 below; it takes longer than CI allows here and runs with POSTFLOW_SLOW_TESTS=1.
@@ -30,10 +30,10 @@ FULL = os.environ.get("POSTFLOW_TRAIN_DOC_FULL") == "1"
 SLOW = os.environ.get("POSTFLOW_SLOW_TESTS") == "1"
 RAY_ONLY = "not run: needs a Ray cluster"
 
-# (table, key) -> value for the CI run of the page; init's defaults are 3000, 5, 500, 400, 5000, and
+# (table, key) -> value for the CI run of the page; init's defaults are 3000, 5, 500, 400, 5000, 400 and
 # NUTS trees of up to 2^10 leapfrog steps (~500 a step on this data); ADDED keys are not in init's config.
 SHORTER = {("map", "steps"): "500", ("posterior", "chains"): "3", ("posterior", "warmup"): "150",
-           ("posterior", "draws"): "100", ("flow", "steps"): "600"}
+           ("posterior", "draws"): "100", ("flow", "steps"): "600", ("evaluate", "flow_samples"): "200"}
 ADDED = {("posterior", "max_doublings"): "6"}
 
 FENCE = re.compile(r"^(?:<!-- (?P<mark>[^\n]*?) -->\n)?```(?P<lang>[a-z]+)\n(?P<body>.*?)^```[ \t]*$",
@@ -113,7 +113,7 @@ def test_the_page_is_what_the_test_runs():
                    '"$postflow" predict', "install PREFIX", "predict.c", "./predict"]:
         assert any(needle in body for body in runs), needle
     text = shorten("[map]\nsteps = 3000\nlr = 1e-2\n[posterior]\nchains = 5  # c\nwarmup = 500\n"
-                   "draws = 400\n[flow]\nhidden = [256]\nsteps = 5000\n")
+                   "draws = 400\n[flow]\nhidden = [256]\nsteps = 5000\n[evaluate]\nflow_samples = 400\n")
     assert "steps = 500  # shortened" in text and "chains = 3  # shortened for CI (was 5)" in text
     assert "steps = 600  #" in text and "lr = 1e-2" in text and "hidden = [256]" in text
     assert "[posterior]\nmax_doublings = 6  # added for CI\nchains = 3" in text
@@ -171,6 +171,7 @@ def check_outputs(tmp_path, runs, outputs):
 
     # eval: the flow's average and HMC's on the held-out rows (the first table: accuracy, nll, ...)
     ev = block_with(runs, outputs, '"$postflow" eval')
+    assert ev.lstrip().startswith("mine (classification, 2 classes): 125 eval inputs"), ev
     metrics = ev.split("mem.ratio")[0]
     acc = {name: float(v) for name, v in re.findall(r"^(flow BMA|HMC BMA|MAP) +([\d.]+) ", metrics, re.M)}
     assert set(acc) == {"flow BMA", "HMC BMA", "MAP"}, ev
