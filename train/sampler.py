@@ -146,12 +146,15 @@ def sample(vfield, key, n, mean, scale, method="rk4", steps=20, trace=None, prob
         eps = (jax.random.rademacher(ke, (n, probes, d)).astype(x0.dtype) if noise == "rademacher"
                else jax.random.normal(ke, (n, probes, d)))
     geometry = getattr(vfield, "geometry", None)
-    if geometry is not None and t0 > 0.0:
-        raise ValueError(f"start time {t0}: geometry {sphere.NAME} starts from the uniform base (0) "
-                         "or returns the stored draws (1)")
     if t0 == 0.0 and geometry is not None:  # D normals, each sphere block normalized: uniform
         x_start = geometry.retract(x0)
         base = geometry.base_log_density(x_start)
+    elif geometry is not None:  # the geodesic start mixture (train/sphere.py, start_point)
+        anchors = geometry.retract(jnp.asarray(anchors, jnp.float32))  # f16 anchors back onto the slice
+        pick = jax.random.randint(jax.random.fold_in(key, 2), (n,), 0, anchors.shape[0])
+        x_start = sphere.start_point(geometry, geometry.retract(x0), anchors[pick], t0)
+        base = (sphere.start_log_density(geometry, x_start, anchors, t0) if trace is not None
+                else jnp.zeros(n, x0.dtype))
     elif t0 == 0.0:
         x_start = x0
         base = -0.5 * jnp.sum(x0**2, axis=-1) - 0.5 * d * jnp.log(2 * jnp.pi)
@@ -171,7 +174,9 @@ def sample_batched(vfield, key, n, mean, scale, batch=200, **kw):
     anchors are returned whole (one permutation, no chunks) with zero log-densities."""
     if float(kw.get("start_time", 0.0)) == 1.0:
         check_start_time(1.0, kw.get("anchors"), kw.get("trace"))
-        return sample_anchors(key, n, kw["anchors"], mean, scale), np.zeros(n, np.float32)
+        theta = sample_anchors(key, n, kw["anchors"], mean, scale)
+        geometry = getattr(vfield, "geometry", None)  # stored draws renormalized, as the runtime does
+        return (theta if geometry is None else geometry.retract(theta)), np.zeros(n, np.float32)
     thetas, logqs = [], []
     fn = jax.jit(lambda k, m: sample(vfield, k, m, mean, scale, **kw), static_argnums=1)
     for i, start in enumerate(range(0, n, batch)):

@@ -189,6 +189,44 @@ class Geometry:
         return out
 
 
+def start_point(geometry, z, a, t0):
+    """The start at 0 < t₀ < 1 around anchors a (the runtime's geodesic mixture): on each sphere
+    slerp(z_s, a_s; t₀), z_s uniform (angle (1 − t₀)·∠(z_s, a_s) from a_s, in z_s's direction); on
+    the Euclidean coordinates t₀·a + (1 − t₀)·z. z: D normals with sphere blocks normalized."""
+    x, _ = geometry.interpolate(z, a, jnp.full((z.shape[0],), t0, z.dtype))
+    return x
+
+
+def start_log_density(geometry, x, anchors, t0, batch=8):
+    """log p_t₀(x) of the geodesic start mixture, relative to surface × Lebesgue measure:
+    logsumexp_i [Σ_s log q_k(∠(x_s, a_i,s)) + log N(x_E; t₀ a_i,E, (1 − t₀)² I)] − log n, with
+    q_k(φ) = sin^{k−2}(φ/(1 − t₀)) / ((1 − t₀) sin^{k−2}φ |S^{k−1}|) for φ < (1 − t₀)π, else 0
+    (z uniform makes θ = ∠(z, a) ∝ sin^{k−2}θ; φ = (1 − t₀)θ; divide by the surface element
+    sin^{k−2}φ in geodesic polar coordinates around a)."""
+    c = 1.0 - float(t0)
+    anchors = jnp.asarray(anchors, jnp.float32)
+    x = jnp.asarray(x, jnp.float32)
+    n = anchors.shape[0]
+    e = geometry.euclid
+    centers_e = float(t0) * anchors[:, e]
+
+    def one(xi):
+        r2 = jnp.sum((xi[e][None, :] - centers_e) ** 2, axis=-1)
+        logp = -0.5 * r2 / c**2 - len(e) * jnp.log(c) - 0.5 * len(e) * jnp.log(2 * jnp.pi)
+        for k, idx in geometry.groups:
+            cos = jnp.clip(jnp.einsum("sk,nsk->ns", xi[idx], anchors[:, idx]), -1.0, 1.0)
+            phi = jnp.arccos(cos)
+            inside = phi < c * jnp.pi
+            tiny = phi < 1e-6
+            ratio = jnp.where(tiny, -jnp.log(c), jnp.log(jnp.sin(jnp.where(tiny, 1.0, phi) / c))
+                              - jnp.log(jnp.sin(jnp.where(tiny, 1.0, phi))))
+            logq = (k - 2) * ratio - jnp.log(c) - log_sphere_area(k)
+            logp = logp + jnp.sum(jnp.where(inside, logq, -jnp.inf), axis=-1)
+        return jax.scipy.special.logsumexp(logp)
+
+    return jax.lax.map(one, x, batch_size=batch) - jnp.log(n)
+
+
 def _np_set(x, idx, vals):
     x = np.array(x, copy=True)
     x[..., idx] = vals
