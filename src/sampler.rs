@@ -266,7 +266,7 @@ impl FlowContext<'_> {
                 for (i, (xv, tv)) in x1.iter_mut().zip(row.iter()).enumerate() {
                     *xv = (tv - self.whiten_mean[i]) / self.whiten_scale[i];
                 }
-                self.onto_slice(x1, start + j, o.project_to_slice)?;
+                self.onto_slice(x1, o.first_index + (start + j) as u64, o.project_to_slice)?;
                 if let TraceMode::Hutchinson { .. } = o.trace {
                     let mut stream = rng::sample_stream(o.seed, o.first_index + (start + j) as u64);
                     start_at.draw(self.geometry, &mut stream, &mut scratch); // the start point's draws
@@ -292,7 +292,7 @@ impl FlowContext<'_> {
     /// On a sphere bundle, check that the whitened row `x` (sphere coordinates are canonical
     /// weights, the whitening being the identity there) lies on the slice, or project it
     /// when asked; either way it leaves renormalized, so the flow starts on the manifold.
-    fn onto_slice(&self, x: &mut [f32], row: usize, project: bool) -> Result<()> {
+    fn onto_slice(&self, x: &mut [f32], row: u64, project: bool) -> Result<()> {
         let Some(err) = self.geometry.slice_error(x) else { return Ok(()) };
         if err.deviation > SLICE_TOLERANCE && !project {
             return Err(Error::invalid(format!(

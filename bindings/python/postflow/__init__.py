@@ -103,7 +103,8 @@ class _SampleOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("seed", ctypes.c_uint64), ("solver", ctypes.c_uint32),
                 ("steps", ctypes.c_uint32), ("rtol", ctypes.c_double), ("atol", ctypes.c_double),
                 ("trace", ctypes.c_uint32), ("probes", ctypes.c_uint32), ("max_steps", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32), ("start_time", ctypes.c_double)]
+                ("batch_size", ctypes.c_uint32), ("start_time", ctypes.c_double),
+                ("project_to_slice", ctypes.c_uint32)]
 
 # pf_sample_options.start_time value that selects the bundle's default start time.
 START_TIME_BUNDLE = -1.0
@@ -291,7 +292,7 @@ class Model:
 
     @staticmethod
     def _options(seed=0, solver="default", steps=0, rtol=0.0, atol=0.0, trace="none", probes=0, max_steps=0,
-                 batch_size=0, start_time=None, struct_size=None) -> _SampleOptions:
+                 batch_size=0, start_time=None, project_to_slice=False, struct_size=None) -> _SampleOptions:
         o = _SampleOptions()
         _check(_lib().pf_sample_options_init(ctypes.byref(o), ctypes.sizeof(o)))
         o.seed = seed
@@ -305,6 +306,8 @@ class Model:
         o.batch_size = batch_size
         # None: the bundle's default start time (0, the plain flow, for bundles without anchors).
         o.start_time = START_TIME_BUNDLE if start_time is None else float(start_time)
+        # sphere_product bundles: log_prob renormalizes each unit's (w, b) instead of refusing it.
+        o.project_to_slice = 1 if project_to_slice else 0
         if struct_size is not None:
             o.struct_size = struct_size
         return o
