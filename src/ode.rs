@@ -5,6 +5,10 @@
 //! and `acc` (f64, integrals carried along, such as the trace of the Jacobian).
 //! Both are advanced by the same tableau, so the log-density integral gets the
 //! solver's order of accuracy.
+//!
+//! A field on a manifold (the sphere-product geometry) supplies a retraction
+//! (`VectorField::retract`), applied to every stage point and every step's result:
+//! the standard projection method, which keeps each method's order.
 use crate::{Error, Result};
 
 mod lincomb;
