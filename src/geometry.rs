@@ -56,6 +56,18 @@ impl Sphere {
         s + f64::from(a[self.bias]) * f64::from(b[self.bias])
     }
 
+    /// `(cos, sin)` of the angle between this block of unit vectors `x` and `a`, from the
+    /// parts of `x` along and across `a` (accurate at small angles, unlike `acos`).
+    fn cos_sin(&self, x: &[f32], a: &[f32]) -> (f64, f64) {
+        let along = self.dot(x, a);
+        let mut across = 0.0;
+        for i in (self.weights..self.weights + self.len).chain([self.bias]) {
+            let r = f64::from(x[i]) - along * f64::from(a[i]);
+            across += r * r;
+        }
+        (along, across.sqrt())
+    }
+
     fn norm(&self, a: &[f32]) -> f64 {
         self.dot(a, a).sqrt()
     }
@@ -74,6 +86,21 @@ impl Sphere {
         }
         x[self.bias] = (f64::from(x[self.bias]) * c) as f32;
     }
+}
+
+/// Log-density on `S^{k−1}` (surface measure) of `slerp(z, a; t₀)`, `z` uniform, at a point
+/// at angle `φ` from `a` (see `Geometry::mixture_log_density`).
+pub fn cap_log_density(k: usize, phi: f64, t0: f64) -> f64 {
+    let c = 1.0 - t0;
+    let theta = phi / c;
+    if !(theta < std::f64::consts::PI) {
+        return f64::NEG_INFINITY;
+    }
+    // log(sin(φ/c) / sin φ); near φ = 0 its series, −log c − φ²(1/c² − 1)/6, avoids 0/0.
+    let log_ratio =
+        if phi < 1e-4 { -c.ln() - phi * phi * (1.0 / (c * c) - 1.0) / 6.0 } else { theta.sin().ln() - phi.sin().ln() };
+    let jac = if k > 2 { (k - 2) as f64 * log_ratio } else { 0.0 };
+    jac - c.ln() - log_sphere_area(k)
 }
 
 /// `log |S^{k−1}| = log(2 π^{k/2} / Γ(k/2))`, the surface area of the unit sphere in `R^k`.
@@ -264,6 +291,64 @@ impl Geometry {
         -0.5 * sq - 0.5 * e as f64 * (2.0 * std::f64::consts::PI).ln() - self.log_area
     }
 
+    /// The start point at `0 < t₀ < 1` around anchor `a` (one state, on the slice): `x` holds a
+    /// base draw `z` on entry. Each sphere block moves along the great circle from `z` to `a`,
+    /// `slerp(z, a; t₀) = (sin((1 − t₀)θ) z + sin(t₀θ) a) / sin θ` with `θ = ∠(z, a)` (the
+    /// point at angle `(1 − t₀)θ` from `a`, the geodesic interpolant's conditional law given
+    /// `x₁ = a`); Euclidean coordinates take `t₀·a + (1 − t₀)·z` as in the Euclidean geometry.
+    pub fn geodesic_start(&self, x: &mut [f32], a: &[f32], t0: f64) {
+        let sphere_coord = |i: usize| self.on_sphere(i);
+        for (i, (xv, av)) in x.iter_mut().zip(a).enumerate() {
+            if !sphere_coord(i) {
+                *xv = (t0 as f32) * av + ((1.0 - t0) as f32) * *xv;
+            }
+        }
+        for s in &self.spheres {
+            let (cos, sin) = s.cos_sin(x, a);
+            let theta = sin.atan2(cos);
+            // z = a (θ = 0) stays; z = −a (θ = π, probability 0) has no unique geodesic: keep z.
+            if sin > 1e-12 {
+                let (wz, wa) = (((1.0 - t0) * theta).sin() / sin, (t0 * theta).sin() / sin);
+                for i in (s.weights..s.weights + s.len).chain([s.bias]) {
+                    x[i] = (wz * f64::from(x[i]) + wa * f64::from(a[i])) as f32;
+                }
+            }
+        }
+        self.retract(x);
+    }
+
+    /// `log p_{t₀}(x)` of the start mixture `(1/n) Σ_i q(x; a_i)`: per anchor, on each sphere
+    /// the law of `slerp(z, a; t₀)` with `z` uniform, `log q_s = (k − 2)·log(sin(φ/(1 − t₀)) /
+    /// sin φ) − log(1 − t₀) − log |S^{k−1}|` for `φ = ∠(x_s, a_s) < (1 − t₀)π` (−∞ beyond: the
+    /// angle to `a` shrinks by `1 − t₀`, and in geodesic polar coordinates around `a` the
+    /// surface element is `sin^{k−2}φ dφ dω`), times `N(x_E; t₀ a_E, (1 − t₀)² I)`.
+    pub fn mixture_log_density(&self, x: &[f32], anchors: &ndarray::Array2<f32>, t0: f64) -> f64 {
+        let c = 1.0 - t0;
+        let e = self.euclidean_coordinates() as f64;
+        let mut terms: Vec<f64> = Vec::with_capacity(anchors.nrows());
+        for a in anchors.rows() {
+            let a = a.as_slice().expect("anchors are in standard layout");
+            let mut sq = 0.0;
+            for (i, (xv, av)) in x.iter().zip(a).enumerate() {
+                if !self.on_sphere(i) {
+                    let r = f64::from(*xv) - t0 * f64::from(*av);
+                    sq += r * r;
+                }
+            }
+            let mut lp = -0.5 * sq / (c * c) - 0.5 * e * (2.0 * std::f64::consts::PI * c * c).ln();
+            for s in &self.spheres {
+                let (cos, sin) = s.cos_sin(x, a);
+                lp += cap_log_density(s.k(), sin.atan2(cos), t0);
+            }
+            terms.push(lp);
+        }
+        let top = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        if top == f64::NEG_INFINITY {
+            return top; // outside every anchor's support
+        }
+        top + terms.iter().map(|v| (v - top).exp()).sum::<f64>().ln() - (anchors.nrows() as f64).ln()
+    }
+
     /// The unit farthest from the slice in `theta` (length D), or `None` when Euclidean.
     pub fn slice_error(&self, theta: &[f32]) -> Option<SliceError> {
         let mut worst: Option<SliceError> = None;
@@ -422,6 +507,59 @@ mod tests {
             let mut corr = [0.0];
             g.project_velocity(&x, &mut u, &mut corr);
             assert!((-corr[0] - (-(k as f64 - 1.0) * ax)).abs() < 1e-6);
+        }
+    }
+
+    /// The start law on one sphere integrates to 1: ∫ q(φ) |S^{k−2}| sin^{k−2}φ dφ over
+    /// [0, (1 − t₀)π] (Simpson's rule), for several k and t₀.
+    #[test]
+    fn the_geodesic_start_density_is_normalized() {
+        for k in [2usize, 3, 4, 6, 9] {
+            for t0 in [0.1, 0.5, 0.9] {
+                let end = (1.0 - t0) * std::f64::consts::PI;
+                let n = 20_000;
+                let h = end / n as f64;
+                let f = |phi: f64| {
+                    let q = cap_log_density(k, phi, t0).exp();
+                    let shell = if k == 2 { 2.0 } else { log_sphere_area(k - 1).exp() * phi.sin().powi(k as i32 - 2) };
+                    q * shell
+                };
+                let mut sum = f(0.0) + f(end - 1e-12);
+                for i in 1..n {
+                    sum += f(i as f64 * h) * if i % 2 == 1 { 4.0 } else { 2.0 };
+                }
+                let total = sum * h / 3.0;
+                assert!((total - 1.0).abs() < 1e-6, "k {k}, t0 {t0}: {total}");
+            }
+        }
+        assert_eq!(cap_log_density(3, 2.0, 0.5), f64::NEG_INFINITY, "beyond the cap (1 − t₀)π");
+        // Continuous at the switch to the series near 0.
+        let (a, b) = (cap_log_density(5, 0.999e-4, 0.3), cap_log_density(5, 1.001e-4, 0.3));
+        assert!((a - b).abs() < 1e-9);
+    }
+
+    /// A start drawn from z lies on the great circle through z and a, at angle (1 − t₀)θ from a.
+    #[test]
+    fn geodesic_start_moves_along_the_great_circle() {
+        use rand::SeedableRng;
+        let mut rng = rand_xoshiro::Xoshiro256PlusPlus::seed_from_u64(4);
+        let g = sphere_geometry(5);
+        let (mut z, mut a) = (vec![0f32; 5], vec![0f32; 5]);
+        g.draw_base(&mut rng, &mut z);
+        g.draw_base(&mut rng, &mut a);
+        let s = g.spheres[0];
+        let (cz, sz) = s.cos_sin(&z, &a);
+        let theta = sz.atan2(cz);
+        let mut x = z.clone();
+        g.geodesic_start(&mut x, &a, 0.3);
+        let (cx, sx) = s.cos_sin(&x, &a);
+        assert!((sx.atan2(cx) - 0.7 * theta).abs() < 1e-6);
+        // In the plane of z and a: x = α z + β a.
+        let zz: Vec<f64> = z.iter().map(|v| f64::from(*v)).collect();
+        let aa: Vec<f64> = a.iter().map(|v| f64::from(*v)).collect();
+        let (alpha, beta) = (((0.7 * theta).sin()) / theta.sin(), (0.3 * theta).sin() / theta.sin());
+        for i in 0..5 {
+            assert!((f64::from(x[i]) - alpha * zz[i] - beta * aa[i]).abs() < 1e-6);
         }
     }
 

@@ -35,7 +35,8 @@ pub struct SampleOptions {
     pub exact_chunk_bytes: usize,
     /// Start time `t₀ ∈ [0, 1]`; `None` takes the bundle's default (0 without anchors).
     /// 0 integrates from `N(0, I)`; `0 < t₀ < 1` starts at `t₀·a + (1 − t₀)·z` around a
-    /// stored anchor `a`; 1 returns the anchors themselves (no density).
+    /// stored anchor `a` (on a `sphere_product` bundle, `slerp(z, a; t₀)` on each sphere);
+    /// 1 returns the anchors themselves (no density).
     pub start_time: Option<f64>,
     /// `log_prob` on a `sphere_product` bundle: put rows whose units are off the slice
     /// (`|‖(w, b)‖ − 1| > 1e-4`) onto it by renormalizing each unit, instead of refusing them.
@@ -147,14 +148,6 @@ impl FlowContext<'_> {
         }
         if t0 == 0.0 {
             return Ok(Start::Base);
-        }
-        if !self.geometry.is_euclidean() && t0 < 1.0 {
-            return Err(Error::invalid(format!(
-                "start_time {t0} is not available with geometry {}: sampling starts from the uniform base \
-                 (start_time 0) or returns the stored draws (start_time 1); the Gaussian start mixture around \
-                 anchors has no counterpart on the spheres",
-                self.geometry.name()
-            )));
         }
         let anchors = self.anchors.ok_or_else(|| {
             Error::invalid(format!(
@@ -371,11 +364,17 @@ impl Start<'_> {
 
     /// Draw a start point from the sample's stream: `z` (D normals) from the base; at
     /// `0 < t₀ < 1` first an anchor index, then `z`, giving `t₀·a + (1 − t₀)·z`.
-    /// On a sphere bundle the base normalizes each sphere block of `z` (uniform on the sphere).
+    /// On a sphere bundle the base normalizes each sphere block of `z` (uniform on the sphere),
+    /// and between 0 and 1 each sphere block moves along the great circle from `z` toward `a`.
     fn draw<R: rand::RngCore>(&self, geometry: &Geometry, stream: &mut R, x: &mut [f32]) {
         match self {
             Start::Base | Start::Anchors(_) if !geometry.is_euclidean() => geometry.draw_base(stream, x),
             Start::Base | Start::Anchors(_) => rng::fill_standard_normal(stream, x),
+            Start::Mixture { t0, anchors } if !geometry.is_euclidean() => {
+                let pick = rng::index(stream, anchors.nrows());
+                geometry.draw_base(stream, x);
+                geometry.geodesic_start(x, anchors.row(pick).as_slice().expect("standard layout"), *t0);
+            }
             Start::Mixture { t0, anchors } => {
                 let pick = rng::index(stream, anchors.nrows());
                 rng::fill_standard_normal(stream, x);
@@ -388,11 +387,13 @@ impl Start<'_> {
     }
 
     /// Log-density of the start distribution at `x`: `log N(x; 0, I)`, or the mixture
-    /// `(1/n) Σ_i N(x; t₀ a_i, (1 − t₀)² I)` by log-sum-exp.
+    /// `(1/n) Σ_i N(x; t₀ a_i, (1 − t₀)² I)` by log-sum-exp (on a sphere bundle, uniform ×
+    /// normal, or the geodesic mixture of `Geometry::mixture_log_density`).
     fn log_density(&self, geometry: &Geometry, x: &[f32]) -> f64 {
         match self {
             Start::Base | Start::Anchors(_) if !geometry.is_euclidean() => geometry.base_log_density(x),
             Start::Base | Start::Anchors(_) => std_normal_logpdf(x),
+            Start::Mixture { t0, anchors } if !geometry.is_euclidean() => geometry.mixture_log_density(x, anchors, *t0),
             Start::Mixture { t0, anchors } => mixture_logpdf(x, anchors, *t0),
         }
     }

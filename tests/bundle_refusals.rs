@@ -370,8 +370,8 @@ fn sphere_case(name: &str, edit: impl FnOnce(&mut Value), edit_t: impl FnOnce(&m
     assert_refused(&c.path, ErrorKind::Bundle, fragments);
 }
 
-/// `flow.geometry`: unknown names, and sphere_product bundles whose layout, whitening,
-/// stored draws or start time contradict the spheres.
+/// `flow.geometry`: unknown names, and sphere_product bundles whose layout, whitening or
+/// stored draws contradict the spheres.
 #[test]
 fn geometry_refusals() {
     // An unknown geometry name.
@@ -430,13 +430,6 @@ fn geometry_refusals() {
             }
         },
         &["flow.anchors", "row 5", "hidden layer 0 unit 2", "off the slice"],
-    );
-    // A default start time strictly between 0 and 1: the Gaussian start mixture does not apply.
-    sphere_case(
-        "sphere_tanh",
-        |m| m["flow"]["default_start_time"] = 0.5.into(),
-        |_| {},
-        &["flow.default_start_time", "0.5", "start times 0 and 1 only"],
     );
 }
 

@@ -7,7 +7,9 @@
 //! `log p₁(x₁) = −log |S^{k−1}| + (k−1)[|a| + 2 log(cos(φ₀/2)/cos(φ₁/2))]` (zero field where
 //! `a = 0`: the uniform law, unchanged). Its last layer has an affine field (a Gaussian).
 //! `sphere_tanh` (3 × S⁵, R⁸): a nonlinear field; densities from an independent float64
-//! integration in the fixture generator.
+//! integration in the fixture generator. `sphere_anchored`: `sphere_linear`'s network with
+//! a zero field on the spheres and three stored draws, so samples from start time `t₀` are the
+//! geodesic start mixture itself on the spheres.
 mod common;
 
 use std::f64::consts::PI;
@@ -433,14 +435,11 @@ fn weights_off_the_slice_are_refused_unless_projected() {
 }
 
 #[test]
-fn start_times_zero_and_one_only() {
+fn start_times_on_the_spheres() {
     let model = open("sphere_tanh");
     assert_eq!(model.default_start_time(), 0.0);
     assert_eq!(model.anchor_count(), 16);
     let sp = spheres(&expected("sphere_tanh"));
-    let e = model.sample(2, &SampleOptions { start_time: Some(0.5), ..opts(0, TraceMode::None) }).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
-    assert!(e.message().contains("start_time 0.5") && e.message().contains("sphere_product"), "{}", e.message());
     // t₀ = 1: the stored draws, stored as f16 (off by up to 2⁻¹¹), come back on the slice.
     let s = model.sample(16, &SampleOptions { start_time: Some(1.0), ..opts(0, TraceMode::None) }).unwrap();
     let dev = slice_deviation(&s.theta, &sp);
@@ -470,6 +469,159 @@ fn start_times_zero_and_one_only() {
     let a = model.sample(4, &opts(9, TraceMode::Exact)).unwrap();
     let b = model.sample(4, &SampleOptions { start_time: Some(0.0), ..opts(9, TraceMode::Exact) }).unwrap();
     assert_eq!(a.theta, b.theta);
+    // In between: the geodesic start mixture, on the slice, and log_prob inverts it.
+    for t0 in [0.3, 0.7] {
+        for trace in [TraceMode::Exact, TraceMode::Hutchinson { probes: 2, noise: ProbeNoise::Rademacher }] {
+            let o = SampleOptions { start_time: Some(t0), ..opts(12, trace) };
+            let s = model.sample(12, &o).unwrap();
+            assert!(slice_deviation(&s.theta, &sp) <= 1e-5);
+            let back = model.log_prob(s.theta.view(), &o).unwrap();
+            for (a, b) in s.log_density.unwrap().iter().zip(&back.log_density) {
+                assert!((a - b).abs() < 1e-3, "t0 {t0} {trace:?}: sampled {a} vs log_prob {b}");
+            }
+        }
+    }
+}
+
+/// The closed form of `sphere_anchored`: a zero field on the spheres, so a sample's sphere
+/// blocks are its start point, drawn from the geodesic mixture; its last layer is affine.
+struct Anchored {
+    t0: f64,
+    spheres: Vec<Vec<usize>>,
+    euclid: Vec<usize>,
+    anchors: Vec<Vec<f64>>,
+    mean_e: Vec<f64>,
+    scale_e: Vec<f64>,
+    m_t0: Vec<f64>,
+    e_inv: Vec<Vec<f64>>,
+    trace_a: f64,
+    sum_log_scale: f64,
+}
+
+impl Anchored {
+    fn load() -> Anchored {
+        let e = expected("sphere_anchored");
+        Anchored {
+            t0: e["start_time"].as_f64().unwrap(),
+            spheres: spheres(&e),
+            euclid: vec_usize(&e["euclidean"]),
+            anchors: e["anchors"].as_array().unwrap().iter().map(vec_f64).collect(),
+            mean_e: vec_f64(&e["whiten_mean_euclidean"]),
+            scale_e: vec_f64(&e["whiten_scale_euclidean"]),
+            m_t0: vec_f64(&e["m_t0"]),
+            e_inv: e["expm_neg_A_t0"].as_array().unwrap().iter().map(vec_f64).collect(),
+            trace_a: e["trace_A"].as_f64().unwrap(),
+            sum_log_scale: e["sum_log_scale"].as_f64().unwrap(),
+        }
+    }
+
+    /// Angle between θ's block `idx` and anchor `a`'s.
+    fn angle(idx: &[usize], theta: &[f32], a: &[f64]) -> f64 {
+        let along: f64 = idx.iter().map(|&i| f64::from(theta[i]) * a[i]).sum();
+        let across = idx.iter().map(|&i| (f64::from(theta[i]) - along * a[i]).powi(2)).sum::<f64>().sqrt();
+        across.atan2(along)
+    }
+
+    /// log q(θ) = log p_t₀(x_t₀) − (1 − t₀) tr A − Σ log scale, p_t₀ the mixture over anchors of
+    /// Π_s sin^{k−2}(φ/c) / (c sin^{k−2}φ |S^{k−1}|) × N(x_E; t₀ a_E, c² I), c = 1 − t₀.
+    fn log_density(&self, theta: &[f32]) -> f64 {
+        let c = 1.0 - self.t0;
+        let r: Vec<f64> = self
+            .euclid
+            .iter()
+            .enumerate()
+            .map(|(j, &i)| (f64::from(theta[i]) - self.mean_e[j]) / self.scale_e[j] - self.m_t0[j])
+            .collect();
+        let xe: Vec<f64> = self.e_inv.iter().map(|row| row.iter().zip(&r).map(|(a, b)| a * b).sum()).collect();
+        let terms: Vec<f64> = self
+            .anchors
+            .iter()
+            .map(|a| {
+                let mut lp = 0.0;
+                for (j, &i) in self.euclid.iter().enumerate() {
+                    let z = (xe[j] - self.t0 * a[i]) / c;
+                    lp += -0.5 * z * z - (c * (2.0 * PI).sqrt()).ln();
+                }
+                for idx in &self.spheres {
+                    let k = idx.len() as i32;
+                    let phi = Self::angle(idx, theta, a);
+                    if phi >= c * PI {
+                        return f64::NEG_INFINITY;
+                    }
+                    lp += ((phi / c).sin() / phi.sin()).powi(k - 2).ln() - c.ln() - sphere_area(idx.len()).ln();
+                }
+                lp
+            })
+            .collect();
+        let top = terms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let lse = top + terms.iter().map(|t| (t - top).exp()).sum::<f64>().ln() - (terms.len() as f64).ln();
+        lse - (1.0 - self.t0) * self.trace_a - self.sum_log_scale
+    }
+}
+
+#[test]
+fn geodesic_start_mixture_matches_its_closed_form() {
+    let model = open("sphere_anchored");
+    let law = Anchored::load();
+    assert_eq!(model.default_start_time(), law.t0);
+    assert_eq!(model.manifest().format_version, 2);
+    // Sampled log-densities (the bundle's default start time, 0.8) against the closed form.
+    let s = model.sample(64, &opts(31, TraceMode::Exact)).unwrap();
+    assert!(slice_deviation(&s.theta, &law.spheres) <= 1e-5);
+    let logd = s.log_density.unwrap();
+    let mut worst: f64 = 0.0;
+    for (i, row) in s.theta.rows().into_iter().enumerate() {
+        worst = worst.max((f64::from(logd[i]) - law.log_density(row.as_slice().unwrap())).abs());
+    }
+    println!("sphere_anchored exact trace: max |log q − closed form| = {worst:e}");
+    assert!(worst < 1e-4, "{worst:e}");
+    // log_prob of the generator's points (drawn and evaluated by its own numpy code).
+    let e = expected("sphere_anchored");
+    let points = e["points"].as_array().unwrap();
+    let d = model.weight_dim();
+    let theta: Vec<f32> = points.iter().flat_map(|p| vec_f64(&p["theta"])).map(|v| v as f32).collect();
+    let theta = Array2::from_shape_vec((points.len(), d), theta).unwrap();
+    let lp = model.log_prob(theta.view(), &opts(0, TraceMode::Exact)).unwrap();
+    for (i, p) in points.iter().enumerate() {
+        let want = p["log_density"].as_f64().unwrap();
+        assert!((f64::from(lp.log_density[i]) - want).abs() < 1e-4, "point {i}: {} vs {want}", lp.log_density[i]);
+        assert!((law.log_density(theta.row(i).as_slice().unwrap()) - want).abs() < 1e-5, "the two closed forms agree");
+    }
+}
+
+#[test]
+fn geodesic_start_histogram_matches_its_law() {
+    // The anchors' sphere blocks are 90° apart and the caps (1 − t₀)π = 36° wide, so the
+    // nearest anchor is the one drawn, and its angle is (1 − t₀)·θ with θ the uniform law's
+    // angle: F(φ) = F_unif(φ/(1 − t₀)), (1 − cos θ)/2 on S², (θ − sin θ cos θ)/π on S³.
+    let model = open("sphere_anchored");
+    let law = Anchored::load();
+    let c = 1.0 - law.t0;
+    let n = 4000;
+    let s = model.sample(n, &opts(37, TraceMode::None)).unwrap();
+    for idx in &law.spheres {
+        let k = idx.len();
+        let phis: Vec<f64> = s
+            .theta
+            .rows()
+            .into_iter()
+            .map(|r| {
+                let row = r.as_slice().unwrap();
+                law.anchors.iter().map(|a| Anchored::angle(idx, row, a)).fold(f64::INFINITY, f64::min)
+            })
+            .collect();
+        assert!(phis.iter().all(|p| *p < c * PI + 1e-6), "every sample within its anchor's cap");
+        let ks = ks_distance(phis, |phi| {
+            let th = (phi / c).min(PI);
+            if k == 3 {
+                (1.0 - th.cos()) / 2.0
+            } else {
+                (th - th.sin() * th.cos()) / PI
+            }
+        });
+        println!("sphere {idx:?}: KS {ks:.4}");
+        assert!(ks < 1.95 / (n as f64).sqrt(), "sphere {idx:?}: KS {ks}");
+    }
 }
 
 fn postflow(args: &[&str]) -> std::process::Output {

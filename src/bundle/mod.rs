@@ -185,17 +185,7 @@ fn validate_manifest(m: &Manifest, limits: &Limits) -> Result<()> {
     if m.flow.time != [0.0, 1.0] {
         return Err(field_err("flow.time", format!("{:?} is not supported (only [0, 1])", m.flow.time)));
     }
-    let geometry = crate::geometry::Geometry::from_manifest(m)?;
-    if !geometry.is_euclidean() {
-        // Sphere bundles start from the uniform base (0) or the stored draws (1); the
-        // mixture in between is Gaussian around anchors, which has no sphere counterpart here.
-        if let Some(t0) = m.flow.default_start_time.filter(|t| *t > 0.0 && *t < 1.0) {
-            return Err(field_err(
-                "flow.default_start_time",
-                format!("{t0}: geometry {} supports start times 0 and 1 only", geometry.name()),
-            ));
-        }
-    }
+    crate::geometry::Geometry::from_manifest(m)?;
     crate::ode::SolverKind::parse(&m.flow.default_solver.method)
         .map_err(|e| field_err("flow.default_solver.method", e.message()))?;
     if m.flow.default_solver.steps == 0 {
