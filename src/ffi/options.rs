@@ -57,7 +57,8 @@ pub struct pf_sample_options {
     pub batch_size: u32,
     /// Start time t0 in [0, 1], or `PF_START_TIME_BUNDLE` (-1, the default) for the bundle's
     /// default. 0: the plain flow from N(0, I); between: from t0·a + (1 − t0)·z around a stored
-    /// anchor draw a; 1: the stored draws themselves (no log-density: trace must be none).
+    /// anchor draw a (on the spheres of a `sphere_product` bundle, slerp(z, a; t0)); 1: the stored
+    /// draws themselves (no log-density: trace must be none).
     /// (Added in 0.2; older callers get the bundle's default.)
     pub start_time: f64,
     /// `pf_log_prob` on a bundle whose `flow.geometry` is `sphere_product`: 1 renormalizes each
