@@ -93,7 +93,7 @@ impl Sphere {
 pub fn cap_log_density(k: usize, phi: f64, t0: f64) -> f64 {
     let c = 1.0 - t0;
     let theta = phi / c;
-    if !(theta < std::f64::consts::PI) {
+    if theta.is_nan() || theta >= std::f64::consts::PI {
         return f64::NEG_INFINITY;
     }
     // log(sin(φ/c) / sin φ); near φ = 0 its series, −log c − φ²(1/c² − 1)/6, avoids 0/0.
