@@ -14,6 +14,7 @@ import numpy as np
 from safetensors.numpy import save, save_file
 
 from . import PIPELINE_VERSION, card, evaluate, figures, metrics, mlp, whiten
+from . import baselines, solver_choice as solver_choice_mod
 from .export import NAMES
 
 ANCHOR_DTYPES = {"f16": np.float16, "f32": np.float32}
@@ -133,6 +134,42 @@ def start_times(ctx, tens):
             "rule": evaluate.start_time_rule(classification, ece)}
 
 
+def solver_choice(ctx):
+    """Euler/RK4 sweep at t₀ = 0 and the default start time; the default solver by its rule
+    (train/solver_choice.py), or the evaluate settings when `bundle.solver_rule` is off."""
+    bcfg, ecfg = ctx["cfg"]["bundle"], ctx["cfg"]["evaluate"]
+    if not bcfg["solver_rule"]:
+        return None
+    st = ctx.get("start_times")
+    anchors = st["stored"].astype(np.float32) if st else None
+    classification = ctx["cfg"]["data"]["task"] == "classification"
+    net_bytes = (ctx["work"] / "graphs" / "net.onnx").read_bytes()
+
+    def score(theta):
+        out = evaluate.run_net(net_bytes, ctx["data"]["x_eval"], theta)
+        return {**_bma(ctx, theta), "epistemic_eval": float(metrics.epistemic(out, classification))}
+
+    rows = solver_choice_mod.sweep(ctx, anchors, solver_choice_mod.sweep_start_times(
+        st["default_start_time"] if st else None), score)
+    method, steps, reason, converged = solver_choice_mod.choose(rows, classification, bcfg["solver_tolerance"],
+                                                                bcfg["solver_spread_tolerance"],
+                                                                bcfg["solver_logq_tolerance"])
+    print(f"  default solver {method} x {steps}: {reason}", flush=True)
+    return {"sweep": rows, "method": method, "steps": steps, "reason": reason,
+            "converged": {f"{t:g}": v for t, v in converged.items()}, "tolerance": bcfg["solver_tolerance"],
+            "spread_tolerance": bcfg["solver_spread_tolerance"], "logq_tolerance": bcfg["solver_logq_tolerance"],
+            "rule": solver_choice_mod.rule(classification, bcfg["solver_tolerance"], bcfg["solver_spread_tolerance"],
+                                           bcfg["solver_logq_tolerance"]),
+            "evaluate_solver": {"method": ecfg["solver"], "steps": ecfg["steps"]}}
+
+
+def default_solver(ctx):
+    sc = ctx.get("solver_choice")
+    if sc:
+        return {"method": sc["method"], "steps": sc["steps"]}
+    return {"method": ctx["cfg"]["evaluate"]["solver"], "steps": ctx["cfg"]["evaluate"]["steps"]}
+
+
 def reference_metrics(ctx):
     ecfg = ctx["cfg"]["evaluate"]
     out = {
@@ -146,6 +183,10 @@ def reference_metrics(ctx):
         out["start_time_sweep"] = st["sweep"]
         key = "hmc_mutual_information" if ctx["cfg"]["data"]["task"] == "classification" else "hmc_epistemic_variance"
         out[key] = st["hmc_epistemic"]
+    if ctx.get("solver_choice"):
+        out["solver_sweep"] = ctx["solver_choice"]["sweep"]
+    if ctx.get("baselines"):
+        out["baselines"] = ctx["baselines"]
     return out
 
 
@@ -159,14 +200,16 @@ def manifest(ctx):
     posterior["heldout"] = "last chain -> posterior.theta, eval.hmc_*"
     flow_report = {k: v for k, v in reports["flow"].items() if k != "curve"}
     st = ctx.get("start_times")
-    flow = {"dim": d, "base": "standard_normal", "time": [0.0, 1.0], "geometry": "euclidean",
-            "default_solver": {"method": cfg["evaluate"]["solver"], "steps": cfg["evaluate"]["steps"]},
+    flow = {"dim": d, "base": "standard_normal", "time": [0.0, 1.0], "geometry": cfg["flow"].get("geometry", "euclidean"),
+            "default_solver": default_solver(ctx),
             "hutchinson": {"probes": 1, "noise": "rademacher"}}
     provenance_extra = {}
+    if ctx.get("solver_choice"):
+        provenance_extra["solver_choice"] = {k: v for k, v in ctx["solver_choice"].items() if k != "sweep"}
     if st:
         flow["anchors"] = {"tensor": ANCHORS_TENSOR, "count": st["info"]["count"], "dtype": st["info"]["dtype"]}
         flow["default_start_time"] = st["default_start_time"]
-        provenance_extra = {
+        provenance_extra |= {
             "anchors": {k: v for k, v in st["info"].items() if k not in ("tensor", "count", "dtype")},
             "start_time": {"default": st["default_start_time"], "rule": st["rule"], "rule_ece": st["rule_ece"],
                            "reason": st["reason"],
@@ -234,6 +277,12 @@ def write(ctx):
     ctx["start_times"] = start_times(ctx, tens)
     if ctx["start_times"]:
         tens[ANCHORS_TENSOR] = ctx["start_times"]["stored"]
+    ctx["solver_choice"] = solver_choice(ctx)
+    if ctx["cfg"]["bundle"]["baselines"]:
+        st = ctx["start_times"]
+        ctx["baselines"] = baselines.table(ctx, st["stored"].astype(np.float32) if st else None,
+                                           st["default_start_time"] if st else None,
+                                           tens.get("eval.ood_x", evaluate.ood_inputs(ctx["cfg"], ctx["data"])))
     save_file(tens, str(out / "tensors.safetensors"))
     (out / "tensors.safetensors").chmod(0o644)  # safetensors creates it owner-only
     man = manifest(ctx)

@@ -54,10 +54,14 @@ DEFAULTS = {
     "canon": {"enabled": True},
     "whiten": {"min_scale": 1e-4},
     "flow": {
-        "field": "mlp",  # or "np": the NP-layer weight-space field (train/np_field.py)
+        "geometry": "euclidean",  # or "sphere_product": Riemannian flow matching on the canonical slice (train/sphere.py)
+        "field": "mlp",  # or "np": the NP-layer weight-space field (train/np_field.py); "rt": train/rt_field.py
         "hidden": [256, 256, 256],  # mlp field
         "np_channels": 24,  # np field: channels C per weight / neuron
         "np_blocks": 3,  # np field: residual NP blocks K
+        "rt_channels": 32,  # rt field (train/rt_field.py): channels C per neuron / edge
+        "rt_blocks": 3,  # rt field: transformer blocks K
+        "rt_heads": 4,  # rt field: attention heads (C must be a multiple)
         "pred": "v",  # "v" (velocity) or "x1" (end point, np field only): v = (x̂₁ − x)/max(1 − t, clip)
         "pred_clip": 0.05,
         "time_pow": 1.0,  # training times t = 1 − (1 − u)^p; 1 = uniform, > 1 favours t → 1
@@ -93,6 +97,23 @@ DEFAULTS = {
         # the default-start-time rule also asks ECE <= HMC's + 0.01 (issue 12's target at the
         # default start time; without it digits would default to 0.8, whose ECE misses it)
         "start_time_rule_ece": True,
+        # default solver by measurement (train/solver_choice.py): Euler and RK4 at these step
+        # counts, at t0 = 0 and the default start time; the cheapest within `solver_tolerance` TV
+        # (regression NLL) of RK4 at the most steps becomes flow.default_solver. Off: the
+        # evaluate solver.
+        "solver_rule": True,
+        "solver_steps": [1, 2, 4, 8, 16, 20, 40],
+        "solver_tolerance": 0.01,
+        # ... and whose epistemic spread (mean mutual information / variance of the means on the
+        # eval inputs) is within this relative tolerance of that solver's: TV misses the spread
+        "solver_spread_tolerance": 0.1,
+        # ... and whose samples' log-densities (Hutchinson, same probes) are within this many nats
+        # of that solver's on average: the default solver also serves log_prob
+        "solver_logq_tolerance": 0.5,
+        # the honest comparison (train/baselines.py): flow vs Gaussian, KDEs, training draws,
+        # draws + noise, HMC, MAP, ensemble, with memorization and epistemic ratios
+        "baselines": True,
+        "kde_bandwidths": [0.1, 0.2, 0.3],
     },
 }
 

@@ -9,7 +9,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from . import flow as flow_mod
-from . import metrics, sampler
+from . import metrics, sampler, sphere
 from .export import run_net
 
 
@@ -144,8 +144,9 @@ def ood(net_bytes, thetas, x_eval, rng):
 
 def vector_field(flow_params):
     """The flow's velocity v(t [B], x [B,D]) from the cached flow-stage parameters."""
-    params = flow_mod.unflatten_params(flow_params)
-    return lambda t, x: flow_mod.velocity(params, t, x)
+    flat, geometry = sphere.split_params(flow_params)
+    params = flow_mod.unflatten_params(flat)
+    return sphere.Field(lambda t, x: flow_mod.velocity(params, t, x), geometry)
 
 
 def ood_inputs(cfg, data):

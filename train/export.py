@@ -19,7 +19,7 @@ import onnxruntime as ort
 from jax2onnx import to_onnx
 
 from . import flow as flow_mod
-from . import graphs, mlp
+from . import graphs, mlp, sphere
 
 NAMES = {
     "flow": (["t", "x"], ["v"]),
@@ -96,7 +96,7 @@ def run(cfg, data, sizes, flow_params, whiten_out, canon_out, noise_sigma):
     d = int(whiten_out["mean"].shape[0])
     d_in = data["x_train"].shape[1]
     rng = np.random.default_rng(cfg["seed"] + 7)
-    params = flow_mod.unflatten_params(flow_params)
+    params = flow_mod.unflatten_params(sphere.split_params(flow_params)[0])  # the raw field u
     regression = cfg["data"]["task"] == "regression"
     # name -> (JAX reference, how to build the ONNX graph)
     net_ref = net_fn(sizes, data["x_mean"], data["x_std"], data["y_mean"], data["y_std"], regression)

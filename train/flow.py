@@ -8,7 +8,9 @@ suffice; `independent` pairs them at random. Training times t = 1 − (1 − u)^
 
 Velocity (`flow.field`): `mlp`, an MLP on [x, sinusoidal(t)] with SiLU, or `np`, the
 NP-layer weight-space field of train/np_field.py (per-weight and per-neuron features of the
-network's own layout; needs the MLP's `sizes`), which may predict the end point
+network's own layout; needs the MLP's `sizes`), or `rt`, the relational transformer of
+train/rt_field.py (neurons as tokens, weights as edge features; JAX only, no ONNX export);
+`np` and `rt` may predict the end point
 (`flow.pred = "x1"`: v = (x̂₁ − x)/max(1 − t, `flow.pred_clip`)). Both train with AdamW on the
 same loss; the exported field uses the EMA of the weights. `velocity`, `flatten_params` and
 `unflatten_params` dispatch on the field, so callers need not know which one it is."""
@@ -21,9 +23,9 @@ import numpy as np
 import optax
 from scipy.optimize import linear_sum_assignment
 
-from . import np_field, progress
+from . import np_field, progress, rt_field
 
-FIELDS = ("mlp", "np")
+FIELDS = ("mlp", "np", "rt")
 
 
 def time_embedding(t, n_freqs):
@@ -49,6 +51,8 @@ def velocity(params, t, x):
     """v(t, x): t [B], x [B, D] -> [B, D], for either field's parameters."""
     if isinstance(params, np_field.NPField):
         return np_field.velocity(params, t, x)
+    if isinstance(params, rt_field.RTField):
+        return rt_field.velocity(params, t, x)
     n_freqs = params[0]["w"].shape[0] - x.shape[1]
     h = jnp.concatenate([x, time_embedding(t, n_freqs)], axis=-1)
     for i, layer in enumerate(params):
@@ -81,13 +85,16 @@ def init_field(key, dim, fcfg, sizes=None):
         raise ValueError(f"unknown flow.field {field!r} (expected one of {FIELDS})")
     if field == "mlp":
         if pred != "v":
-            raise ValueError('flow.pred = "x1" needs flow.field = "np"')
+            raise ValueError('flow.pred = "x1" needs flow.field = "np" or "rt"')
         return init(key, dim, fcfg["hidden"], fcfg["time_freqs"])
     if sizes is None:
-        raise ValueError('flow.field = "np" needs the network sizes')
+        raise ValueError(f'flow.field = "{field}" needs the network sizes')
     from . import mlp
     if mlp.dim(sizes) != dim:
         raise ValueError(f"network sizes {list(sizes)} give D = {mlp.dim(sizes)}, the samples have {dim}")
+    if field == "rt":
+        return rt_field.init(key, sizes, fcfg.get("rt_channels", 32), fcfg.get("rt_blocks", 3), fcfg.get("rt_heads", 4),
+                             fcfg["time_freqs"], pred, fcfg.get("pred_clip", 0.05))
     return np_field.init(key, sizes, fcfg.get("np_channels", 24), fcfg.get("np_blocks", 3), fcfg["time_freqs"],
                          pred, fcfg.get("pred_clip", 0.05))
 
@@ -160,7 +167,7 @@ def train(train_x, held_x, fcfg, seed, sizes=None):
     report = {
         "coupling": fcfg["coupling"], "sigma": sigma, "steps": steps, "batch": batch,
         "hidden": fcfg["hidden"], "time_freqs": fcfg["time_freqs"], "activation": "silu",
-        "field": "np" if isinstance(params, np_field.NPField) else "mlp", "parameters": n_parameters(params),
+        "field": field_name(params), "parameters": n_parameters(params),
         "optimizer": {"kind": "adamw", "lr": fcfg["lr"], "weight_decay": fcfg["weight_decay"],
                       "schedule": "warmup_cosine"},
         "ema": decay, "train_samples": int(n), "heldout_samples": int(m),
@@ -171,11 +178,22 @@ def train(train_x, held_x, fcfg, seed, sizes=None):
         report.update({"hidden": f"NP-layer field, C = {params.channels}, K = {params.blocks}",
                        "np_channels": params.channels, "np_blocks": params.blocks, "pred": params.pred,
                        "pred_clip": params.clip, "time_pow": time_pow})
+    elif isinstance(params, rt_field.RTField):
+        report.update({"hidden": f"relational transformer, C = {params.channels}, K = {params.blocks}, "
+                                 f"heads = {params.heads}", "rt_channels": params.channels,
+                       "rt_blocks": params.blocks, "rt_heads": params.heads, "pred": params.pred,
+                       "pred_clip": params.clip, "time_pow": time_pow})
     elif time_pow != 1.0:
         report["time_pow"] = time_pow
     if ema_warmup:
         report["ema_warmup"] = True
     return jax.tree.map(np.asarray, ema), report
+
+
+def field_name(params):
+    if isinstance(params, np_field.NPField):
+        return "np"
+    return "rt" if isinstance(params, rt_field.RTField) else "mlp"
 
 
 def n_parameters(params):
@@ -186,11 +204,15 @@ def flatten_params(params):
     """List of {w, b} (or an NPField) -> flat dict for npz caching."""
     if isinstance(params, np_field.NPField):
         return np_field.flatten_params(params)
+    if isinstance(params, rt_field.RTField):
+        return rt_field.flatten_params(params)
     return {f"{i}.{k}": v for i, layer in enumerate(params) for k, v in layer.items()}
 
 
 def unflatten_params(flat):
     if np_field.is_flat(flat):
         return np_field.unflatten_params(flat)
+    if rt_field.is_flat(flat):
+        return rt_field.unflatten_params(flat)
     n = len({k.split(".")[0] for k in flat})
     return [{"w": jnp.asarray(flat[f"{i}.w"]), "b": jnp.asarray(flat[f"{i}.b"])} for i in range(n)]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import align, bundle, canon, config, data, evaluate, export, flow, map as map_stage, mlp, posterior, whiten
+from . import align, bundle, canon, config, data, evaluate, export, flow, map as map_stage, mlp, posterior, sphere, whiten
 
 STAGES = ["data", "map", "posterior", "align", "canon", "whiten", "flow", "export", "evaluate", "bundle"]
 SECTIONS = {
@@ -25,7 +25,9 @@ SECTIONS = {
 # keys that change no result (where the chains run): left out of every fingerprint
 NOT_FINGERPRINTED = {"posterior": ("executor", "workers", "ray_address")}
 # keys added after the shipped bundles were cached: left out while they hold these defaults
-NEW_KEY_DEFAULTS = {"data": {"target": None, "features": None}}
+NEW_KEY_DEFAULTS = {"data": {"target": None, "features": None},
+                    "flow": {k: config.DEFAULTS["flow"][k] for k in ("rt_channels", "rt_blocks", "rt_heads", "geometry")
+                             if k in config.DEFAULTS["flow"]}}
 
 
 def _section(cfg, key):
@@ -39,6 +41,12 @@ def _section(cfg, key):
 def _fingerprint(cfg, stage, upstream, extra=""):
     blob = json.dumps({k: _section(cfg, k) for k in SECTIONS[stage]}, sort_keys=True) + upstream + extra
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _geometry_extra(cfg):
+    """The whitening depends on flow.geometry; left out at "euclidean" (cached stages stay valid)."""
+    g = cfg["flow"].get("geometry", "euclidean")
+    return "" if g == "euclidean" else f"geometry={g}"
 
 
 def _stage_data(ctx):
@@ -72,6 +80,11 @@ def _stage_canon(ctx):
 
 def _stage_whiten(ctx):
     train = ctx["canon"]["samples"][:-1].reshape(-1, ctx["canon"]["samples"].shape[-1])
+    geometry = sphere.geometry_of(ctx["cfg"], ctx["sizes"])
+    if geometry is not None:  # identity on the spheres, per coordinate on the Euclidean rest
+        mean, scale = sphere.whiten_fit(train, geometry, ctx["cfg"]["whiten"]["min_scale"])
+        return {"mean": mean, "scale": scale}, {"kind": "sphere_identity_euclidean_per_coordinate",
+                                                "min_scale": ctx["cfg"]["whiten"]["min_scale"]}
     mean, scale = whiten.fit(train, ctx["cfg"]["whiten"]["min_scale"])
     return {"mean": mean, "scale": scale}, {"kind": "per_coordinate", "min_scale": ctx["cfg"]["whiten"]["min_scale"]}
 
@@ -81,8 +94,13 @@ def _stage_flow(ctx):
     d = samples.shape[-1]
     train_x = whiten.apply(samples[:-1].reshape(-1, d), w["mean"], w["scale"])
     held_x = whiten.apply(samples[-1], w["mean"], w["scale"])
-    params, report = flow.train(train_x, held_x, ctx["cfg"]["flow"], ctx["cfg"]["seed"], sizes=ctx["sizes"])
-    return flow.flatten_params(params), report
+    geometry = sphere.geometry_of(ctx["cfg"], ctx["sizes"])
+    if geometry is not None:
+        from . import sphere_flow
+        params, report = sphere_flow.train(train_x, held_x, ctx["cfg"]["flow"], ctx["cfg"]["seed"], geometry)
+    else:
+        params, report = flow.train(train_x, held_x, ctx["cfg"]["flow"], ctx["cfg"]["seed"], sizes=ctx["sizes"])
+    return sphere.tag_params(flow.flatten_params(params), geometry), report
 
 
 def _stage_export(ctx):
@@ -143,7 +161,8 @@ def _run_stages(ctx, from_stage):
     ctx["t_build"] = time.time()
     for i, stage in enumerate(STAGES):
         fp = _fingerprint(cfg, stage, upstream,
-                          data.source_digest(cfg["data"], ctx["config_dir"]) if stage == "data" else "")
+                          data.source_digest(cfg["data"], ctx["config_dir"]) if stage == "data" else
+                          _geometry_extra(cfg) if stage == "whiten" else "")
         meta_path, arr_path = work / f"{stage}.json", work / f"{stage}.npz"
         cached = None
         if i < force_from and not recomputed and meta_path.exists() and stage != "bundle":

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import sphere
+
 METHODS = ("euler", "heun", "rk4")
 
 
@@ -45,10 +47,15 @@ def _trace_fn(vfield, trace, eps):
 
 
 def integrate(vfield, x0, method="rk4", steps=20, trace=None, eps=None, start_time=0.0):
-    """Integrate from t=start_time to t=1 in `steps` equal steps. Returns x₁ [B,D] and ∫ tr J dt [B]."""
+    """Integrate from t=start_time to t=1 in `steps` equal steps. Returns x₁ [B,D] and ∫ tr J dt [B].
+    A field with a sphere geometry (`vfield.geometry`, train/sphere.py) is integrated on the
+    manifold: tangent velocities P u, the Riemannian divergence, and every stage point and step
+    result retracted onto the spheres (the runtime's rule)."""
     if method not in METHODS:
         raise ValueError(f"unknown solver {method!r}")
-    f = _trace_fn(vfield, trace, eps)
+    geometry = getattr(vfield, "geometry", None)
+    f = _trace_fn(vfield, trace, eps) if geometry is None else sphere.trace_fn(vfield, geometry, trace, eps)
+    retract = (lambda x: x) if geometry is None else geometry.retract
     t_start = float(start_time)
     h = (1.0 - t_start) / steps
     b = x0.shape[0]
@@ -56,24 +63,25 @@ def integrate(vfield, x0, method="rk4", steps=20, trace=None, eps=None, start_ti
     def rhs(t, state):
         return f(jnp.full((b,), t, x0.dtype), state[0])
 
-    def add(state, k, c):
-        return (state[0] + c * k[0], state[1] + c * k[1])
+    def comb(state, *terms):
+        """state + Σ c·k, the point retracted once at the end (a stage point or a step result)."""
+        x, acc = state
+        for k, c in terms:
+            x, acc = x + c * k[0], acc + c * k[1]
+        return retract(x), acc
 
     def step(state, i):
         t = t_start + i * h
         k1 = rhs(t, state)
         if method == "euler":
-            return add(state, k1, h), None
+            return comb(state, (k1, h)), None
         if method == "heun":
-            k2 = rhs(t + h, add(state, k1, h))
-            return add(add(state, k1, h / 2), k2, h / 2), None
-        k2 = rhs(t + h / 2, add(state, k1, h / 2))
-        k3 = rhs(t + h / 2, add(state, k2, h / 2))
-        k4 = rhs(t + h, add(state, k3, h))
-        state = add(state, k1, h / 6)
-        state = add(state, k2, h / 3)
-        state = add(state, k3, h / 3)
-        return add(state, k4, h / 6), None
+            k2 = rhs(t + h, comb(state, (k1, h)))
+            return comb(state, (k1, h / 2), (k2, h / 2)), None
+        k2 = rhs(t + h / 2, comb(state, (k1, h / 2)))
+        k3 = rhs(t + h / 2, comb(state, (k2, h / 2)))
+        k4 = rhs(t + h, comb(state, (k3, h)))
+        return comb(state, (k1, h / 6), (k2, h / 3), (k3, h / 3), (k4, h / 6)), None
 
     init = (x0, jnp.zeros(b, x0.dtype))
     (x1, int_tr), _ = jax.lax.scan(step, init, jnp.arange(steps, dtype=x0.dtype))
@@ -137,7 +145,17 @@ def sample(vfield, key, n, mean, scale, method="rk4", steps=20, trace=None, prob
     if trace == "hutchinson":
         eps = (jax.random.rademacher(ke, (n, probes, d)).astype(x0.dtype) if noise == "rademacher"
                else jax.random.normal(ke, (n, probes, d)))
-    if t0 == 0.0:
+    geometry = getattr(vfield, "geometry", None)
+    if t0 == 0.0 and geometry is not None:  # D normals, each sphere block normalized: uniform
+        x_start = geometry.retract(x0)
+        base = geometry.base_log_density(x_start)
+    elif geometry is not None:  # the geodesic start mixture (train/sphere.py, start_point)
+        anchors = geometry.retract(jnp.asarray(anchors, jnp.float32))  # f16 anchors back onto the slice
+        pick = jax.random.randint(jax.random.fold_in(key, 2), (n,), 0, anchors.shape[0])
+        x_start = sphere.start_point(geometry, geometry.retract(x0), anchors[pick], t0)
+        base = (sphere.start_log_density(geometry, x_start, anchors, t0) if trace is not None
+                else jnp.zeros(n, x0.dtype))
+    elif t0 == 0.0:
         x_start = x0
         base = -0.5 * jnp.sum(x0**2, axis=-1) - 0.5 * d * jnp.log(2 * jnp.pi)
     else:
@@ -156,7 +174,9 @@ def sample_batched(vfield, key, n, mean, scale, batch=200, **kw):
     anchors are returned whole (one permutation, no chunks) with zero log-densities."""
     if float(kw.get("start_time", 0.0)) == 1.0:
         check_start_time(1.0, kw.get("anchors"), kw.get("trace"))
-        return sample_anchors(key, n, kw["anchors"], mean, scale), np.zeros(n, np.float32)
+        theta = sample_anchors(key, n, kw["anchors"], mean, scale)
+        geometry = getattr(vfield, "geometry", None)  # stored draws renormalized, as the runtime does
+        return (theta if geometry is None else geometry.retract(theta)), np.zeros(n, np.float32)
     thetas, logqs = [], []
     fn = jax.jit(lambda k, m: sample(vfield, k, m, mean, scale, **kw), static_argnums=1)
     for i, start in enumerate(range(0, n, batch)):

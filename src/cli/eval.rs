@@ -86,17 +86,9 @@ pub struct EvalArgs {
 }
 
 /// A predictive on the eval split, in f64.
-pub(super) enum Predictive {
+enum Predictive {
     Classification(Array2<f64>),
     Regression { mean: Array2<f64>, var: Array2<f64> },
-}
-
-/// Flow, HMC and MAP predictives with the eval targets, for the plot.
-pub(super) struct EvalPredictives {
-    pub flow: Predictive,
-    pub hmc: Predictive,
-    pub map: Predictive,
-    pub targets: EvalTargets,
 }
 
 fn predictive(p: &Prediction) -> Predictive {
@@ -287,8 +279,30 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
     });
 
     if let Some(path) = &args.plot {
-        let data = EvalPredictives { flow, hmc, map, targets };
-        plot::write(path, &model.manifest().name, &data)?;
+        let name = &model.manifest().name;
+        let series = [("flow BMA", &flow), ("HMC BMA", &hmc), ("MAP", &map)];
+        match &targets {
+            EvalTargets::Classification { labels, .. } => {
+                let probs: Vec<(&str, &Array2<f64>)> = series
+                    .iter()
+                    .filter_map(|&(label, p)| match p {
+                        Predictive::Classification(probs) => Some((label, probs)),
+                        Predictive::Regression { .. } => None,
+                    })
+                    .collect();
+                plot::reliability(path, name, labels, &probs)?;
+            }
+            EvalTargets::Regression { y, .. } => {
+                let mean_var: Vec<(&str, &Array2<f64>, &Array2<f64>)> = series
+                    .iter()
+                    .filter_map(|&(label, p)| match p {
+                        Predictive::Regression { mean, var } => Some((label, mean, var)),
+                        Predictive::Classification(_) => None,
+                    })
+                    .collect();
+                plot::coverage(path, name, y, &mean_var)?;
+            }
+        }
     }
 
     if args.json {

@@ -1,51 +1,58 @@
-//! `postflow eval --plot`: an SVG reliability diagram (classification) or interval
-//! coverage plot (regression) of the flow, HMC and MAP predictives. Plotters' SVG
-//! backend writes text as SVG `<text>`, so no font files are needed.
+//! SVG plots for `postflow eval --plot`: a reliability diagram (classification) or an
+//! interval-coverage plot (regression) of named predictives, given as plain arrays so
+//! the plotting knows nothing of the eval command. Plotters' SVG backend writes text as
+//! SVG `<text>`, so no font files are needed.
 use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::eval::{EvalPredictives, Predictive};
-use crate::bundle::EvalTargets;
+use ndarray::Array2;
+
 use crate::metrics::{interval_coverage, reliability_bins, ECE_BINS};
 use crate::{Error, Result};
 
 /// Nominal levels of the coverage plot.
 const LEVELS: [f64; 11] = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95];
 
-type Curve = (&'static str, RGBColor, Vec<(f64, f64)>);
+/// Line colours, in the order the series are given.
+const COLORS: [RGBColor; 4] =
+    [RGBColor(31, 119, 180), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189)];
 
-/// Write the plot for `data` to `path`.
-pub(super) fn write(path: &Path, name: &str, data: &EvalPredictives) -> Result<()> {
-    let methods = [
-        ("flow BMA", RGBColor(31, 119, 180), &data.flow),
-        ("HMC BMA", RGBColor(44, 160, 44), &data.hmc),
-        ("MAP", RGBColor(214, 39, 40), &data.map),
-    ];
+type Curve<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+
+/// A reliability diagram (`ECE_BINS` equal-width confidence bins) of each named class-probability
+/// matrix [N, C] against `labels` [N], written as SVG to `path`.
+pub(super) fn reliability(path: &Path, name: &str, labels: &[i64], series: &[(&str, &Array2<f64>)]) -> Result<()> {
     let mut curves: Vec<Curve> = Vec::new();
-    let (title, x_desc, y_desc) = match &data.targets {
-        EvalTargets::Classification { labels, .. } => {
-            for (label, color, p) in methods {
-                let Predictive::Classification(probs) = p else { unreachable!("classification predictive") };
-                let bins = reliability_bins(probs, labels.as_slice(), ECE_BINS)?;
-                let points = bins.iter().filter(|b| b.count > 0).map(|b| (b.confidence, b.accuracy)).collect();
-                curves.push((label, color, points));
-            }
-            (format!("{name}: reliability ({ECE_BINS} bins)"), "confidence (top label)", "accuracy")
-        }
-        EvalTargets::Regression { y, .. } => {
-            for (label, color, p) in methods {
-                let Predictive::Regression { mean, var } = p else { unreachable!("regression predictive") };
-                let points = LEVELS
-                    .iter()
-                    .map(|&l| interval_coverage(mean, var, y, l).map(|c| (l, c)))
-                    .collect::<Result<Vec<_>>>()?;
-                curves.push((label, color, points));
-            }
-            (format!("{name}: central interval coverage"), "nominal level", "observed coverage")
-        }
-    };
-    draw(path, &title, x_desc, y_desc, &curves)
+    for (&(label, probs), &color) in series.iter().zip(COLORS.iter().cycle()) {
+        let bins = reliability_bins(probs, labels, ECE_BINS)?;
+        let points = bins.iter().filter(|b| b.count > 0).map(|b| (b.confidence, b.accuracy)).collect();
+        curves.push((label, color, points));
+    }
+    let title = format!("{name}: reliability ({ECE_BINS} bins)");
+    save(path, &title, "confidence (top label)", "accuracy", &curves)
+}
+
+/// Observed coverage of central Gaussian intervals at nominal levels 0.05–0.95 for each named
+/// predictive (mean, variance) [N, k] against `y` [N, k], written as SVG to `path`.
+pub(super) fn coverage(
+    path: &Path,
+    name: &str,
+    y: &Array2<f32>,
+    series: &[(&str, &Array2<f64>, &Array2<f64>)],
+) -> Result<()> {
+    let mut curves: Vec<Curve> = Vec::new();
+    for (&(label, mean, var), &color) in series.iter().zip(COLORS.iter().cycle()) {
+        let points =
+            LEVELS.iter().map(|&l| interval_coverage(mean, var, y, l).map(|c| (l, c))).collect::<Result<Vec<_>>>()?;
+        curves.push((label, color, points));
+    }
+    let title = format!("{name}: central interval coverage");
+    save(path, &title, "nominal level", "observed coverage", &curves)
+}
+
+fn save(path: &Path, title: &str, x_desc: &str, y_desc: &str, curves: &[Curve]) -> Result<()> {
+    draw(path, title, x_desc, y_desc, curves)
         .map_err(|e| Error::invalid(format!("{}: could not write the plot: {e}", path.display())))
 }
 

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from safetensors.numpy import load_file
 
-from train import flow, metrics, mlp
+from train import flow, metrics, mlp, solver_choice
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE_FILES = {"postflow.json", "flow.onnx", "flow_jvp.onnx", "net.onnx", "tensors.safetensors"}
@@ -109,6 +109,43 @@ def test_anchors_and_start_time_sweep(built):
     assert sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) <= 15_000_000
     card = (out / "README.md").read_text()
     assert "memorization ratio" in card and (out / "figures" / "start_time_sweep.png").exists()
+
+
+def test_default_solver_is_the_sweeps_choice(built):
+    out, _ = built
+    man = json.loads((out / "postflow.json").read_text())
+    sweep, choice = man["reference_metrics"]["solver_sweep"], man["provenance"]["solver_choice"]
+    starts = sorted({r["start_time"] for r in sweep})
+    t0 = man["flow"].get("default_start_time", 0.0)
+    assert starts == ([0.0, t0] if 0.0 < t0 < 1.0 else [0.0])
+    assert {(r["method"], r["steps"]) for r in sweep} == {(m, s) for m in ("euler", "rk4") for s in (1, 4)}
+    method, steps, _, _ = solver_choice.choose(sweep, True, choice["tolerance"], choice["spread_tolerance"],
+                                               choice["logq_tolerance"])
+    assert man["flow"]["default_solver"] == {"method": method, "steps": steps} == \
+        {"method": choice["method"], "steps": choice["steps"]}
+    for r in sweep:  # the converged row has no density error against itself
+        assert (r["log_density_mae"] == 0.0) == (r["method"] == "rk4" and r["steps"] == 4)
+    assert "## Solver: cost against fidelity" in (out / "README.md").read_text()
+
+
+def test_honest_comparison_rows(built):
+    out, _ = built
+    man = json.loads((out / "postflow.json").read_text())
+    rows = {r["method"]: r for r in man["reference_metrics"]["baselines"]}
+    names = list(rows)
+    assert names[0] == "flow (mlp), t0 = 0"
+    for name in ("full-covariance Gaussian", "KDE h = 0.1", "KDE h = 0.2", "KDE h = 0.3", "training draws",
+                 "HMC (held-out chain)", "MAP", "ensemble (chain starts)"):
+        assert name in rows, name
+    assert any(n.startswith("training draw + noise") for n in names)
+    hmc, copies, map_ = rows["HMC (held-out chain)"], rows["training draws"], rows["MAP"]
+    assert hmc["tv"] == 0.0 and hmc["memorization_ratio"] == 1.0
+    assert hmc["epistemic_ratio_eval"] == 1.0 and hmc["epistemic_ratio_ood"] == 1.0
+    assert copies["memorization_ratio"] < 1e-6  # the draws are their own nearest neighbours
+    assert map_["count"] == 1 and map_["epistemic_ratio_eval"] == 0.0
+    # wider kernels move samples further from the draws
+    assert rows["KDE h = 0.1"]["memorization_ratio"] < rows["KDE h = 0.3"]["memorization_ratio"]
+    assert "## The honest comparison" in (out / "README.md").read_text()
 
 
 def test_reference_metrics_are_recomputable_from_the_bundle(built):

@@ -1,83 +1,138 @@
-"""ctypes binding of the postflow C API (``include/postflow.h``).
+"""postflow: posterior weight samples and Bayesian model averaging from flow bundles.
 
+A ctypes binding of the postflow C API (``include/postflow.h``)::
+
+    import numpy as np
     import postflow
-    with postflow.Model("tests/fixtures/bundles/affine_cls") as model:
-        s = model.sample(100, seed=7, trace="hutchinson")
-        p = model.predict(x, s.theta, log_weights=s.log_density)
 
-The shared library is found, in order, at ``$POSTFLOW_LIB``, next to this package
-(``postflow/libpostflow.so``), in the repository checkout this package lives in
-(``target/release/libpostflow.so``), then through the system loader (an installed
-``libpostflow.so``, e.g. after ``make install PREFIX=/usr/local``).
+    with postflow.Model("models/digits") as model:            # a bundle folder
+        print(model)                                            # name, task, D and dims
+        samples = model.sample(100, seed=0)                     # 100 posterior weight vectors [100, D]
+        x = np.random.default_rng(0).uniform(0, 16, (5, 64))    # 5 inputs [N, 64]
+        p = model.predict(x, samples)                           # Bayesian model average
+        print(p.mean.argmax(axis=1))                            # predicted classes
+        print(p.epistemic[:, 0])                                # mutual information per input
 
-Arrays are numpy ``float32`` (inputs are converted, C-contiguous); failures raise
-:class:`Error` (a subclass per status) carrying ``status`` and the C message. A
-:class:`Model` may be shared by threads: the calls release the GIL.
+The wheel carries ``libpostflow`` itself; the shared library is found, in order, at
+``$POSTFLOW_LIB``, next to this module (``libpostflow.abi3.so`` in a wheel, or a
+``libpostflow.so`` put there), in the repository checkout this module lives in
+(``target/release/libpostflow.so``), then through the system loader.
+
+ONNX Runtime comes from the ``onnxruntime`` wheel this package depends on: unless the
+caller names a library (``Model(onnxruntime_path=...)``, ``$POSTFLOW_ORT_LIB`` or
+``$ORT_DYLIB_PATH``), each :class:`Model` is loaded with that wheel's
+``onnxruntime/capi/libonnxruntime.so.*`` (see :func:`onnxruntime_library`). Without
+the wheel, the runtime's own search applies (the variables, a checkout's ``.ort/``,
+the system loader).
+
+Arrays are numpy ``float32`` (inputs are converted, C-contiguous); every failure raises
+a subclass of :class:`Error` carrying ``status`` and the C message. A :class:`Model`
+may be shared by threads: the calls release the GIL.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import enum
+import importlib.util
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
-    "Model", "Samples", "Prediction", "Error", "InvalidArgumentError", "IoError", "BundleError",
-    "RuntimeError_", "NumericError", "UnsupportedError", "PanicError", "version", "library_path",
+    "Model", "Samples", "Prediction", "Status", "Error", "InvalidArgumentError", "IoError", "BundleError",
+    "RuntimeError_", "NumericError", "UnsupportedError", "PanicError", "LibraryError", "version",
+    "library_path", "onnxruntime_library", "F32Array",
     "OK", "ERR_INVALID_ARGUMENT", "ERR_IO", "ERR_BUNDLE", "ERR_RUNTIME", "ERR_NUMERIC", "ERR_UNSUPPORTED", "ERR_PANIC",
+    "DEVICES", "SOLVERS", "TRACES", "TASKS", "MODEL_FLAG_ALLOW_SPINNING", "START_TIME_BUNDLE",
 ]
 
-# pf_status
-OK, ERR_INVALID_ARGUMENT, ERR_IO, ERR_BUNDLE, ERR_RUNTIME, ERR_NUMERIC, ERR_UNSUPPORTED, ERR_PANIC = range(8)
+#: A float32 numpy array (every array this module returns).
+F32Array = npt.NDArray[np.float32]
+#: What a bundle folder may be given as.
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class Status(enum.IntEnum):
+    """The C API's ``pf_status`` codes (an ``int``: ``Status.ERR_IO == 2``)."""
+
+    OK = 0
+    ERR_INVALID_ARGUMENT = 1
+    ERR_IO = 2
+    ERR_BUNDLE = 3
+    ERR_RUNTIME = 4
+    ERR_NUMERIC = 5
+    ERR_UNSUPPORTED = 6
+    ERR_PANIC = 7
+
+
+# The codes as module constants, as in the C header.
+OK, ERR_INVALID_ARGUMENT, ERR_IO, ERR_BUNDLE, ERR_RUNTIME, ERR_NUMERIC, ERR_UNSUPPORTED, ERR_PANIC = tuple(Status)
+#: ``device`` names accepted by :class:`Model` (``pf_device``).
 DEVICES = {"cpu": 0, "cuda": 1}
+#: ``solver`` names accepted by the sampling methods (``pf_solver``; "default": the bundle's).
 SOLVERS = {"default": 0, "euler": 1, "heun": 2, "rk4": 3, "dopri5": 4}
+#: ``trace`` names accepted by the sampling methods (``pf_trace``; "none": no log-densities).
 TRACES = {"none": 0, "hutchinson": 1, "hutchinson-gaussian": 2, "exact": 3}
+#: ``pf_task`` values to :attr:`Model.task` names.
 TASKS = {0: "classification", 1: "regression"}
 
 
 class Error(Exception):
-    """A failed postflow call: ``status`` (int), ``status_name`` and ``message``."""
+    """Base of every postflow failure: ``status`` (:class:`Status`), ``status_name`` and ``message``."""
 
     def __init__(self, status: int, message: str):
-        self.status = status
-        self.status_name = _status_name(status)
+        try:
+            self.status: Union[Status, int] = Status(status)
+            self.status_name = "PF_" + self.status.name
+        except ValueError:  # a status newer than this module
+            self.status, self.status_name = status, "PF_UNKNOWN_STATUS"
         self.message = message
         super().__init__(f"{self.status_name}: {message}")
 
 
 class InvalidArgumentError(Error, ValueError):
-    pass
+    """An argument or option was rejected (``PF_ERR_INVALID_ARGUMENT``)."""
 
 
 class IoError(Error, OSError):
-    pass
+    """A bundle file could not be read (``PF_ERR_IO``)."""
 
 
 class BundleError(Error):
-    pass
+    """The bundle is malformed or inconsistent (``PF_ERR_BUNDLE``)."""
 
 
 class RuntimeError_(Error, RuntimeError):
-    """ONNX Runtime failed (PF_ERR_RUNTIME)."""
+    """ONNX Runtime failed or could not be loaded (``PF_ERR_RUNTIME``)."""
 
 
 class NumericError(Error, ArithmeticError):
-    pass
+    """NaN or Inf in inputs or results (``PF_ERR_NUMERIC``)."""
 
 
 class UnsupportedError(Error):
-    pass
+    """The request needs something this build or bundle lacks, e.g. CUDA (``PF_ERR_UNSUPPORTED``)."""
 
 
 class PanicError(Error):
-    pass
+    """A bug inside libpostflow, caught at the C boundary (``PF_ERR_PANIC``)."""
 
 
-_ERRORS = {
+class LibraryError(Error, OSError):
+    """libpostflow itself could not be loaded (status ``PF_ERR_IO``); the message lists every path tried."""
+
+    def __init__(self, message: str):
+        super().__init__(ERR_IO, message)
+
+
+_ERRORS: Dict[int, Type[Error]] = {
     ERR_INVALID_ARGUMENT: InvalidArgumentError, ERR_IO: IoError, ERR_BUNDLE: BundleError,
     ERR_RUNTIME: RuntimeError_, ERR_NUMERIC: NumericError, ERR_UNSUPPORTED: UnsupportedError, ERR_PANIC: PanicError,
 }
@@ -90,7 +145,8 @@ class _ModelOptions(ctypes.Structure):
                 ("intra_op_threads", ctypes.c_uint32), ("onnxruntime_path", ctypes.c_char_p),
                 ("max_sessions", ctypes.c_uint32), ("flags", ctypes.c_uint64)]
 
-# pf_model_options.flags bit: let ONNX Runtime's worker threads spin between runs.
+
+#: ``pf_model_options.flags`` bit: let ONNX Runtime's worker threads spin between runs.
 MODEL_FLAG_ALLOW_SPINNING = 1
 
 
@@ -106,7 +162,8 @@ class _SampleOptions(ctypes.Structure):
                 ("batch_size", ctypes.c_uint32), ("start_time", ctypes.c_double),
                 ("project_to_slice", ctypes.c_uint32)]
 
-# pf_sample_options.start_time value that selects the bundle's default start time.
+
+#: ``pf_sample_options.start_time`` value that selects the bundle's default start time.
 START_TIME_BUNDLE = -1.0
 
 
@@ -117,12 +174,15 @@ class _Prediction(ctypes.Structure):
                 ("ess", ctypes.c_double)]
 
 
-def _candidates():
+# ---- Finding the libraries ---------------------------------------------------------
+
+def _candidates() -> Iterator[Path]:
     env = os.environ.get("POSTFLOW_LIB")
     if env:
         yield Path(env)
         return
     here = Path(__file__).resolve().parent
+    yield here / "libpostflow.abi3.so"  # what the wheel carries
     yield here / "libpostflow.so"
     for parent in here.parents:
         if (parent / "Cargo.toml").is_file() and (parent / "include" / "postflow.h").is_file():
@@ -132,17 +192,53 @@ def _candidates():
     yield Path(found or "libpostflow.so")
 
 
+def _version_key(path: Path) -> Tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", path.name.split(".so", 1)[-1]))
+
+
+def _find_onnxruntime_wheel() -> Optional[str]:
+    """The ``onnxruntime`` wheel's shared library, located without importing onnxruntime."""
+    try:
+        spec = importlib.util.find_spec("onnxruntime")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        libs = [p for p in Path(location, "capi").glob("libonnxruntime.so*") if p.is_file()]
+        if libs:
+            return str(max(libs, key=_version_key))  # the versioned file, not a link to it
+    return None
+
+
+# Found once, at import: the wheel cannot move while the process runs.
+_WHEEL_ORT = _find_onnxruntime_wheel()
+
+
+def onnxruntime_library() -> Optional[str]:
+    """The ONNX Runtime library a :class:`Model` without ``onnxruntime_path`` is pointed at.
+
+    That is the ``onnxruntime`` wheel's ``capi/libonnxruntime.so.*``, or None when the
+    caller set ``$POSTFLOW_ORT_LIB`` or ``$ORT_DYLIB_PATH`` (the runtime then searches
+    as documented in docs/c-api.md) or no ``onnxruntime`` package is installed. The
+    first library loaded serves the whole process.
+    """
+    if any(os.environ.get(v) for v in ("POSTFLOW_ORT_LIB", "ORT_DYLIB_PATH")):
+        return None
+    return _WHEEL_ORT
+
+
 def library_path() -> str:
-    """The path of the libpostflow.so this module loaded."""
+    """The path of the libpostflow this module loaded (loading it if needed)."""
     _lib()
     return _LIB_PATH
 
 
-_LIB = None
+_LIB: Optional[ctypes.CDLL] = None
 _LIB_PATH = ""
 
 
-def _lib():
+def _lib() -> ctypes.CDLL:
     global _LIB, _LIB_PATH
     if _LIB is not None:
         return _LIB
@@ -159,13 +255,13 @@ def _lib():
         _declare(lib)
         _LIB, _LIB_PATH = lib, str(cand)
         return lib
-    raise OSError("cannot load libpostflow.so (set POSTFLOW_LIB to its path); tried: " + "; ".join(tried))
+    raise LibraryError("cannot load libpostflow (set POSTFLOW_LIB to its path); tried: " + "; ".join(tried))
 
 
-def _declare(lib):
+def _declare(lib: ctypes.CDLL) -> None:
     c_size, c_u32, st = ctypes.c_size_t, ctypes.c_uint32, ctypes.c_uint32
     mp = ctypes.c_void_p
-    sig = {
+    sig: Dict[str, Tuple[Any, List[Any]]] = {
         "pf_version": (ctypes.c_char_p, []),
         "pf_status_string": (ctypes.c_char_p, [c_u32]),
         "pf_last_error_message": (ctypes.c_char_p, []),
@@ -188,10 +284,6 @@ def _declare(lib):
         fn.argtypes = args
 
 
-def _status_name(status: int) -> str:
-    return _lib().pf_status_string(status).decode()
-
-
 def _check(status: int) -> None:
     if status != OK:
         message = _lib().pf_last_error_message().decode("utf-8", "replace")
@@ -199,11 +291,12 @@ def _check(status: int) -> None:
 
 
 def version() -> str:
-    """The library's version string."""
-    return _lib().pf_version().decode()
+    """The loaded libpostflow's version string, e.g. "0.2.0"."""
+    v: bytes = _lib().pf_version()
+    return v.decode()
 
 
-def _enum(value: Union[str, int], table: dict, what: str) -> int:
+def _enum(value: Union[str, int], table: Dict[str, int], what: str) -> int:
     if isinstance(value, str):
         try:
             return table[value]
@@ -212,59 +305,123 @@ def _enum(value: Union[str, int], table: dict, what: str) -> int:
     return int(value)  # passed through: the library validates integers
 
 
-def _ptr(a: Optional[np.ndarray]):
+def _ptr(a: Optional[np.ndarray]) -> Any:
     return None if a is None else a.ctypes.data_as(_f32p)
 
 
-def _as_f32(a, name: str, ndim: int) -> np.ndarray:
+def _as_f32(a: npt.ArrayLike, name: str, ndim: int) -> F32Array:
     arr = np.ascontiguousarray(a, dtype=np.float32)
     if arr.ndim != ndim:
         raise InvalidArgumentError(ERR_INVALID_ARGUMENT, f"{name} must have {ndim} dimensions, got shape {arr.shape}")
     return arr
 
 
-@dataclass
+# ---- Results -----------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
 class Samples:
-    theta: np.ndarray  # [n, D] float32
-    log_density: Optional[np.ndarray]  # [n] or None
-    stderr: Optional[np.ndarray]  # [n] or None (zeros with one probe or the exact trace)
+    """Weight samples drawn by :meth:`Model.sample`.
+
+    ``np.asarray(samples)`` is ``theta``; ``len(samples)`` the number of samples.
+    """
+
+    #: ``[n, D]`` weight vectors, one per row.
+    theta: F32Array
+    #: ``[n]`` log-densities under the flow, or None (``trace="none"``).
+    log_density: Optional[F32Array] = None
+    #: ``[n]`` standard errors of the Hutchinson estimates (zeros with one probe or the exact trace), or None.
+    stderr: Optional[F32Array] = None
+
+    def __len__(self) -> int:
+        return int(self.theta.shape[0])
+
+    def __array__(self, dtype: Optional[npt.DTypeLike] = None, copy: Optional[bool] = None) -> np.ndarray:
+        return _array_view(self.theta, dtype, copy)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Prediction:
-    mean: np.ndarray  # [N, output_dim]
-    total: np.ndarray  # [N, U]
-    aleatoric: np.ndarray
-    epistemic: np.ndarray
+    """A Bayesian model average at ``N`` inputs (:meth:`Model.predict`, :meth:`Model.sample_predict`).
+
+    ``np.asarray(prediction)`` is ``mean``; ``len(prediction)`` the number of inputs.
+    """
+
+    #: ``[N, output_dim]`` averaged predictive: class probabilities, or the regression mean.
+    mean: F32Array
+    #: ``[N, U]`` total uncertainty: predictive entropy (classification) or variance (regression).
+    total: F32Array
+    #: ``[N, U]`` its aleatoric part: expected entropy, or expected noise variance.
+    aleatoric: F32Array
+    #: ``[N, U]`` its epistemic part (``total - aleatoric``): mutual information, or variance of the means.
+    epistemic: F32Array
+    #: Kish effective sample size of the weights (the sample count when unweighted).
     ess: float
 
+    def __len__(self) -> int:
+        return int(self.mean.shape[0])
+
+    def __array__(self, dtype: Optional[npt.DTypeLike] = None, copy: Optional[bool] = None) -> np.ndarray:
+        return _array_view(self.mean, dtype, copy)
+
+
+def _array_view(a: np.ndarray, dtype: Optional[npt.DTypeLike], copy: Optional[bool]) -> np.ndarray:
+    # numpy's __array__ protocol: copy=False forbids a copy, True forces one.
+    if dtype is not None and np.dtype(dtype) != a.dtype:
+        if copy is False:
+            raise ValueError(f"converting float32 to {np.dtype(dtype)} needs a copy")
+        return a.astype(dtype)
+    return a.copy() if copy else a
+
+
+# ---- The model -----------------------------------------------------------------------
 
 class Model:
-    """A loaded bundle (``pf_model``). Use as a context manager, or call :meth:`close`."""
+    """A loaded bundle (``pf_model``). Use as a context manager, or call :meth:`close`.
 
-    def __init__(self, bundle_dir, device: Union[str, int] = "cpu", device_id: int = 0, intra_op_threads: int = 0,
-                 onnxruntime_path: Optional[str] = None, max_sessions: int = 0, allow_spinning: bool = False):
+    ``bundle_dir`` is the bundle folder. ``onnxruntime_path`` names the ONNX Runtime
+    library (default: :func:`onnxruntime_library`). ``intra_op_threads`` (0: ONNX
+    Runtime's default), ``max_sessions`` (0: the default pool) and ``allow_spinning``
+    tune the sessions; ``device`` is "cpu" or "cuda" (with ``device_id``).
+    """
+
+    def __init__(self, bundle_dir: PathLike, device: Union[str, int] = "cpu", device_id: int = 0,
+                 intra_op_threads: int = 0, onnxruntime_path: Optional[PathLike] = None, max_sessions: int = 0,
+                 allow_spinning: bool = False):
         lib = _lib()
-        self._handle = None
+        self._handle: Optional[ctypes.c_void_p] = None
+        self.bundle_dir = Path(os.fspath(bundle_dir))
         opts = _ModelOptions()
         _check(lib.pf_model_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
         opts.device = _enum(device, DEVICES, "device")
         opts.device_id = device_id
         opts.intra_op_threads = intra_op_threads
-        opts.onnxruntime_path = os.fsencode(onnxruntime_path) if onnxruntime_path else None
+        ort = os.fspath(onnxruntime_path) if onnxruntime_path is not None else onnxruntime_library()
+        opts.onnxruntime_path = os.fsencode(ort) if ort else None
         opts.max_sessions = max_sessions
         # Off by default: idle spinning pools would take cores from the host process.
         opts.flags = MODEL_FLAG_ALLOW_SPINNING if allow_spinning else 0
         handle = ctypes.c_void_p()
-        _check(lib.pf_model_load(os.fsencode(os.fspath(bundle_dir)), ctypes.byref(opts), ctypes.byref(handle)))
+        _check(lib.pf_model_load(os.fsencode(self.bundle_dir), ctypes.byref(opts), ctypes.byref(handle)))
         self._handle = handle
         info = _ModelInfo(struct_size=ctypes.sizeof(_ModelInfo))
         _check(lib.pf_model_get_info(handle, ctypes.byref(info)))
-        self.task = TASKS[info.task]
-        self.input_dim = info.input_dim
-        self.output_dim = info.output_dim
-        self.weight_dim = info.weight_dim
-        self.uncertainty_dim = info.uncertainty_dim
+        #: "classification" or "regression".
+        self.task: str = TASKS[info.task]
+        #: Features per input row (``d_in``).
+        self.input_dim: int = info.input_dim
+        #: Outputs per input row: classes, or regression targets.
+        self.output_dim: int = info.output_dim
+        #: ``D``, the length of one weight vector.
+        self.weight_dim: int = info.weight_dim
+        #: Columns of the uncertainty arrays of a :class:`Prediction`.
+        self.uncertainty_dim: int = info.uncertainty_dim
+        #: The manifest's ``name`` (the folder's name if it has none).
+        self.name: str = _bundle_name(self.bundle_dir)
+
+    def __repr__(self) -> str:
+        state = "" if self._handle is not None else ", closed"
+        return (f"postflow.Model({self.name!r}, task={self.task!r}, D={self.weight_dim}, "
+                f"input_dim={self.input_dim}, output_dim={self.output_dim}{state})")
 
     def close(self) -> None:
         """Free the model (idempotent); the object is unusable afterwards."""
@@ -275,24 +432,27 @@ class Model:
     def __enter__(self) -> "Model":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             self.close()
         except Exception:
             pass
 
     @property
-    def handle(self):
+    def handle(self) -> ctypes.c_void_p:
+        """The ``pf_model *`` handle; raises :class:`InvalidArgumentError` once closed."""
         if self._handle is None:
             raise InvalidArgumentError(ERR_INVALID_ARGUMENT, "the model is closed")
         return self._handle
 
     @staticmethod
-    def _options(seed=0, solver="default", steps=0, rtol=0.0, atol=0.0, trace="none", probes=0, max_steps=0,
-                 batch_size=0, start_time=None, project_to_slice=False, struct_size=None) -> _SampleOptions:
+    def _options(seed: int = 0, solver: Union[str, int] = "default", steps: int = 0, rtol: float = 0.0,
+                 atol: float = 0.0, trace: Union[str, int] = "none", probes: int = 0, max_steps: int = 0,
+                 batch_size: int = 0, start_time: Optional[float] = None, project_to_slice: bool = False,
+                 struct_size: Optional[int] = None) -> _SampleOptions:
         o = _SampleOptions()
         _check(_lib().pf_sample_options_init(ctypes.byref(o), ctypes.sizeof(o)))
         o.seed = seed
@@ -312,8 +472,14 @@ class Model:
             o.struct_size = struct_size
         return o
 
-    def sample(self, n: int, **options) -> Samples:
-        """Draw ``n`` weight samples; ``trace`` != "none" adds log-densities (see pf_sample_options)."""
+    def sample(self, n: int, **options: Any) -> Samples:
+        """Draw ``n`` weight samples.
+
+        Options (``pf_sample_options``): ``seed``, ``solver`` (a :data:`SOLVERS` name),
+        ``steps``, ``rtol``, ``atol``, ``max_steps``, ``start_time`` (None: the bundle's),
+        ``trace`` (a :data:`TRACES` name; anything but "none" adds log-densities) and ``probes``.
+        Sample ``i`` depends only on ``(seed, i)``.
+        """
         o = self._options(**options)
         theta = np.empty((n, self.weight_dim), dtype=np.float32)
         with_density = o.trace != TRACES["none"]
@@ -323,8 +489,13 @@ class Model:
                                 _ptr(se), n if with_density else 0))
         return Samples(theta, logd, se)
 
-    def log_prob(self, theta, **options):
-        """Log-densities of the rows of ``theta`` [n, D]; returns (log_density, stderr)."""
+    def log_prob(self, theta: npt.ArrayLike, **options: Any) -> Tuple[F32Array, F32Array]:
+        """Log-densities of the rows of ``theta`` ``[n, D]``: ``(log_density, stderr)``, each ``[n]``.
+
+        Takes :meth:`sample`'s options; ``trace`` defaults to "exact". On a ``sphere_product``
+        bundle, rows with a hidden unit's (w, b) off its unit sphere are refused unless
+        ``project_to_slice=True`` renormalizes them first.
+        """
         options.setdefault("trace", "exact")
         o = self._options(**options)
         t = _as_f32(theta, "theta", 2)
@@ -334,7 +505,7 @@ class Model:
         _check(_lib().pf_log_prob(self.handle, ctypes.byref(o), _ptr(t), n, t.size, _ptr(logd), n, _ptr(se), n))
         return logd, se
 
-    def _prediction(self, n_inputs: int):
+    def _prediction(self, n_inputs: int) -> Tuple[_Prediction, F32Array, List[F32Array]]:
         mean = np.empty((n_inputs, self.output_dim), dtype=np.float32)
         us = [np.empty((n_inputs, self.uncertainty_dim), dtype=np.float32) for _ in range(3)]
         p = _Prediction(struct_size=ctypes.sizeof(_Prediction), mean=_ptr(mean), mean_len=mean.size,
@@ -342,10 +513,15 @@ class Model:
                         epistemic=_ptr(us[2]), epistemic_len=us[2].size)
         return p, mean, us
 
-    def predict(self, x, theta, log_weights=None) -> Prediction:
-        """Bayesian model average at ``x`` [N, d_in] over ``theta`` [S, D], optional log-weights [S]."""
+    def predict(self, x: npt.ArrayLike, theta: Union[npt.ArrayLike, Samples],
+                log_weights: Optional[npt.ArrayLike] = None) -> Prediction:
+        """Bayesian model average at ``x`` ``[N, d_in]`` over ``theta`` ``[S, D]`` (or a :class:`Samples`).
+
+        ``log_weights`` ``[S]`` (e.g. target minus flow log-densities) self-normalise
+        the average; None weighs the samples equally.
+        """
         xa = _as_f32(x, "x", 2)
-        t = _as_f32(theta, "theta", 2)
+        t = _as_f32(theta.theta if isinstance(theta, Samples) else theta, "theta", 2)
         lw = None
         if log_weights is not None:
             lw = _as_f32(log_weights, "log_weights", 1)
@@ -357,10 +533,19 @@ class Model:
                                  ctypes.byref(p)))
         return Prediction(mean, us[0], us[1], us[2], p.ess)
 
-    def sample_predict(self, n: int, x, **options) -> Prediction:
-        """Draw ``n`` samples and average their predictions at ``x``."""
+    def sample_predict(self, n: int, x: npt.ArrayLike, **options: Any) -> Prediction:
+        """Draw ``n`` samples (:meth:`sample`'s options) and average their predictions at ``x``."""
         o = self._options(**options)
         xa = _as_f32(x, "x", 2)
         p, mean, us = self._prediction(xa.shape[0])
         _check(_lib().pf_sample_predict(self.handle, ctypes.byref(o), n, _ptr(xa), xa.shape[0], xa.size, ctypes.byref(p)))
         return Prediction(mean, us[0], us[1], us[2], p.ess)
+
+
+def _bundle_name(bundle_dir: Path) -> str:
+    # The C API does not expose the name; the manifest has already been validated by the load.
+    try:
+        name = json.loads((bundle_dir / "postflow.json").read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return name if isinstance(name, str) and name else bundle_dir.resolve().name

@@ -1,0 +1,1 @@
+"""Diagnostics and one-off measurement scripts (not pipeline stages)."""
