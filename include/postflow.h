@@ -297,10 +297,18 @@ typedef struct {
     /**
      * Start time t0 in [0, 1], or `PF_START_TIME_BUNDLE` (-1, the default) for the bundle's
      * default. 0: the plain flow from N(0, I); between: from t0·a + (1 − t0)·z around a stored
-     * anchor draw a; 1: the stored draws themselves (no log-density: trace must be none).
+     * anchor draw a (on the spheres of a `sphere_product` bundle, slerp(z, a; t0)); 1: the stored
+     * draws themselves (no log-density: trace must be none).
      * (Added in 0.2; older callers get the bundle's default.)
      */
     double start_time;
+    /**
+     * `pf_log_prob` on a bundle whose `flow.geometry` is `sphere_product`: 1 renormalizes each
+     * hidden unit's (w, b) of `theta` onto its unit sphere first; 0 (the default) refuses rows
+     * with a unit off the slice (|‖(w, b)‖ − 1| > 1e-4). Other values are refused; ignored by
+     * `pf_sample`. (Appended after start_time; callers whose struct ends before it get 0.)
+     */
+    uint32_t project_to_slice;
 } pf_sample_options;
 
 /**

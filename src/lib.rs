@@ -10,6 +10,7 @@ pub mod error;
 pub mod ffi;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod geometry;
 pub mod metrics;
 pub mod model;
 pub mod ode;

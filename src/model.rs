@@ -6,6 +6,7 @@ use ndarray::ArrayView2;
 
 use crate::bundle::{Bundle, BundleTensors, Limits, Manifest};
 use crate::engine::{Device, Engine, SessionConfig};
+use crate::geometry::Geometry;
 use crate::ode::{SolverConfig, SolverKind};
 use crate::sampler::{FlowContext, LogDensities, SampleOptions, Samples};
 use crate::trace::{ProbeNoise, TraceMode};
@@ -47,6 +48,7 @@ pub struct Model {
     manifest: Manifest,
     tensors: BundleTensors,
     engine: Engine,
+    geometry: Geometry,
 }
 
 impl Model {
@@ -65,9 +67,9 @@ impl Model {
             max_sessions,
             allow_spinning: options.allow_spinning,
         };
-        let Bundle { dir, manifest, tensors, graphs } = bundle;
+        let Bundle { dir, manifest, tensors, graphs, geometry } = bundle;
         let engine = Engine::new(&manifest, graphs, config)?;
-        Ok(Model { dir, manifest, tensors, engine })
+        Ok(Model { dir, manifest, tensors, engine, geometry })
     }
 
     pub fn dir(&self) -> &Path {
@@ -81,6 +83,10 @@ impl Model {
     }
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+    /// The state space's geometry (`flow.geometry`): which coordinates form unit spheres.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
     }
     /// Number of weights D.
     pub fn weight_dim(&self) -> usize {
@@ -129,6 +135,7 @@ impl Model {
             default_solver: self.default_solver(),
             anchors: self.tensors.anchors.as_ref(),
             default_start_time: self.default_start_time(),
+            geometry: &self.geometry,
         }
     }
 

@@ -5,6 +5,10 @@
 //! and `acc` (f64, integrals carried along, such as the trace of the Jacobian).
 //! Both are advanced by the same tableau, so the log-density integral gets the
 //! solver's order of accuracy.
+//!
+//! A field on a manifold (the sphere-product geometry) supplies a retraction
+//! (`VectorField::retract`), applied to every stage point and every step's result:
+//! the standard projection method, which keeps each method's order.
 use crate::{Error, Result};
 
 mod lincomb;
@@ -13,6 +17,11 @@ mod lincomb;
 /// `acc`; it is passed so that any ODE (tests included) can live in the f64 part.
 pub trait VectorField {
     fn eval(&mut self, t: f64, x: &[f32], acc: &[f64], dx: &mut [f32], dacc: &mut [f64]) -> Result<()>;
+
+    /// Map a state back onto the manifold the flow lives on (a retraction); the solvers
+    /// apply it to every stage point before it is evaluated and to every step's result.
+    /// The default (Euclidean space) does nothing.
+    fn retract(&self, _x: &mut [f32]) {}
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,6 +208,7 @@ pub fn integrate<F: VectorField>(
             let t = t0 + f64::from(i) * h;
             stages(field, tab, t, h, x, acc, ws, false, &mut stats)?;
             combine(tab.b, h, x, acc, &ws.kx, &ws.ka);
+            field.retract(x);
             stats.steps += 1;
         }
         Ok(stats)
@@ -230,6 +240,7 @@ fn stages<F: VectorField>(
         // y = x + h Σ_j a_ij k_j in one pass over the state
         let (done, rest) = ws.kx.split_at_mut(i);
         lincomb::combine_into(&mut ws.yx, Some(x), tab.a[i], h, done);
+        field.retract(&mut ws.yx);
         ws.ya.copy_from_slice(acc);
         combine_f64(tab.a[i], h, &mut ws.ya, &ws.ka);
         let (_, rest_a) = ws.ka.split_at_mut(i);
@@ -325,6 +336,7 @@ fn adaptive<F: VectorField>(
         ws.yx.copy_from_slice(x);
         ws.ya.copy_from_slice(acc);
         combine(&[1.0], dir * h, &mut ws.yx, &mut ws.ya, &ws.kx[..1], &ws.ka[..1]);
+        field.retract(&mut ws.yx);
         field.eval(t0 + dir * h, &ws.yx, &ws.ya, &mut ws.ex, &mut ws.ea)?;
         stats.nfe += 1;
         for (d, k) in ws.ex.iter_mut().zip(&ws.kx[0]) {
@@ -359,6 +371,9 @@ fn adaptive<F: VectorField>(
         stages(field, tab, t, hs, x, acc, ws, first_known, &mut stats)?;
         // Candidate solution in yx/ya, error estimate in ex/ea.
         lincomb::combine_into(&mut ws.yx, Some(x), tab.b, hs, &ws.kx);
+        // Retracted before FSAL reuses the last stage, which was evaluated at this same
+        // point retracted (its stage row equals b).
+        field.retract(&mut ws.yx);
         ws.ya.copy_from_slice(acc);
         combine_f64(tab.b, hs, &mut ws.ya, &ws.ka);
         ws.ex.iter_mut().for_each(|v| *v = 0.0);

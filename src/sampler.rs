@@ -9,6 +9,7 @@ use std::f64::consts::PI;
 use ndarray::{Array2, ArrayView2};
 
 use crate::engine::Engine;
+use crate::geometry::{Geometry, SLICE_TOLERANCE};
 use crate::ode::{self, OdeStats, SolverConfig, SolverKind, VectorField, Workspace};
 use crate::rng;
 use crate::trace::TraceMode;
@@ -34,8 +35,12 @@ pub struct SampleOptions {
     pub exact_chunk_bytes: usize,
     /// Start time `t₀ ∈ [0, 1]`; `None` takes the bundle's default (0 without anchors).
     /// 0 integrates from `N(0, I)`; `0 < t₀ < 1` starts at `t₀·a + (1 − t₀)·z` around a
-    /// stored anchor `a`; 1 returns the anchors themselves (no density).
+    /// stored anchor `a` (on a `sphere_product` bundle, `slerp(z, a; t₀)` on each sphere);
+    /// 1 returns the anchors themselves (no density).
     pub start_time: Option<f64>,
+    /// `log_prob` on a `sphere_product` bundle: put rows whose units are off the slice
+    /// (`|‖(w, b)‖ − 1| > 1e-4`) onto it by renormalizing each unit, instead of refusing them.
+    pub project_to_slice: bool,
 }
 
 impl Default for SampleOptions {
@@ -52,6 +57,7 @@ impl Default for SampleOptions {
             batch_size: 0,
             exact_chunk_bytes: 64 << 20,
             start_time: None,
+            project_to_slice: false,
         }
     }
 }
@@ -90,6 +96,8 @@ pub struct FlowContext<'a> {
     /// Stored training draws in whitened coordinates, when the bundle has them.
     pub anchors: Option<&'a Array2<f32>>,
     pub default_start_time: f64,
+    /// Which coordinates form unit spheres; whitening is the identity on them.
+    pub geometry: &'a Geometry,
 }
 
 /// Where sampling starts: the base `N(0, I)` at 0, a Gaussian mixture around the
@@ -180,9 +188,9 @@ impl FlowContext<'_> {
             for j in 0..b {
                 let mut stream = rng::sample_stream(o.seed, o.first_index + (start + j) as u64);
                 let x0 = &mut work.x[j * d..(j + 1) * d];
-                start_at.draw(&mut stream, x0);
+                start_at.draw(self.geometry, &mut stream, x0);
                 if accs > 0 {
-                    work.base_logp[j] = start_at.log_density(x0);
+                    work.base_logp[j] = start_at.log_density(self.geometry, x0);
                 }
                 draw_probes(&mut stream, o.trace, &mut work.eps, j, d);
             }
@@ -251,16 +259,17 @@ impl FlowContext<'_> {
                 for (i, (xv, tv)) in x1.iter_mut().zip(row.iter()).enumerate() {
                     *xv = (tv - self.whiten_mean[i]) / self.whiten_scale[i];
                 }
+                self.onto_slice(x1, o.first_index + (start + j) as u64, o.project_to_slice)?;
                 if let TraceMode::Hutchinson { .. } = o.trace {
                     let mut stream = rng::sample_stream(o.seed, o.first_index + (start + j) as u64);
-                    start_at.draw(&mut stream, &mut scratch); // the start point's draws
+                    start_at.draw(self.geometry, &mut stream, &mut scratch); // the start point's draws
                     draw_probes(&mut stream, o.trace, &mut work.eps, j, d);
                 }
             }
             stats += self.integrate(&solver, o, &mut work, b, 1.0, t_start)?;
             // Integrating backwards leaves acc = −∫_{t₀}¹ tr J, so log q = log p_{t₀}(x_{t₀}) + acc − Σ log scale.
             for j in 0..b {
-                let base = start_at.log_density(&work.x[j * d..(j + 1) * d]);
+                let base = start_at.log_density(self.geometry, &work.x[j * d..(j + 1) * d]);
                 let est = work.acc[j * accs..(j + 1) * accs].iter().map(|a| base + a - self.sum_log_scale);
                 record_estimate(est, start + j, &mut logd, &mut stderr);
             }
@@ -271,6 +280,25 @@ impl FlowContext<'_> {
             return Err(non_finite_error("log-densities", &bad));
         }
         Ok(LogDensities { log_density: logd, log_density_stderr: (accs > 1).then_some(stderr), stats })
+    }
+
+    /// On a sphere bundle, check that the whitened row `x` (sphere coordinates are canonical
+    /// weights, the whitening being the identity there) lies on the slice, or project it
+    /// when asked; either way it leaves renormalized, so the flow starts on the manifold.
+    fn onto_slice(&self, x: &mut [f32], row: u64, project: bool) -> Result<()> {
+        let Some(err) = self.geometry.slice_error(x) else { return Ok(()) };
+        if err.deviation > SLICE_TOLERANCE && !project {
+            return Err(Error::invalid(format!(
+                "theta row {row} is off the slice of geometry {}: hidden layer {} unit {} has ‖(w, b)‖ = {}, not 1 \
+                 within {SLICE_TOLERANCE:e} (log_prob takes canonical weights; set project_to_slice, or --project \
+                 on the command line, to renormalize each unit first)",
+                self.geometry.name(),
+                err.sphere.layer,
+                err.sphere.unit,
+                err.norm
+            )));
+        }
+        self.geometry.project_rows(x, &format!("theta row {row}"))
     }
 
     /// The anchors themselves, un-whitened, in a seeded order: a permutation drawn from
@@ -309,6 +337,9 @@ impl FlowContext<'_> {
         let chunk = (o.exact_chunk_bytes / (4 * d * b).max(1)).clamp(1, d);
         let mut field = FlowField {
             engine: self.engine,
+            geometry: self.geometry,
+            eps_tangent: &mut work.eps_tangent,
+            correction: &mut work.correction,
             trace: o.trace,
             dim: d,
             t: vec![0.0; b],
@@ -333,9 +364,17 @@ impl Start<'_> {
 
     /// Draw a start point from the sample's stream: `z` (D normals) from the base; at
     /// `0 < t₀ < 1` first an anchor index, then `z`, giving `t₀·a + (1 − t₀)·z`.
-    fn draw<R: rand::RngCore>(&self, stream: &mut R, x: &mut [f32]) {
+    /// On a sphere bundle the base normalizes each sphere block of `z` (uniform on the sphere),
+    /// and between 0 and 1 each sphere block moves along the great circle from `z` toward `a`.
+    fn draw<R: rand::RngCore>(&self, geometry: &Geometry, stream: &mut R, x: &mut [f32]) {
         match self {
+            Start::Base | Start::Anchors(_) if !geometry.is_euclidean() => geometry.draw_base(stream, x),
             Start::Base | Start::Anchors(_) => rng::fill_standard_normal(stream, x),
+            Start::Mixture { t0, anchors } if !geometry.is_euclidean() => {
+                let pick = rng::index(stream, anchors.nrows());
+                geometry.draw_base(stream, x);
+                geometry.geodesic_start(x, anchors.row(pick).as_slice().expect("standard layout"), *t0);
+            }
             Start::Mixture { t0, anchors } => {
                 let pick = rng::index(stream, anchors.nrows());
                 rng::fill_standard_normal(stream, x);
@@ -348,10 +387,13 @@ impl Start<'_> {
     }
 
     /// Log-density of the start distribution at `x`: `log N(x; 0, I)`, or the mixture
-    /// `(1/n) Σ_i N(x; t₀ a_i, (1 − t₀)² I)` by log-sum-exp.
-    fn log_density(&self, x: &[f32]) -> f64 {
+    /// `(1/n) Σ_i N(x; t₀ a_i, (1 − t₀)² I)` by log-sum-exp (on a sphere bundle, uniform ×
+    /// normal, or the geodesic mixture of `Geometry::mixture_log_density`).
+    fn log_density(&self, geometry: &Geometry, x: &[f32]) -> f64 {
         match self {
+            Start::Base | Start::Anchors(_) if !geometry.is_euclidean() => geometry.base_log_density(x),
             Start::Base | Start::Anchors(_) => std_normal_logpdf(x),
+            Start::Mixture { t0, anchors } if !geometry.is_euclidean() => geometry.mixture_log_density(x, anchors, *t0),
             Start::Mixture { t0, anchors } => mixture_logpdf(x, anchors, *t0),
         }
     }
@@ -388,6 +430,10 @@ struct BatchWork {
     basis: Vec<f32>,
     v_scratch: Vec<f32>,
     base_logp: Vec<f64>,
+    /// Sphere bundles: the probes projected onto the tangent spaces, and per state
+    /// `Σ_s (k_s − 1)(x_s·u_s)`.
+    eps_tangent: Vec<f32>,
+    correction: Vec<f64>,
     ws: Workspace,
 }
 
@@ -406,6 +452,9 @@ impl BatchWork {
 /// The flow's velocity plus, per trace mode, the integrands of the log-density.
 struct FlowField<'a> {
     engine: &'a Engine,
+    geometry: &'a Geometry,
+    eps_tangent: &'a mut Vec<f32>,
+    correction: &'a mut Vec<f64>,
     trace: TraceMode,
     dim: usize,
     t: Vec<f32>,
@@ -421,19 +470,36 @@ impl VectorField for FlowField<'_> {
         self.t.iter_mut().for_each(|v| *v = t as f32);
         let b = self.t.len();
         let d = self.dim;
+        let spheres = !self.geometry.is_euclidean();
         match self.trace {
-            TraceMode::None => self.engine.velocity(&self.t, x, dx),
+            TraceMode::None => self.engine.velocity(&self.t, x, dx)?,
             TraceMode::Hutchinson { probes, .. } => {
                 let k = probes as usize;
                 self.quad.resize(b * k, 0.0);
-                self.engine.velocity_jvp(&self.t, x, self.eps, k, dx, self.quad)?;
+                // On spheres the fixed raw probe r becomes P(x_t) r at every evaluation, so
+                // E[εεᵀ] = P on each sphere block: εᵀ J ε then estimates tr(P J P).
+                let eps: &[f32] = if spheres {
+                    self.eps_tangent.resize(b * k * d, 0.0);
+                    for j in 0..b {
+                        let block = j * k * d..(j + 1) * k * d;
+                        self.geometry.project_tangent(
+                            &x[j * d..(j + 1) * d],
+                            &self.eps[block.clone()],
+                            &mut self.eps_tangent[block],
+                        );
+                    }
+                    self.eps_tangent
+                } else {
+                    self.eps
+                };
+                self.engine.velocity_jvp(&self.t, x, eps, k, dx, self.quad)?;
                 for (a, q) in dacc.iter_mut().zip(self.quad.iter()) {
                     *a = f64::from(*q);
                 }
-                Ok(())
             }
             TraceMode::Exact => {
-                // tr J = Σ_i e_iᵀ J e_i, a chunk of basis vectors per call.
+                // tr J = Σ_i e_iᵀ J e_i, a chunk of basis vectors per call (on spheres the
+                // projected P e_i, whose sum gives tr(P J P)).
                 dacc.iter_mut().for_each(|a| *a = 0.0);
                 self.v_scratch.resize(b * d, 0.0);
                 let mut first = 0;
@@ -443,7 +509,12 @@ impl VectorField for FlowField<'_> {
                     self.basis.resize(b * kc * d, 0.0);
                     for j in 0..b {
                         for k in 0..kc {
-                            self.basis[(j * kc + k) * d + first + k] = 1.0;
+                            let e = &mut self.basis[(j * kc + k) * d..(j * kc + k + 1) * d];
+                            if spheres {
+                                self.geometry.basis_vector(&x[j * d..(j + 1) * d], first + k, e);
+                            } else {
+                                e[first + k] = 1.0;
+                            }
                         }
                     }
                     self.quad.resize(b * kc, 0.0);
@@ -454,9 +525,22 @@ impl VectorField for FlowField<'_> {
                     }
                     first += kc;
                 }
-                Ok(())
             }
         }
+        if spheres {
+            // v = P u on each sphere; div_M v = tr(P J_u P) − Σ_s (k_s − 1)(x_s·u_s).
+            self.correction.resize(b, 0.0);
+            self.geometry.project_velocity(x, dx, self.correction);
+            let per = if b == 0 { 0 } else { dacc.len() / b };
+            for (j, c) in self.correction.iter().enumerate() {
+                dacc[j * per..(j + 1) * per].iter_mut().for_each(|a| *a -= c);
+            }
+        }
+        Ok(())
+    }
+
+    fn retract(&self, x: &mut [f32]) {
+        self.geometry.retract(x);
     }
 }
 

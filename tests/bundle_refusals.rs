@@ -362,3 +362,94 @@ fn cuda_without_support_is_a_clear_error() {
         }
     }
 }
+
+fn sphere_case(name: &str, edit: impl FnOnce(&mut Value), edit_t: impl FnOnce(&mut Tensors), fragments: &[&str]) {
+    let c = copy_of(name);
+    edit_manifest(&c.path, edit);
+    edit_tensors(&c.path, edit_t);
+    assert_refused(&c.path, ErrorKind::Bundle, fragments);
+}
+
+/// `flow.geometry`: unknown names, and sphere_product bundles whose layout, whitening or
+/// stored draws contradict the spheres.
+#[test]
+fn geometry_refusals() {
+    // An unknown geometry name.
+    manifest_case(|m| m["flow"]["geometry"] = "hyperbolic".into(), ErrorKind::Bundle, &["flow.geometry", "hyperbolic"]);
+    // A Euclidean bundle relabelled sphere_product: its whitening is no identity on the
+    // sphere coordinates (index 0 is layer 0 unit 0's first weight).
+    manifest_case(
+        |m| m["flow"]["geometry"] = "sphere_product".into(),
+        ErrorKind::Bundle,
+        &["flow.whiten.mean", "index 0", "sphere coordinate", "Euclidean coordinates only"],
+    );
+    // Whitening that is not the identity on one sphere coordinate (21: layer 1 unit 0's bias).
+    for (name, value) in [("flow.whiten.mean", 0.25f32), ("flow.whiten.scale", 2.0)] {
+        sphere_case(
+            "sphere_linear",
+            |_| {},
+            |t| set_f32(t, name, 21, value),
+            &[name, "index 21", "sphere coordinate of geometry sphere_product", "must be"],
+        );
+    }
+    // A layout that contradicts the draws: bias before weights in layer 0 tiles [0, D) as
+    // well, but then the canonical draws are no longer on the spheres it defines.
+    sphere_case(
+        "sphere_linear",
+        |m| {
+            m["network"]["layers"][0]["bias"]["offset"] = 0.into();
+            m["network"]["layers"][0]["weight"]["offset"] = 3.into();
+        },
+        |_| {},
+        &["reference.theta", "off the slice", "hidden layer 0 unit"],
+    );
+    // One held-out draw off the slice (its unit scaled by 1.5).
+    sphere_case(
+        "sphere_linear",
+        |_| {},
+        |t| {
+            let p = t.iter_mut().find(|t| t.0 == "posterior.theta").unwrap();
+            let d = p.2[1];
+            for i in [3 * d + 9, 3 * d + 10, 3 * d + 11, 3 * d + 21] {
+                let v = f32::from_le_bytes(p.3[i * 4..i * 4 + 4].try_into().unwrap()) * 1.5;
+                p.3[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        },
+        &["posterior.theta", "row 3", "hidden layer 1 unit 0", "off the slice"],
+    );
+    // Anchors off the slice: one anchor's unit scaled by 1.01 (beyond the f16 tolerance 1e-3).
+    sphere_case(
+        "sphere_tanh",
+        |_| {},
+        |t| {
+            let a = t.iter_mut().find(|t| t.0 == "flow.anchors").unwrap();
+            let d = a.2[1];
+            for i in [5 * d + 10, 5 * d + 11, 5 * d + 12, 5 * d + 13, 5 * d + 14, 5 * d + 17] {
+                let v = half::f16::from_le_bytes([a.3[2 * i], a.3[2 * i + 1]]).to_f32() * 1.01;
+                a.3[2 * i..2 * i + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+            }
+        },
+        &["flow.anchors", "row 5", "hidden layer 0 unit 2", "off the slice"],
+    );
+}
+
+/// sphere_product needs hidden units: a network that is one dense layer has no sphere.
+#[test]
+fn sphere_product_without_hidden_layers_is_refused() {
+    let bytes = std::fs::read(common::fixture("affine_cls").join("postflow.json")).unwrap();
+    let mut m: Value = serde_json::from_slice(&bytes).unwrap();
+    m["flow"]["geometry"] = "sphere_product".into();
+    m["network"]["layers"] = serde_json::json!([{
+        "kind": "dense", "in": 2, "out": 2, "activation": "identity",
+        "weight": {"offset": 0, "shape": [2, 2]}, "bias": {"offset": 4, "shape": [2]}
+    }]);
+    m["network"]["dim"] = 6.into();
+    m["flow"]["dim"] = 6.into();
+    let e = postflow::bundle::parse_manifest(&serde_json::to_vec(&m).unwrap(), &Limits::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Bundle);
+    for f in ["flow.geometry", "no hidden layer"] {
+        assert!(e.message().contains(f), "{:?} lacks {f:?}", e.message());
+    }
+    m["flow"]["geometry"] = "euclidean".into();
+    postflow::bundle::parse_manifest(&serde_json::to_vec(&m).unwrap(), &Limits::default()).unwrap();
+}

@@ -247,6 +247,50 @@ fn c_abi_start_time_default_explicit_and_refused() {
     unsafe { pf_model_free(model) };
 }
 
+/// `pf_log_prob` on a sphere_product bundle: off-slice rows are refused unless
+/// `project_to_slice` is 1; a caller whose struct ends before the field gets 0.
+#[test]
+fn c_abi_project_to_slice() {
+    let model = load("sphere_tanh");
+    let rust = common::open("sphere_tanh");
+    let d = rust.weight_dim();
+    let n = 2;
+    let s = rust.sample(n, &rust_opts(6, None, None, TraceMode::None)).unwrap();
+    let mut theta = s.theta.as_slice().unwrap().to_vec();
+    for (i, v) in theta[..d].iter_mut().enumerate() {
+        if rust.geometry().on_sphere(i) {
+            *v *= 1.5; // every unit of row 0 off its sphere; the last layer unchanged
+        }
+    }
+    let mut lp = vec![0f32; n];
+    let run = |o: &pf_sample_options, lp: &mut Vec<f32>| -> pf_status {
+        // SAFETY: buffers of the stated lengths; options valid.
+        unsafe { pf_log_prob(model, o, theta.as_ptr(), n, theta.len(), lp.as_mut_ptr(), n, null_mut(), 0) }
+    };
+    let mut o = sample_options();
+    assert_eq!(o.project_to_slice, 0);
+    o.trace = pf_trace::PF_TRACE_EXACT as u32;
+    assert_eq!(run(&o, &mut lp), pf_status::PF_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("pf_log_prob: theta row 0 is off the slice"), "{}", last_error());
+    // A caller whose struct stops before project_to_slice: the field is never read.
+    // SAFETY: pf_sample_options is plain old data.
+    let mut short = unsafe { std::ptr::read(&o) };
+    short.struct_size = std::mem::offset_of!(pf_sample_options, project_to_slice) as u32;
+    short.project_to_slice = 1;
+    assert_eq!(run(&short, &mut lp), pf_status::PF_ERR_INVALID_ARGUMENT);
+    o.project_to_slice = 1;
+    assert_eq!(run(&o, &mut lp), pf_status::PF_OK, "{}", last_error());
+    let want = rust.log_prob(s.theta.view(), &rust_opts(0, None, None, TraceMode::Exact)).unwrap();
+    for (a, b) in lp.iter().zip(&want.log_density) {
+        assert!((a - b).abs() < 1e-4, "projected {a} vs on the slice {b}");
+    }
+    o.project_to_slice = 2;
+    assert_eq!(run(&o, &mut lp), pf_status::PF_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("options->project_to_slice is 2"), "{}", last_error());
+    // SAFETY: frees once.
+    unsafe { pf_model_free(model) };
+}
+
 #[test]
 fn c_abi_errors_set_status_and_message() {
     let model = load("affine_reg");

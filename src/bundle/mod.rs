@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 pub use manifest::{Activation, Manifest, Noise, Task};
 pub use tensors::{BundleTensors, EvalTargets};
 
+use crate::geometry::Geometry;
 use crate::{Error, Result};
 
 /// Size limits checked before any allocation that a bundle's declarations drive.
@@ -53,6 +54,8 @@ pub struct Bundle {
     pub manifest: Manifest,
     pub tensors: BundleTensors,
     pub graphs: GraphBytes,
+    /// Which coordinates form unit spheres (`flow.geometry`).
+    pub geometry: Geometry,
 }
 
 pub const MANIFEST_FILE: &str = "postflow.json";
@@ -71,6 +74,7 @@ impl Bundle {
 
         let tensors_path = files::resolve_in_bundle(dir, &manifest.tensors, "tensors")?;
         let tensor_bytes = files::read_limited(&tensors_path, limits.max_tensors_bytes, "tensors")?;
+        let geometry = Geometry::from_manifest(&manifest)?;
         let tensors = BundleTensors::parse(&tensor_bytes, &manifest)?;
         drop(tensor_bytes);
 
@@ -83,7 +87,7 @@ impl Bundle {
             flow_jvp: read_graph("graphs.flow_jvp.file", &manifest.graphs.flow_jvp.file)?,
             net: read_graph("graphs.net.file", &manifest.graphs.net.file)?,
         };
-        Ok(Bundle { dir: dir.to_path_buf(), manifest, tensors, graphs })
+        Ok(Bundle { dir: dir.to_path_buf(), manifest, tensors, graphs, geometry })
     }
 }
 
@@ -181,9 +185,7 @@ fn validate_manifest(m: &Manifest, limits: &Limits) -> Result<()> {
     if m.flow.time != [0.0, 1.0] {
         return Err(field_err("flow.time", format!("{:?} is not supported (only [0, 1])", m.flow.time)));
     }
-    if m.flow.geometry != "euclidean" {
-        return Err(field_err("flow.geometry", format!("{:?} is not supported (only \"euclidean\")", m.flow.geometry)));
-    }
+    crate::geometry::Geometry::from_manifest(m)?;
     crate::ode::SolverKind::parse(&m.flow.default_solver.method)
         .map_err(|e| field_err("flow.default_solver.method", e.message()))?;
     if m.flow.default_solver.steps == 0 {

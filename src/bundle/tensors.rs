@@ -3,6 +3,7 @@ use ndarray::Array2;
 use safetensors::{Dtype, SafeTensors};
 
 use super::manifest::{Manifest, Task};
+use crate::geometry::{Geometry, SLICE_TOLERANCE, SLICE_TOLERANCE_F16};
 use crate::{Error, Result};
 
 /// Eval-split targets and the HMC predictive on them.
@@ -106,6 +107,27 @@ fn require_finite(name: &str, values: &[f32]) -> Result<()> {
     Ok(())
 }
 
+fn as_bundle(e: Error) -> Error {
+    Error::bundle(e.message())
+}
+
+/// The flow works in whitened coordinates; on a sphere the whitening must be the
+/// identity (mean 0, scale 1, exactly), or whitened points would leave the sphere.
+fn check_sphere_whitening(geometry: &Geometry, mean: &[f32], scale: &[f32]) -> Result<()> {
+    for i in (0..mean.len()).filter(|i| geometry.on_sphere(*i)) {
+        for (name, v, want) in [("flow.whiten.mean", mean[i], 0.0), ("flow.whiten.scale", scale[i], 1.0)] {
+            if v != want {
+                return Err(Error::bundle(format!(
+                    "tensor {name}: {v} at index {i}, a sphere coordinate of geometry {}; it must be {want} there \
+                     (whitening applies to Euclidean coordinates only)",
+                    geometry.name()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl BundleTensors {
     /// Parse and check the tensors file against a (validated) manifest.
     pub fn parse(bytes: &[u8], manifest: &Manifest) -> Result<Self> {
@@ -124,6 +146,8 @@ impl BundleTensors {
             return Err(Error::bundle(format!("tensor flow.whiten.scale: scale must be > 0, found {s} at index {i}")));
         }
         let sum_log_scale = whiten_scale.iter().map(|s| f64::from(*s).ln()).sum();
+        let geometry = Geometry::from_manifest(manifest)?;
+        check_sphere_whitening(&geometry, &whiten_mean, &whiten_scale)?;
 
         let reference_theta = table.vector("reference.theta", d)?;
         require_finite("reference.theta", &reference_theta)?;
@@ -132,6 +156,13 @@ impl BundleTensors {
             return Err(Error::bundle("tensor posterior.theta: has no samples (M = 0)"));
         }
         require_finite("posterior.theta", posterior_theta.as_slice().unwrap_or(&[]))?;
+        // Canonical draws lie on the slice; one that does not says the layout is not the one
+        // the draws were canonicalized with.
+        for (name, rows) in
+            [("reference.theta", &reference_theta[..]), ("posterior.theta", posterior_theta.as_slice().unwrap_or(&[]))]
+        {
+            geometry.check_on_slice(rows, SLICE_TOLERANCE, &format!("tensor {name}:")).map_err(as_bundle)?;
+        }
 
         let eval_x = table.matrix("eval.x", None, d_in)?;
         let n = eval_x.nrows();
@@ -179,8 +210,16 @@ impl BundleTensors {
         };
         let anchors = match &manifest.flow.anchors {
             Some(spec) => {
-                let a = table.matrix_f16_or_f32(&spec.tensor, &spec.dtype, spec.count, d)?;
+                let mut a = table.matrix_f16_or_f32(&spec.tensor, &spec.dtype, spec.count, d)?;
                 require_finite(&spec.tensor, a.as_slice().unwrap_or(&[]))?;
+                if !geometry.is_euclidean() {
+                    let tol = if spec.dtype == "f16" { SLICE_TOLERANCE_F16 } else { SLICE_TOLERANCE };
+                    let rows = a.as_slice_mut().expect("standard layout");
+                    geometry.check_on_slice(rows, tol, &format!("tensor {}:", spec.tensor)).map_err(as_bundle)?;
+                    // Within the storage's rounding of the slice: put them exactly on it, so
+                    // stored draws and starts from them stay on the slice to f32 precision.
+                    geometry.project_rows(rows, &spec.tensor).map_err(as_bundle)?;
+                }
                 Some(a)
             }
             None if table.has(ANCHORS_TENSOR) => {

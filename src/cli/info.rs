@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 use super::eval::metrics_table;
 use crate::bundle::{Bundle, Limits, Manifest, Noise, Task};
+use crate::geometry::Geometry;
 use crate::{Error, Result};
 
 #[derive(Args)]
@@ -70,6 +71,7 @@ fn info_json(bundle: &Bundle) -> Value {
         },
         "feature_names": m.input.feature_names,
         "network": layers,
+        "geometry": geometry_json(&bundle.geometry),
         "graphs": {
             "flow": graph(&m.graphs.flow, bundle.graphs.flow.len()),
             "flow_jvp": graph(&m.graphs.flow_jvp, bundle.graphs.flow_jvp.len()),
@@ -84,6 +86,25 @@ fn info_json(bundle: &Bundle) -> Value {
         "hutchinson": m.flow.hutchinson,
         "provenance": m.provenance,
         "reference_metrics": m.reference_metrics,
+    })
+}
+
+/// `flow.geometry` and what it makes of the weights: how many unit spheres (one per
+/// hidden unit, `S^{in}` each) and how many Euclidean coordinates remain.
+fn geometry_json(g: &Geometry) -> Value {
+    let mut dims: Vec<(usize, usize)> = Vec::new(); // (sphere dimension k − 1, count), in layout order
+    for s in g.spheres() {
+        match dims.last_mut() {
+            Some((k, n)) if *k == s.k() - 1 => *n += 1,
+            _ => dims.push((s.k() - 1, 1)),
+        }
+    }
+    json!({
+        "kind": g.name(),
+        "spheres": g.spheres().len(),
+        "sphere_factors": dims.iter().map(|(k, n)| json!({"sphere": format!("S^{k}"), "count": n})).collect::<Vec<_>>(),
+        "sphere_coordinates": g.sphere_coordinates(),
+        "euclidean_coordinates": g.euclidean_coordinates(),
     })
 }
 
@@ -155,6 +176,25 @@ fn info_text(bundle: &Bundle, v: &Value) -> String {
         let _ = write!(arch, " → {} ({act})", l.outputs);
     }
     let _ = writeln!(o, "network      {arch}");
+    let g = &bundle.geometry;
+    if g.is_euclidean() {
+        let _ = writeln!(o, "geometry     {} (R^{})", g.name(), g.dim());
+    } else {
+        let factors: Vec<String> = v["geometry"]["sphere_factors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|f| format!("{} × {}", f["count"], f["sphere"].as_str().unwrap_or("?")))
+            .collect();
+        let _ = writeln!(
+            o,
+            "geometry     {}: {} unit spheres ({}) and R^{}; each hidden unit's (w, b) on its sphere",
+            g.name(),
+            g.spheres().len(),
+            factors.join(", "),
+            g.euclidean_coordinates()
+        );
+    }
     let graphs = [
         ("flow", &m.graphs.flow, bundle.graphs.flow.len()),
         ("flow_jvp", &m.graphs.flow_jvp, bundle.graphs.flow_jvp.len()),

@@ -45,6 +45,10 @@ pub struct LogProbArgs {
     /// Hutchinson probes per sample (default: the bundle's).
     #[arg(long)]
     probes: Option<u32>,
+    /// On a sphere_product bundle, renormalize each hidden unit's (w, b) onto its unit sphere
+    /// first; without it, weights off the slice (|‖(w, b)‖ − 1| > 1e-4) are refused.
+    #[arg(long)]
+    project: bool,
     /// Output safetensors file: log_density [N] (and log_density_stderr [N]).
     #[arg(short, long)]
     output: PathBuf,
@@ -114,7 +118,7 @@ pub fn run_log_prob(args: &LogProbArgs) -> Result<()> {
     }
     let model = args.model.open()?;
     let trace = trace_mode(&model, args.trace, args.probes);
-    let base = args.solver.options(trace);
+    let base = SampleOptions { project_to_slice: args.project, ..args.solver.options(trace) };
     let n = theta.nrows();
     let mut logd = Vec::with_capacity(n);
     let mut stderr = Vec::with_capacity(n);

@@ -177,8 +177,9 @@ mod tests {
         assert_eq!(size_of::<pf_model_info>(), 40);
         assert_eq!(offset_of!(pf_sample_options, seed), 8);
         assert_eq!(SAMPLE_OPTIONS_MIN, 48);
-        assert_eq!(size_of::<pf_sample_options>(), 64);
+        assert_eq!(size_of::<pf_sample_options>(), 72);
         assert_eq!(offset_of!(pf_sample_options, start_time), 56);
+        assert_eq!(offset_of!(pf_sample_options, project_to_slice), 64);
         assert_eq!(PREDICTION_MIN, 72);
         assert_eq!(size_of::<pf_prediction>(), 80);
     }

@@ -57,9 +57,15 @@ pub struct pf_sample_options {
     pub batch_size: u32,
     /// Start time t0 in [0, 1], or `PF_START_TIME_BUNDLE` (-1, the default) for the bundle's
     /// default. 0: the plain flow from N(0, I); between: from t0·a + (1 − t0)·z around a stored
-    /// anchor draw a; 1: the stored draws themselves (no log-density: trace must be none).
+    /// anchor draw a (on the spheres of a `sphere_product` bundle, slerp(z, a; t0)); 1: the stored
+    /// draws themselves (no log-density: trace must be none).
     /// (Added in 0.2; older callers get the bundle's default.)
     pub start_time: f64,
+    /// `pf_log_prob` on a bundle whose `flow.geometry` is `sphere_product`: 1 renormalizes each
+    /// hidden unit's (w, b) of `theta` onto its unit sphere first; 0 (the default) refuses rows
+    /// with a unit off the slice (|‖(w, b)‖ − 1| > 1e-4). Other values are refused; ignored by
+    /// `pf_sample`. (Appended after start_time; callers whose struct ends before it get 0.)
+    pub project_to_slice: u32,
 }
 
 /// `pf_sample_options.start_time` value that selects the bundle's default start time.
@@ -96,6 +102,7 @@ pub(super) fn sample_options_defaults() -> pf_sample_options {
         max_steps: 0,
         batch_size: 0,
         start_time: PF_START_TIME_BUNDLE,
+        project_to_slice: 0,
     }
 }
 
@@ -270,6 +277,7 @@ struct RawSampleOptions {
     max_steps: u32,
     batch_size: u32,
     start_time: f64,
+    project_to_slice: u32,
 }
 
 /// Read the caller's sample options (NULL = defaults) and turn them into `SampleOptions`.
@@ -290,6 +298,7 @@ pub(super) unsafe fn read_sample_options(p: *const pf_sample_options, model: &Mo
             max_steps: d.max_steps,
             batch_size: d.batch_size,
             start_time: d.start_time,
+            project_to_slice: d.project_to_slice,
         }
     } else {
         // SAFETY: forwarded caller contract.
@@ -305,6 +314,8 @@ pub(super) unsafe fn read_sample_options(p: *const pf_sample_options, model: &Mo
             max_steps: get_field!(p, size, pf_sample_options, max_steps: u32).unwrap_or(d.max_steps),
             batch_size: get_field!(p, size, pf_sample_options, batch_size: u32).unwrap_or(d.batch_size),
             start_time: get_field!(p, size, pf_sample_options, start_time: f64).unwrap_or(d.start_time),
+            project_to_slice: get_field!(p, size, pf_sample_options, project_to_slice: u32)
+                .unwrap_or(d.project_to_slice),
         }
     };
     convert_sample_options(&raw, model)
@@ -365,6 +376,13 @@ fn convert_sample_options(raw: &RawSampleOptions, model: &Model) -> Result<Sampl
             "options->start_time is {}, must be in [0, 1] or PF_START_TIME_BUNDLE (-1)",
             raw.start_time
         )));
+    };
+    o.project_to_slice = match raw.project_to_slice {
+        0 => false,
+        1 => true,
+        other => {
+            return Err(Error::invalid(format!("options->project_to_slice is {other}, must be 0 or 1")));
+        }
     };
     Ok(o)
 }

@@ -125,7 +125,7 @@ static void test_options_init(void) {
     CHECK(so.max_steps == 0xABABABABu && so.batch_size == 0xABABABABu, "init 48 must not write past 48 bytes");
     EXPECT_ERR(pf_sample_options_init(NULL, sizeof so), PF_ERR_INVALID_ARGUMENT, "pf_sample_options_init: out is NULL");
     EXPECT_ERR(pf_sample_options_init(&so, 0), PF_ERR_INVALID_ARGUMENT, "struct_size 0 is not a known pf_sample_options size");
-    EXPECT_ERR(pf_sample_options_init(&so, 4096), PF_ERR_INVALID_ARGUMENT, "between 48 and 64 bytes");
+    EXPECT_ERR(pf_sample_options_init(&so, 4096), PF_ERR_INVALID_ARGUMENT, "between 48 and 72 bytes");
     memset(&mo, 0xAB, sizeof mo);
     EXPECT_OK(pf_model_options_init(&mo, 24));
     CHECK(mo.struct_size == 24 && mo.onnxruntime_path == NULL && mo.max_sessions == 0xABABABABu, "model init 24");
@@ -305,7 +305,7 @@ static void test_sample_errors(pf_model *cls) {
     EXPECT_ERR(pf_sample(cls, &bad, 2, theta, 34, logd, 2, se, 2), PF_ERR_INVALID_ARGUMENT, "options->struct_size is 0");
     bad.struct_size = sizeof bad + 1;
     EXPECT_ERR(pf_sample(cls, &bad, 2, theta, 34, logd, 2, se, 2), PF_ERR_INVALID_ARGUMENT,
-               "larger than this library's pf_sample_options (64 bytes)");
+               "larger than this library's pf_sample_options (72 bytes)");
     bad.struct_size = 40;
     EXPECT_ERR(pf_sample(cls, &bad, 2, theta, 34, logd, 2, se, 2), PF_ERR_INVALID_ARGUMENT,
                "smaller than the oldest pf_sample_options layout (48 bytes)");
@@ -534,6 +534,35 @@ static void test_anchored(void) {
     pf_model_free(m);
 }
 
+/* sphere_product bundle: samples on the slice; pf_log_prob refuses weights off it unless
+ * project_to_slice is 1. In sphere_tanh the first 18 weights (layer 0: 3 units x (5 weights + bias))
+ * are the three unit spheres. */
+static void test_sphere(void) {
+    pf_model *m = load_fixture("sphere_tanh");
+    enum { D = 26, N = 2, S = 18 };
+    float theta[N * D], off[N * D], logd[N], projected[N];
+    pf_sample_options o = sample_opts(8, PF_SOLVER_DEFAULT, 0, PF_TRACE_EXACT, 0);
+    CHECK(o.project_to_slice == 0, "project_to_slice defaults to 0");
+    EXPECT_OK(pf_sample(m, &o, N, theta, N * D, logd, N, NULL, 0));
+    for (int u = 0; u < 3; u++) {
+        double norm = 0.0;
+        for (int i = 0; i < 5; i++) norm += (double)theta[u * 5 + i] * theta[u * 5 + i];
+        norm += (double)theta[15 + u] * theta[15 + u];
+        CHECK(fabs(sqrt(norm) - 1.0) < 1e-5, "unit %d of sample 0 on its sphere (norm %.9f)", u, sqrt(norm));
+    }
+    memcpy(off, theta, sizeof off);
+    for (int i = 0; i < S; i++) off[i] *= 2.0f; /* row 0's units off their spheres, the last layer unchanged */
+    EXPECT_ERR(pf_log_prob(m, &o, off, N, N * D, projected, N, NULL, 0), PF_ERR_INVALID_ARGUMENT,
+               "theta row 0 is off the slice");
+    o.project_to_slice = 1;
+    EXPECT_OK(pf_log_prob(m, &o, off, N, N * D, projected, N, NULL, 0));
+    for (int i = 0; i < N; i++) CHECK(fabsf(projected[i] - logd[i]) < 1e-3f, "row %d: %g vs %g", i, projected[i], logd[i]);
+    o.project_to_slice = 7;
+    EXPECT_ERR(pf_log_prob(m, &o, off, N, N * D, projected, N, NULL, 0), PF_ERR_INVALID_ARGUMENT,
+               "options->project_to_slice is 7");
+    pf_model_free(m);
+}
+
 static void test_last_error_lifetime(void) {
     /* The message stays until the next failure, successful calls leave it alone. */
     EXPECT_ERR(pf_model_get_info(NULL, NULL), PF_ERR_INVALID_ARGUMENT, "model is NULL");
@@ -574,6 +603,7 @@ int main(int argc, char **argv) {
     test_predict(cls);
     test_sample_predict(cls, reg);
     test_anchored();
+    test_sphere();
     test_last_error_lifetime();
     pf_model_free(cls);
     pf_model_free(reg);

@@ -159,7 +159,8 @@ class _SampleOptions(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("seed", ctypes.c_uint64), ("solver", ctypes.c_uint32),
                 ("steps", ctypes.c_uint32), ("rtol", ctypes.c_double), ("atol", ctypes.c_double),
                 ("trace", ctypes.c_uint32), ("probes", ctypes.c_uint32), ("max_steps", ctypes.c_uint32),
-                ("batch_size", ctypes.c_uint32), ("start_time", ctypes.c_double)]
+                ("batch_size", ctypes.c_uint32), ("start_time", ctypes.c_double),
+                ("project_to_slice", ctypes.c_uint32)]
 
 
 #: ``pf_sample_options.start_time`` value that selects the bundle's default start time.
@@ -450,7 +451,7 @@ class Model:
     @staticmethod
     def _options(seed: int = 0, solver: Union[str, int] = "default", steps: int = 0, rtol: float = 0.0,
                  atol: float = 0.0, trace: Union[str, int] = "none", probes: int = 0, max_steps: int = 0,
-                 batch_size: int = 0, start_time: Optional[float] = None,
+                 batch_size: int = 0, start_time: Optional[float] = None, project_to_slice: bool = False,
                  struct_size: Optional[int] = None) -> _SampleOptions:
         o = _SampleOptions()
         _check(_lib().pf_sample_options_init(ctypes.byref(o), ctypes.sizeof(o)))
@@ -465,6 +466,8 @@ class Model:
         o.batch_size = batch_size
         # None: the bundle's default start time (0, the plain flow, for bundles without anchors).
         o.start_time = START_TIME_BUNDLE if start_time is None else float(start_time)
+        # sphere_product bundles: log_prob renormalizes each unit's (w, b) instead of refusing it.
+        o.project_to_slice = 1 if project_to_slice else 0
         if struct_size is not None:
             o.struct_size = struct_size
         return o
@@ -489,7 +492,9 @@ class Model:
     def log_prob(self, theta: npt.ArrayLike, **options: Any) -> Tuple[F32Array, F32Array]:
         """Log-densities of the rows of ``theta`` ``[n, D]``: ``(log_density, stderr)``, each ``[n]``.
 
-        Takes :meth:`sample`'s options; ``trace`` defaults to "exact".
+        Takes :meth:`sample`'s options; ``trace`` defaults to "exact". On a ``sphere_product``
+        bundle, rows with a hidden unit's (w, b) off its unit sphere are refused unless
+        ``project_to_slice=True`` renormalizes them first.
         """
         options.setdefault("trace", "exact")
         o = self._options(**options)

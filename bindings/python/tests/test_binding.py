@@ -294,3 +294,18 @@ def test_onnxruntime_comes_from_the_wheel_unless_set(monkeypatch):
         monkeypatch.setenv(var, "/elsewhere/libonnxruntime.so")
         assert postflow.onnxruntime_library() is None  # the runtime's own search order applies
         monkeypatch.delenv(var)
+
+
+def test_sphere_product_log_prob_projects_on_request():
+    # sphere_tanh: the first 18 weights are layer 0's three units (5 weights + bias each), one sphere per unit.
+    with postflow.Model(FIXTURES / "sphere_tanh") as m:
+        s = m.sample(3, seed=4, trace="exact")
+        units = [list(range(5 * u, 5 * u + 5)) + [15 + u] for u in range(3)]
+        for u in units:
+            assert np.allclose(np.linalg.norm(s.theta[:, u].astype(np.float64), axis=1), 1.0, atol=1e-5)
+        off = s.theta.copy()
+        off[1, :18] *= 1.25
+        with pytest.raises(postflow.InvalidArgumentError, match="theta row 1 is off the slice"):
+            m.log_prob(off)
+        logd, _ = m.log_prob(off, project_to_slice=True)
+        assert np.allclose(logd, s.log_density, atol=1e-3)
