@@ -10,9 +10,9 @@
 
 /** Version of this header (the library's run-time version is pf_version()). */
 #define PF_VERSION_MAJOR 0
-#define PF_VERSION_MINOR 2
+#define PF_VERSION_MINOR 3
 #define PF_VERSION_PATCH 0
-#define PF_VERSION_STRING "0.2.0"
+#define PF_VERSION_STRING "0.3.0"
 
 /**
  * `pf_model_options.flags`: let ONNX Runtime's worker threads spin (busy-wait) between runs.
@@ -306,7 +306,7 @@ typedef struct {
      * `pf_log_prob` on a bundle whose `flow.geometry` is `sphere_product`: 1 renormalizes each
      * hidden unit's (w, b) of `theta` onto its unit sphere first; 0 (the default) refuses rows
      * with a unit off the slice (|‖(w, b)‖ − 1| > 1e-4). Other values are refused; ignored by
-     * `pf_sample`. (Appended after start_time; callers whose struct ends before it get 0.)
+     * `pf_sample`. (Added in 0.3; older callers get 0.)
      */
     uint32_t project_to_slice;
 } pf_sample_options;
@@ -350,7 +350,7 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * The library's version, e.g. "0.2.0" (static storage; never free it). Compare
+ * The library's version, e.g. "0.3.0" (static storage; never free it). Compare
  * with the header's `PF_VERSION_MAJOR/MINOR/PATCH` to detect a mismatch.
  */
 const char *pf_version(void);

@@ -39,7 +39,7 @@ inline void check(pf_status status) {
 }
 }  // namespace detail
 
-/// Library version at run time (e.g. "0.2.0").
+/// Library version at run time (e.g. "0.3.0").
 inline std::string version() { return pf_version(); }
 
 /// pf_model_options with the defaults filled in.

@@ -109,7 +109,7 @@ pub type pf_task_u32 = u32;
 
 static VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
 
-/// The library's version, e.g. "0.2.0" (static storage; never free it). Compare
+/// The library's version, e.g. "0.3.0" (static storage; never free it). Compare
 /// with the header's `PF_VERSION_MAJOR/MINOR/PATCH` to detect a mismatch.
 #[no_mangle]
 pub extern "C" fn pf_version() -> *const c_char {

@@ -64,7 +64,7 @@ pub struct pf_sample_options {
     /// `pf_log_prob` on a bundle whose `flow.geometry` is `sphere_product`: 1 renormalizes each
     /// hidden unit's (w, b) of `theta` onto its unit sphere first; 0 (the default) refuses rows
     /// with a unit off the slice (|‖(w, b)‖ − 1| > 1e-4). Other values are refused; ignored by
-    /// `pf_sample`. (Appended after start_time; callers whose struct ends before it get 0.)
+    /// `pf_sample`. (Added in 0.3; older callers get 0.)
     pub project_to_slice: u32,
 }
 

@@ -291,7 +291,7 @@ def _check(status: int) -> None:
 
 
 def version() -> str:
-    """The loaded libpostflow's version string, e.g. "0.2.0"."""
+    """The loaded libpostflow's version string, e.g. "0.3.0"."""
     v: bytes = _lib().pf_version()
     return v.decode()
 
