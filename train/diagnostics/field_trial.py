@@ -10,7 +10,7 @@ one protocol (issue 11's comparison rows), without exporting ONNX or writing a b
     # (work dir)", the exported flow's parameters) and the full-covariance Gaussian of the training
     # draws, scored against the held-out chain
     nice -n 10 .venv/bin/python -m train.diagnostics.field_trial score WORK CONFIG \
-        [NAME=OUTDIR/params.npz ...] [--json OUT]
+        [NAME=OUTDIR/params.npz ...] [--heldout-t0 0.5 0.8] [--skip-work-flow] [--json OUT]
 
 Protocol (the start-time sweep's t₀ = 0 row of train/evaluate.py, for every row): flow samples
 from `sampler.sample_batched` with the config's evaluate settings (seed, solver, steps,
@@ -102,11 +102,16 @@ def scorer(ctx):
     return score, {"hmc": hmc_row, "hmc_epistemic": hmc_epi, "heldout_nn_median": float(nn_held)}
 
 
-def flow_samples(ctx, flat):
+def flow_samples(ctx, flat, start_time=0.0):
+    """The flow's samples; with start_time t₀ > 0, from the *held-out* chain's whitened draws
+    noised to t₀ (x = t₀·a + (1 − t₀)·z, the sampler's anchored start) and integrated to 1: how
+    far back along the path the field is right (issue 11's diagnostic)."""
     ecfg = ctx["cfg"]["evaluate"]
+    anchors = whitened(ctx)[1] if start_time > 0 else None
     theta, _ = sampler.sample_batched(evaluate.vector_field(flat), jax.random.PRNGKey(ecfg["seed"]),
                                       ecfg["flow_samples"], ctx["whiten"]["mean"], ctx["whiten"]["scale"],
-                                      method=ecfg["solver"], steps=ecfg["steps"], trace=None)
+                                      method=ecfg["solver"], steps=ecfg["steps"], trace=None,
+                                      start_time=start_time, anchors=anchors)
     return np.asarray(theta)
 
 
@@ -124,12 +129,16 @@ def cmd_score(a):
     ctx = load_work(a.work, a.config)
     score, ref = scorer(ctx)
     rows = {}
-    entries = [("flow (work dir)", str(Path(a.work) / "flow.npz"))] + [e.split("=", 1) for e in a.flows]
+    entries = ([] if a.skip_work_flow else [("flow (work dir)", str(Path(a.work) / "flow.npz"))]) + \
+        [e.split("=", 1) for e in a.flows]
     for name, path in entries:
         t0 = time.time()
         rows[name] = score(flow_samples(ctx, dict(np.load(path))))
         rows[name]["sample_seconds"] = time.time() - t0
         print(name, rows[name], flush=True)
+        for t0 in a.heldout_t0:
+            rows[f"{name}, from held-out draws at t0 = {t0:g}"] = score(flow_samples(ctx, dict(np.load(path)), t0))
+            print(f"{name}, t0 = {t0:g}", rows[f"{name}, from held-out draws at t0 = {t0:g}"], flush=True)
     rows["full-covariance Gaussian"] = score(gaussian_samples(ctx, ctx["cfg"]["evaluate"]["flow_samples"]))
     print("full-covariance Gaussian", rows["full-covariance Gaussian"], flush=True)
     print("hmc", ref, flush=True)
@@ -149,6 +158,9 @@ def main():
     s.add_argument("work")
     s.add_argument("config")
     s.add_argument("flows", nargs="*", help="NAME=params.npz")
+    s.add_argument("--heldout-t0", type=float, nargs="*", default=[],
+                   help="also integrate from held-out draws noised to these start times")
+    s.add_argument("--skip-work-flow", action="store_true", help="leave out the work dir's flow.npz row")
     s.add_argument("--json")
     a = ap.parse_args()
     (cmd_train if a.cmd == "train" else cmd_score)(a)
