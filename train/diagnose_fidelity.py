@@ -49,7 +49,7 @@ def load_work(work: Path, cfg_path: Path):
     stages, reports, stale, upstream = {}, {}, [], ""
     for stage in CACHED:
         meta = json.loads((work / f"{stage}.json").read_text())
-        fp = pipeline._fingerprint(cfg, stage, upstream)
+        fp = pipeline._fingerprint(cfg, stage, upstream, pipeline._geometry_extra(cfg) if stage == "whiten" else "")
         if meta["fingerprint"] != fp:
             stale.append(stage)
         upstream = fp

@@ -234,6 +234,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--probes", type=int, default=8)
     p.add_argument("--draws", type=int, default=512, help="importance draws per sample for the scale integral")
+    p.add_argument("--solver", default=None, help="default: the config's evaluate.solver")
+    p.add_argument("--steps", type=int, default=None, help="default: the config's evaluate.steps")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     work = Path(a.work)
@@ -245,8 +247,7 @@ def main(argv=None):
         raise SystemExit("a Euclidean flow's density is relative to Lebesgue measure on R^D; the posterior on "
                          "the slice has no density there: importance weights are not defined")
     _, loglik = dfid.log_posterior_fn(cfg, data, map_out, sizes)
-    solver = reports.get("bundle", {}) or {}
-    method, steps = cfg["evaluate"]["solver"], cfg["evaluate"]["steps"]
+    method, steps = a.solver or cfg["evaluate"]["solver"], a.steps or cfg["evaluate"]["steps"]
     t0 = time.time()
     theta, logq = sampler.sample_batched(vfield, jax.random.PRNGKey(a.seed), a.n, st["whiten"]["mean"],
                                          st["whiten"]["scale"], method=method, steps=steps, trace="hutchinson",

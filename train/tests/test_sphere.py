@@ -316,3 +316,32 @@ def test_antipodal_pairs_are_left_out_of_the_loss():
     value, grad = jax.value_and_grad(sphere_flow.loss_fn, argnums=1)(g, params, x0, x1, t, jnp.zeros_like(x0), 0.0)
     assert np.isfinite(float(value)) and float(value) < 1.0
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(grad))
+
+
+def test_geometry_fingerprints():
+    """flow.geometry at its default leaves every stage fingerprint as it was before the key existed
+    (cached stages stay valid); "sphere_product" changes the whitening's and everything after it."""
+    import copy
+    from train import config, pipeline
+    cfg = config.load(ROOT_CONFIG)
+    old = copy.deepcopy(cfg)
+    del old["flow"]["geometry"]
+    sph = copy.deepcopy(cfg)
+    sph["flow"]["geometry"] = "sphere_product"
+
+    def fps(c):
+        out, up = {}, ""
+        for st in ("canon", "whiten", "flow"):
+            up = pipeline._fingerprint(c, st, up, pipeline._geometry_extra(c) if st == "whiten" else "")
+            out[st] = up
+        return out
+    assert fps(cfg) == fps(old)
+    a, b = fps(cfg), fps(sph)
+    assert a["canon"] == b["canon"] and a["whiten"] != b["whiten"] and a["flow"] != b["flow"]
+    with pytest.raises(ValueError, match="geometry"):
+        bad = copy.deepcopy(cfg)
+        bad["flow"]["geometry"] = "torus"
+        sphere.geometry_of(bad, [2, 3, 2])
+
+
+ROOT_CONFIG = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "train/configs/tiny.toml")
