@@ -271,6 +271,7 @@ def main(argv=None):
            "loglik_flow": {"mean": float(ll.mean()), "median": float(np.median(ll)), "max": float(ll.max())},
            "loglik_hmc_heldout": {"mean": float(held_ll.mean()), "min": float(held_ll.min())},
            "log_target_flow": {"mean": float(logp.mean()), "sd": float(logp.std())},
+           "log_slice_prior_flow": {"mean": float((logp - ll).mean()), "sd": float((logp - ll).std())},
            "log_target_hmc_heldout": {"mean": float(held_logp.mean()), "sd": float(held_logp.std())},
            "logq": {"mean": float(np.mean(logq)), "sd": float(np.std(logq))},
            "slice_prior_relative_se": {"max": float(se.max()), "median": float(np.median(se))}}
