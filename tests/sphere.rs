@@ -687,3 +687,17 @@ fn model_open_keeps_the_geometry_of_every_fixture() {
         assert_eq!(m.manifest().flow.geometry, m.geometry().name());
     }
 }
+
+#[test]
+fn eval_describes_the_geodesic_start_on_sphere_bundles() {
+    let o = postflow(&["eval", fixture("sphere_anchored").to_str().unwrap(), "-n", "20"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("starts at slerp(z, a; 0.8) on every unit sphere (0.8·a + 0.20·z elsewhere)"), "{text}");
+    let o = postflow(&["eval", fixture("sphere_anchored").to_str().unwrap(), "-n", "20", "--start-time", "0"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("fresh flow samples from the uniform base on the unit spheres"), "{text}");
+    let o = postflow(&["eval", fixture("affine_anchored").to_str().unwrap(), "-n", "20", "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["flow"]["geometry"], "euclidean");
+}

@@ -267,6 +267,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
             "seed": seed,
             "start_time": start_time,
             "anchors": model.anchor_count(),
+            "geometry": model.geometry().name(),
             "solver": solver_json,
             "seconds": drawn.seconds,
             "samples_per_second": n as f64 / drawn.seconds,
@@ -342,7 +343,8 @@ fn eval_text(model: &Model, r: &Value) -> String {
         f["seconds"].as_f64().unwrap_or(0.0),
         f["samples_per_second"].as_f64().unwrap_or(0.0)
     );
-    let _ = writeln!(o, "{}", start_time_note(t0, f["anchors"].as_u64().unwrap_or(0)));
+    let sphere = f["geometry"].as_str() == Some("sphere_product");
+    let _ = writeln!(o, "{}", start_time_note(t0, f["anchors"].as_u64().unwrap_or(0), sphere));
     let _ = writeln!(o);
     let recorded = r["reference_metrics"].get("methods").and_then(Value::as_object);
     let manifest_sweep = r["reference_metrics"].get("start_time_sweep").and_then(Value::as_array);
@@ -448,11 +450,19 @@ fn sweep_row(rows: &[Value], t0: f64) -> Option<&Value> {
 }
 
 /// One line on what the start time means for the samples.
-fn start_time_note(t0: f64, anchors: u64) -> String {
+fn start_time_note(t0: f64, anchors: u64, sphere: bool) -> String {
     if t0 == 0.0 {
-        format!("start time 0: fresh flow samples from N(0, I) ({anchors} stored draws in the bundle)")
+        let base = if sphere { "the uniform base on the unit spheres (N(0, I) elsewhere)" } else { "N(0, I)" };
+        format!("start time 0: fresh flow samples from {base} ({anchors} stored draws in the bundle)")
     } else if t0 == 1.0 {
         format!("start time 1: the {anchors} stored posterior draws themselves (the exact HMC average of those draws)")
+    } else if sphere {
+        format!(
+            "start time {t0}: each sample starts at slerp(z, a; {t0}) on every unit sphere ({t0}·a + {:.2}·z \
+             elsewhere) around one of the {anchors} stored draws a; near 1 the samples are close copies of stored \
+             draws (see mem.ratio)",
+            1.0 - t0
+        )
     } else {
         format!(
             "start time {t0}: each sample starts at {t0}·a + {:.2}·z around one of the {anchors} stored draws a; \
