@@ -225,7 +225,7 @@ def snis(logp, logq):
 def main(argv=None):
     """`python -m train.slice_density WORK [--config CFG] [--n 400] [--json OUT]`: importance weights of
     the work dir's sphere flow against the posterior on the slice, ESS/n and the weighted BMA."""
-    from . import diagnose_fidelity as dfid
+    from .diagnostics import diagnose_fidelity as dfid
     from . import evaluate, sampler
     p = argparse.ArgumentParser(prog="python -m train.slice_density")
     p.add_argument("work")

@@ -20,7 +20,7 @@ memorization ratio = median whitened nearest-training-draw distance of the sampl
 the held-out draws; epistemic ratio = mean mutual information over the held-out chain's, on the
 eval inputs and on `evaluate.ood_inputs` (each feature uniform in mean ± 4 sd). The Gaussian
 draws N(mean, sample covariance) of the training draws (400, numpy seed 0, as
-train/fidelity_baselines.py)."""
+train/diagnostics/fidelity_baselines.py)."""
 
 import argparse
 import json

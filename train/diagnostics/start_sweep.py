@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import diagnose_fidelity as dfid
+from . import diagnose_fidelity as dfid
 from .. import evaluate
 
 

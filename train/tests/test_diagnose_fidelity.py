@@ -1,11 +1,12 @@
-"""Pieces of train/diagnose_fidelity.py whose mistakes would silently bias its numbers."""
+"""Pieces of train/diagnostics/diagnose_fidelity.py whose mistakes would silently bias its numbers."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.special import log_softmax
 
-from train import canon, config, diagnose_fidelity as fid, mlp
+from train import canon, config, mlp
+from train.diagnostics import diagnose_fidelity as fid
 
 SIZES = [2, 5, 4, 3]
 

@@ -250,7 +250,7 @@ def test_fidelity_baselines_run_on_a_work_dir(built, tmp_path):
     and resampling the training draws themselves (kde_h0.0) is scored like any other BMA."""
     _, work = built
     out = tmp_path / "baselines.json"
-    subprocess.run([sys.executable, "-m", "train.fidelity_baselines", str(work), "train/configs/tiny.toml",
+    subprocess.run([sys.executable, "-m", "train.diagnostics.fidelity_baselines", str(work), "train/configs/tiny.toml",
                     "--n", "40", "--pca-flow-steps", "20", "--lowrank-flow-steps", "20", "--rank", "8",
                     "--json", str(out)], cwd=ROOT, check=True, timeout=600)
     res = json.loads(out.read_text())

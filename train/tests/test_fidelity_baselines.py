@@ -1,7 +1,7 @@
 """The low-rank whitening map that docs/fidelity.md proposes for bundles."""
 import numpy as np
 
-from train.fidelity_baselines import lowrank_whitening
+from train.diagnostics.fidelity_baselines import lowrank_whitening
 
 
 def test_lowrank_whitening_is_invertible_and_whitens_the_top_directions():

@@ -1,6 +1,6 @@
 """Diagnostic: can the flow's samples be corrected into faithful posterior samples?
 
-`python -m train.diagnose_fidelity WORKDIR [--n 400] [--seed 0] [--json OUT]` reads a
+`python -m train.diagnostics.diagnose_fidelity WORKDIR [--n 400] [--seed 0] [--json OUT]` reads a
 pipeline work dir (its cached data/map/align/canon/whiten/flow stages) and measures the
 BMA predictive on the eval split against the held-out HMC chain for
   1. the plain flow (same draws as the evaluate stage when --seed/--n match it),
@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import softmax
 
-from . import config, metrics, mlp, pipeline, sampler
-from . import flow as flow_mod
-from .data import standardized
-from .export import run_net
+from .. import config, metrics, mlp, pipeline, sampler
+from .. import flow as flow_mod
+from ..data import standardized
+from ..export import run_net
 
 CACHED = pipeline.STAGES[:pipeline.STAGES.index("evaluate") + 1]  # everything but the bundle
 
@@ -209,7 +209,7 @@ def evenly(samples, n):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m train.diagnose_fidelity", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m train.diagnostics.diagnose_fidelity", description=__doc__.split("\n")[0])
     p.add_argument("work")
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)

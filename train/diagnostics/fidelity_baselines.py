@@ -13,7 +13,7 @@
                      (variances λ) and by one scalar ρ on the rest (`lowrank_whitening`), the map
                      a `flow.whiten.basis` bundle tensor would carry (docs/fidelity.md)
 
-    .venv/bin/python -m train.fidelity_baselines WORKDIR CONFIG [--n 400] [--pca-flow-steps N] [--json OUT]
+    .venv/bin/python -m train.diagnostics.fidelity_baselines WORKDIR CONFIG [--n 400] [--pca-flow-steps N] [--json OUT]
 
 WORKDIR is a pipeline work dir (`work/NAME`, made by `python -m train build`), CONFIG its toml.
 docs/fidelity.md has the results for moons and digits."""
@@ -26,8 +26,8 @@ import jax
 import numpy as np
 from scipy.linalg import solve_triangular
 
-from . import config, flow as flow_mod, metrics, sampler
-from .export import run_net
+from .. import config, flow as flow_mod, metrics, sampler
+from ..export import run_net
 
 
 def score(net, x_eval, y_eval, hmc, theta):

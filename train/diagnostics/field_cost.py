@@ -1,7 +1,7 @@
 """Cost per evaluation of the NP-layer field's graphs against a bundle's MLP-field graphs, with
 onnxruntime on one intra-op thread (the runtime's default), at a fixed batch.
 
-    .venv/bin/python -m train.field_cost models/digits --channels 24 --blocks 3 --batch 64
+    .venv/bin/python -m train.diagnostics.field_cost models/digits --channels 24 --blocks 3 --batch 64
 
 The NP field gets random (non-zero) parameters for the bundle's network sizes; the cost of a
 graph does not depend on the parameter values. Reports the median and minimum over repeats of
@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from . import np_field, np_graphs
+from .. import np_field, np_graphs
 
 
 def _session(proto_bytes, threads):

@@ -1,7 +1,7 @@
 """Wall time of a config's NUTS chains, sequential (`local`) against one process per chain
 (`processes`), alternated `--reps` times, and whether the draws are bitwise equal:
 
-    nice -n 10 .venv/bin/python -m train.bench_chains train/configs/digits.toml --chains 2 --warmup 100 --draws 50
+    nice -n 10 .venv/bin/python -m train.diagnostics.bench_chains train/configs/digits.toml --chains 2 --warmup 100 --draws 50
 
 The data and MAP stages run first (not timed); each timed run includes its JIT compilation (and,
 for processes, starting the interpreters), as in a build."""
@@ -13,11 +13,11 @@ import time
 
 import numpy as np
 
-from . import config, data, map as map_stage, posterior
+from .. import config, data, map as map_stage, posterior
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m train.bench_chains", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m train.diagnostics.bench_chains", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
     ap.add_argument("--chains", type=int, default=2)
