@@ -189,12 +189,17 @@ def output(params, t, x):
     return mlp.flatten(outs)
 
 
+def from_prediction(y, t, x, pred, clip):
+    """The velocity from a field's raw output y: y itself (`pred` "v"), or the end-point
+    prediction x̂₁ = y turned into v = (x̂₁ − x) / max(1 − t, clip) (`pred` "x1")."""
+    if pred == "v":
+        return y
+    return (y - x) / jnp.maximum(1.0 - t, clip)[:, None]
+
+
 def velocity(params, t, x):
     """v(t, x): t [B], x [B, D] (whitened) -> [B, D]."""
-    y = output(params, t, x)
-    if params.pred == "v":
-        return y
-    return (y - x) / jnp.maximum(1.0 - t, params.clip)[:, None]
+    return from_prediction(output(params, t, x), t, x, params.pred, params.clip)
 
 
 def flatten_params(params):

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import mlp
-from .np_field import silu, time_embedding
+from .np_field import from_prediction, silu, time_embedding
 
 PREDS = ("v", "x1")
 FILM = 8  # (γ, β) for the attention LN, the edge LN, the neuron-MLP LN and the edge-update LN
@@ -221,10 +221,7 @@ def output(params, t, x):
 
 def velocity(params, t, x):
     """v(t, x): t [B], x [B, D] (whitened) -> [B, D]."""
-    y = output(params, t, x)
-    if params.pred == "v":
-        return y
-    return (y - x) / jnp.maximum(1.0 - t, params.clip)[:, None]
+    return from_prediction(output(params, t, x), t, x, params.pred, params.clip)
 
 
 def flatten_params(params):
