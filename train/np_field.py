@@ -74,18 +74,10 @@ def neuron_dims(sizes, c):
     return [(2 * c if m >= 1 else 0) + (c if m <= n_layers - 1 else 0) for m in range(n_layers + 1)]
 
 
-@jax.tree_util.register_pytree_node_class
-class NPField:
-    """Trainable arrays (`w`, a flat dict name -> array) plus the static layout: the MLP's
-    sizes, the prediction mode and its clip. A pytree, so optax/EMA/jit see only `w`."""
-
-    def __init__(self, w, sizes, pred="x1", clip=0.05):
-        if pred not in PREDS:
-            raise ValueError(f"unknown flow.pred {pred!r} (expected one of {PREDS})")
-        self.w, self.sizes, self.pred, self.clip = w, tuple(int(s) for s in sizes), pred, float(clip)
-
-    def tree_flatten(self):
-        return (self.w,), (self.sizes, self.pred, self.clip)
+class WeightField:
+    """What the weight-space fields (NP here, the relational transformer in rt_field.py) share:
+    trainable arrays `w` (a flat dict name -> array) as the only pytree child, static layout in
+    the aux data, and sizes read off `w`."""
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -105,6 +97,24 @@ class NPField:
 
     def n_params(self):
         return int(sum(np.size(v) for v in self.w.values()))
+
+
+def check_pred(pred):
+    if pred not in PREDS:
+        raise ValueError(f"unknown flow.pred {pred!r} (expected one of {PREDS})")
+
+
+@jax.tree_util.register_pytree_node_class
+class NPField(WeightField):
+    """Trainable arrays (`w`, a flat dict name -> array) plus the static layout: the MLP's
+    sizes, the prediction mode and its clip. A pytree, so optax/EMA/jit see only `w`."""
+
+    def __init__(self, w, sizes, pred="x1", clip=0.05):
+        check_pred(pred)
+        self.w, self.sizes, self.pred, self.clip = w, tuple(int(s) for s in sizes), pred, float(clip)
+
+    def tree_flatten(self):
+        return (self.w,), (self.sizes, self.pred, self.clip)
 
 
 def init(key, sizes, channels=24, blocks=3, time_freqs=16, pred="x1", clip=0.05):

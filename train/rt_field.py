@@ -58,9 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import mlp
-from .np_field import from_prediction, silu, time_embedding
+from .np_field import PREDS, WeightField, check_pred, from_prediction, silu, time_embedding
 
-PREDS = ("v", "x1")
 FILM = 8  # (γ, β) for the attention LN, the edge LN, the neuron-MLP LN and the edge-update LN
 
 
@@ -75,36 +74,16 @@ def offsets(sizes):
 
 
 @jax.tree_util.register_pytree_node_class
-class RTField:
+class RTField(WeightField):
     """Trainable arrays `w` (flat dict) plus static layout: sizes, heads, prediction mode, clip."""
 
     def __init__(self, w, sizes, heads=4, pred="x1", clip=0.05):
-        if pred not in PREDS:
-            raise ValueError(f"unknown flow.pred {pred!r} (expected one of {PREDS})")
+        check_pred(pred)
         self.w, self.sizes, self.heads = w, tuple(int(s) for s in sizes), int(heads)
         self.pred, self.clip = pred, float(clip)
 
     def tree_flatten(self):
         return (self.w,), (self.sizes, self.heads, self.pred, self.clip)
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(children[0], *aux)
-
-    @property
-    def channels(self):
-        return int(self.w["tau2_w"].shape[0])
-
-    @property
-    def blocks(self):
-        return sum(1 for k in self.w if k.startswith("film_w."))
-
-    @property
-    def time_freqs(self):
-        return int(self.w["tau1_w"].shape[0])
-
-    def n_params(self):
-        return int(sum(np.size(v) for v in self.w.values()))
 
 
 def init(key, sizes, channels=32, blocks=3, heads=4, time_freqs=16, pred="x1", clip=0.05):
