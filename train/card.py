@@ -65,7 +65,9 @@ def start_time_section(ctx, man):
     L += [f"| {names[k]} | " + " | ".join(f"{v[c]:.5f}" for c in cols) + " |" for k, v in info["t1_bma"].items()]
     from .evaluate import start_time_failures
     epi_name = "mutual information" if classification else "epistemic variance"
-    L += ["", "Sampling at start time t₀ starts from t₀·a + (1 − t₀)·z around a uniformly chosen stored draw a "
+    start = ("slerp(z, a; t₀) on each sphere (z uniform) and t₀·a + (1 − t₀)·z on the Euclidean coordinates"
+             if ctx["reports"]["flow"].get("geometry") == "sphere_product" else "t₀·a + (1 − t₀)·z")
+    L += ["", f"Sampling at start time t₀ starts from {start} around a uniformly chosen stored draw a "
           "and integrates the flow from t₀ to 1: t₀ = 0 is the plain flow, t₀ = 1 returns the stored draws "
           "themselves. Each row: "
           f"{man['reference_metrics']['flow_samples']} samples, seed {man['reference_metrics']['seed']}, "
@@ -161,11 +163,23 @@ def baselines_section(ctx):
     return L + [""]
 
 
+def geometry_line(fl):
+    """Where the flow lives (`flow.geometry`), from the flow stage's report."""
+    if fl.get("geometry") == "sphere_product":
+        return (f"- geometry: `sphere_product`, the canonical slice {fl['spheres'].removeprefix('Geometry(')[:-1]}: "
+                "uniform base on each sphere and N(0, I) on the Euclidean coordinates, slerp paths, minibatch OT "
+                "under the geodesic cost; the runtime projects the field onto the tangent spaces and retracts "
+                "every solver stage, and log-densities are relative to surface × Lebesgue measure")
+    return ("- geometry: `euclidean`, R^D with a standard normal base, straight-line paths; log-densities are "
+            "relative to Lebesgue measure on R^D")
+
+
 def render(ctx, man, figs):
     cfg, rep, data = ctx["cfg"], ctx["reports"], ctx["data"]
     post, ev, fl = rep["posterior"], rep["evaluate"], rep["flow"]
     classification = cfg["data"]["task"] == "classification"
     sizes = ctx["sizes"]
+    sphere_geometry = fl.get("geometry") == "sphere_product"
     L = []
     L += [f"# {cfg['name']} — postflow bundle", "", cfg["description"], ""]
     L += ["Rebuild (from the repository root):", "", "```",
@@ -208,10 +222,12 @@ def render(ctx, man, figs):
           f"{a['midpoint_loss_barrier']['after']:.4f}",
           "- canonicalization: every hidden unit's [incoming weights, bias] scaled to unit norm, outgoing "
           "weights scaled back (exact for ReLU; last layer untouched)",
-          "- whitening: per-coordinate mean and sd of the training samples (`flow.whiten.*`)", ""]
-    L += ["## Flow", "",
-          (f"- velocity: {fl['hidden']} (train/np_field.py), {fl['time_freqs']} sinusoidal time features; "
-           if fl.get("field") == "np" else
+          "- whitening: per-coordinate mean and sd of the training samples (`flow.whiten.*`)"
+          + ("; the identity (mean 0, sd 1) on sphere coordinates" if sphere_geometry else ""), ""]
+    fields = {"np": "train/np_field.py", "rt": "train/rt_field.py"}
+    L += ["## Flow", "", geometry_line(fl),
+          (f"- velocity: {fl['hidden']} ({fields[fl['field']]}), {fl['time_freqs']} sinusoidal time features; "
+           if fl.get("field") in fields else
            f"- velocity MLP {fl['hidden']} (SiLU) on [x, {fl['time_freqs']} sinusoidal time features]; ") +
           f"coupling `{fl['coupling']}`, σ = {fl['sigma']}; AdamW lr {fl['optimizer']['lr']}, "
           f"{fl['steps']} steps of batch {fl['batch']}, EMA {fl['ema']}",

@@ -222,6 +222,14 @@ def snis(logp, logq):
                "logw_sd": float(logw.std())}
 
 
+def training_anchors(st):
+    """The whitened training draws (every chain but the held-out one), the anchors a bundle stores
+    (there thinned to its size budget and kept in f16; here all of them, in f32)."""
+    samples = st["canon"]["samples"]
+    train = samples[:-1].reshape(-1, samples.shape[-1]).astype(np.float64)
+    return ((train - st["whiten"]["mean"]) / st["whiten"]["scale"]).astype(np.float32)
+
+
 def main(argv=None):
     """`python -m train.slice_density WORK [--config CFG] [--n 400] [--json OUT]`: importance weights of
     the work dir's sphere flow against the posterior on the slice, ESS/n and the weighted BMA."""
@@ -236,6 +244,8 @@ def main(argv=None):
     p.add_argument("--draws", type=int, default=512, help="importance draws per sample for the scale integral")
     p.add_argument("--solver", default=None, help="default: the config's evaluate.solver")
     p.add_argument("--steps", type=int, default=None, help="default: the config's evaluate.steps")
+    p.add_argument("--start-time", type=float, default=0.0,
+                   help="t0 in [0, 1): start from the geodesic mixture around the training draws (anchors)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     work = Path(a.work)
@@ -248,10 +258,14 @@ def main(argv=None):
                          "the slice has no density there: importance weights are not defined")
     _, loglik = dfid.log_posterior_fn(cfg, data, map_out, sizes)
     method, steps = a.solver or cfg["evaluate"]["solver"], a.steps or cfg["evaluate"]["steps"]
+    if not 0.0 <= a.start_time < 1.0:
+        raise SystemExit(f"--start-time {a.start_time}: must be in [0, 1) (at 1 the samples are the stored "
+                         "draws, with no density)")
+    anchors = training_anchors(st) if a.start_time > 0 else None
     t0 = time.time()
     theta, logq = sampler.sample_batched(vfield, jax.random.PRNGKey(a.seed), a.n, st["whiten"]["mean"],
                                          st["whiten"]["scale"], method=method, steps=steps, trace="hutchinson",
-                                         probes=a.probes)
+                                         probes=a.probes, start_time=a.start_time, anchors=anchors)
     t_sample = time.time() - t0
     t0 = time.time()
     logp, se = log_target(theta, sizes, loglik, cfg["posterior"]["prior_scale"], a.draws, a.seed)
@@ -265,6 +279,7 @@ def main(argv=None):
     held_logp, _ = log_target(held[:: max(1, len(held) // 50)], sizes, loglik, cfg["posterior"]["prior_scale"],
                               a.draws, a.seed + 10_000)
     res = {"work": str(work), "n": a.n, "solver": {"method": method, "steps": steps},
+           "start_time": a.start_time, "anchors": None if anchors is None else int(len(anchors)),
            "trace": f"hutchinson, {a.probes} Rademacher probes (tangent-projected)",
            "sampling_seconds": round(t_sample, 1), "target_seconds": round(t_target, 1),
            "snis": info, "unweighted": score(theta), "weighted": score(theta, w),

@@ -109,6 +109,7 @@ def test_anchors_and_start_time_sweep(built):
     assert sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) <= 15_000_000
     card = (out / "README.md").read_text()
     assert "memorization ratio" in card and (out / "figures" / "start_time_sweep.png").exists()
+    assert "- geometry: `euclidean`" in card and "t₀·a + (1 − t₀)·z around" in card
 
 
 def test_default_solver_is_the_sweeps_choice(built):

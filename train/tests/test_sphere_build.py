@@ -43,6 +43,9 @@ def test_sphere_bundle(built):
     assert np.all(t["flow.whiten.scale"][g.euclid] != 1.0)  # the Euclidean part is whitened
     assert g.slice_error(t["posterior.theta"]).max() < 1e-4 and g.slice_error(t["reference.theta"]).max() < 1e-4
     assert g.slice_error(t["flow.anchors"].astype(np.float32)).max() < 1e-3
+    card = (out / "README.md").read_text()
+    assert f"- geometry: `sphere_product`, the canonical slice {repr(g)[len('Geometry('):-1]}:" in card
+    assert "slerp(z, a; t₀) on each sphere" in card and "the identity (mean 0, sd 1) on sphere coordinates" in card
     rep = man["provenance"]["flow_training"]
     assert rep["geometry"] == "sphere_product" and rep["coupling"] == "ot"
     with np.load(work / "flow.npz") as z:
@@ -61,6 +64,17 @@ def test_importance_weights_on_the_slice(built):
     assert np.isfinite(res["log_target_flow"]["mean"]) and res["slice_prior_relative_se"]["max"] == 0.0
     for k in ("tv", "nll", "ece"):
         assert np.isfinite(res["weighted"][k])
+
+
+def test_importance_weights_of_anchored_samples(built):
+    """--start-time t0: samples from the geodesic mixture around the training draws, weighted by
+    the mixture's density pushed through the flow; t0 = 1 (no density) is refused."""
+    _, work, cfg = built
+    res = slice_density.main([str(work), "--config", str(cfg), "--n", "32", "--probes", "2", "--start-time", "0.9"])
+    assert res["start_time"] == 0.9 and res["anchors"] > 0
+    assert 1.0 <= res["snis"]["ess"] <= 32.0 and np.isfinite(res["logq"]["mean"])
+    with pytest.raises(SystemExit, match="start-time 1"):
+        slice_density.main([str(work), "--config", str(cfg), "--n", "8", "--start-time", "1"])
 
 
 def _runtime():
