@@ -88,14 +88,19 @@ impl Sphere {
     }
 }
 
+/// Radians: the f32 rounding of a state's angle to its anchor stays below this.
+const CAP_EDGE: f64 = 1e-5;
+
 /// Log-density on `S^{k−1}` (surface measure) of `slerp(z, a; t₀)`, `z` uniform, at a point
 /// at angle `φ` from `a` (see `Geometry::mixture_log_density`).
 pub fn cap_log_density(k: usize, phi: f64, t0: f64) -> f64 {
     let c = 1.0 - t0;
-    let theta = phi / c;
-    if theta.is_nan() || theta >= std::f64::consts::PI {
+    // The cap's edge φ = cπ, widened by CAP_EDGE for the f32 rounding of stored states: on S¹
+    // (k = 2) the density is flat up to the edge, where a start point from a near-antipodal z sits.
+    if phi.is_nan() || phi >= c * std::f64::consts::PI + CAP_EDGE {
         return f64::NEG_INFINITY;
     }
+    let theta = (phi / c).min(std::f64::consts::PI);
     // log(sin(φ/c) / sin φ); near φ = 0 its series, −log c − φ²(1/c² − 1)/6, avoids 0/0.
     let log_ratio =
         if phi < 1e-4 { -c.ln() - phi * phi * (1.0 / (c * c) - 1.0) / 6.0 } else { theta.sin().ln() - phi.sin().ln() };
@@ -536,6 +541,20 @@ mod tests {
         // Continuous at the switch to the series near 0.
         let (a, b) = (cap_log_density(5, 0.999e-4, 0.3), cap_log_density(5, 1.001e-4, 0.3));
         assert!((a - b).abs() < 1e-9);
+    }
+
+    /// On S¹ the start law is flat up to the cap's edge (1 − t₀)π: a state rounded to just past
+    /// the edge (a near-antipodal z, stored in f32) keeps the flat density instead of −∞.
+    #[test]
+    fn the_circle_cap_is_flat_up_to_its_rounded_edge() {
+        let t0 = 0.9;
+        let edge = (1.0 - t0) * std::f64::consts::PI;
+        let flat = -(1.0f64 - t0).ln() - (2.0 * std::f64::consts::PI).ln();
+        for phi in [0.0, 0.5 * edge, edge - 1e-7, edge + 1e-7, edge + 5e-6] {
+            assert!((cap_log_density(2, phi, t0) - flat).abs() < 1e-12, "φ = {phi}");
+        }
+        assert_eq!(cap_log_density(2, edge + 1e-3, t0), f64::NEG_INFINITY);
+        assert!(cap_log_density(4, edge + 5e-6, t0) < -20.0, "k > 2: the density vanishes at the edge");
     }
 
     /// A start drawn from z lies on the great circle through z and a, at angle (1 − t₀)θ from a.

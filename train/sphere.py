@@ -193,8 +193,22 @@ def start_point(geometry, z, a, t0):
     """The start at 0 < t₀ < 1 around anchors a (the runtime's geodesic mixture): on each sphere
     slerp(z_s, a_s; t₀), z_s uniform (angle (1 − t₀)·∠(z_s, a_s) from a_s, in z_s's direction); on
     the Euclidean coordinates t₀·a + (1 − t₀)·z. z: D normals with sphere blocks normalized."""
-    x, _ = geometry.interpolate(z, a, jnp.full((z.shape[0],), t0, z.dtype))
-    return x
+    c = 1.0 - float(t0)
+    x = float(t0) * a + c * z
+    for _, idx in geometry.groups:
+        zs, as_ = z[:, idx], a[:, idx]
+        cos = jnp.sum(zs * as_, axis=-1, keepdims=True)
+        w = zs - cos * as_  # z's direction away from a, in a's tangent space
+        w = w - jnp.sum(w * as_, axis=-1, keepdims=True) * as_  # again: z ≈ −a cancels in f32
+        sin = jnp.linalg.norm(w, axis=-1, keepdims=True)
+        # Ω by atan2: exact near antipodal pairs (common on S¹), where arccos in f32 is off by ~3e-4
+        phi = c * jnp.arctan2(sin, cos)
+        unit = jnp.where(sin > 1e-12, w / jnp.where(sin > 1e-12, sin, 1.0), 0.0)
+        x = x.at[:, idx].set(jnp.cos(phi) * as_ + jnp.sin(phi) * unit)
+    return geometry.retract(x)
+
+
+EDGE = 1e-5  # rad: f32 rounding of a start point's angle to its anchor is below this
 
 
 def start_log_density(geometry, x, anchors, t0, batch=8):
@@ -214,13 +228,18 @@ def start_log_density(geometry, x, anchors, t0, batch=8):
         r2 = jnp.sum((xi[e][None, :] - centers_e) ** 2, axis=-1)
         logp = -0.5 * r2 / c**2 - len(e) * jnp.log(c) - 0.5 * len(e) * jnp.log(2 * jnp.pi)
         for k, idx in geometry.groups:
-            cos = jnp.clip(jnp.einsum("sk,nsk->ns", xi[idx], anchors[:, idx]), -1.0, 1.0)
-            phi = jnp.arccos(cos)
-            inside = phi < c * jnp.pi
-            tiny = phi < 1e-6
-            ratio = jnp.where(tiny, -jnp.log(c), jnp.log(jnp.sin(jnp.where(tiny, 1.0, phi) / c))
-                              - jnp.log(jnp.sin(jnp.where(tiny, 1.0, phi))))
-            logq = (k - 2) * ratio - jnp.log(c) - log_sphere_area(k)
+            cos = jnp.einsum("sk,nsk->ns", xi[idx], anchors[:, idx])
+            sin = jnp.linalg.norm(xi[idx][None] - cos[..., None] * anchors[:, idx], axis=-1)
+            phi = jnp.arctan2(sin, cos)
+            # the cap's edge φ = (1 − t₀)π, widened by EDGE for f32 rounding: on S¹ (k = 2) the
+            # density is flat up to the edge, and a start point from a near-antipodal z sits on it
+            inside = phi < c * jnp.pi + EDGE
+            logq = -jnp.log(c) - log_sphere_area(k)
+            if k > 2:
+                tiny = phi < 1e-6
+                theta = jnp.minimum(jnp.where(tiny, 1.0, phi) / c, jnp.pi - 1e-6)
+                ratio = jnp.where(tiny, -jnp.log(c), jnp.log(jnp.sin(theta)) - jnp.log(jnp.sin(jnp.where(tiny, 1.0, phi))))
+                logq = logq + (k - 2) * ratio
             logp = logp + jnp.sum(jnp.where(inside, logq, -jnp.inf), axis=-1)
         return jax.scipy.special.logsumexp(logp)
 

@@ -25,6 +25,8 @@ def main(argv=None):
     ap.add_argument("--draws", type=int, default=50)
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--single-thread-workers", action="store_true",
+                    help="also time processes whose XLA runs on one thread each (XLA_FLAGS in the workers)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     cfg = config.load(args.config)
@@ -33,18 +35,30 @@ def main(argv=None):
     spec = posterior.chain_spec(cfg, d, map_stage.run(cfg, d))
     res = {"config": args.config, "chains": args.chains, "warmup": args.warmup, "draws": args.draws,
            "cores": os.cpu_count(), "local": [], "processes": [], "load1": [], "identical": True}
+    variants = ["local", "processes"] + (["processes_1thread"] if args.single_thread_workers else [])
     ref = None
     for _ in range(args.reps):
-        for ex in ("local", "processes"):
+        for ex in variants:
+            res.setdefault(ex, [])
             res["load1"].append(round(os.getloadavg()[0], 1))
             t0 = time.time()
-            draws, _ = posterior.run_chains(spec, args.chains, ex, workers=args.workers)
+            saved = os.environ.get("XLA_FLAGS")
+            if ex == "processes_1thread":  # read by each spawned worker's jax at import; this process is set up
+                os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+            try:
+                draws, _ = posterior.run_chains(spec, args.chains, ex.split("_")[0], workers=args.workers)
+            finally:
+                os.environ.pop("XLA_FLAGS", None)
+                if saved is not None:
+                    os.environ["XLA_FLAGS"] = saved
             res[ex].append(round(time.time() - t0, 1))
             draws = np.stack(draws)
             ref = draws if ref is None else ref
             res["identical"] &= bool(np.array_equal(ref, draws))
             print(f"{ex}: {res[ex][-1]} s (1-min load average {res['load1'][-1]})", flush=True)
     res["speedup"] = [round(a / b, 2) for a, b in zip(res["local"], res["processes"])]
+    if args.single_thread_workers:
+        res["speedup_1thread"] = [round(a / b, 2) for a, b in zip(res["local"], res["processes_1thread"])]
     print(json.dumps(res), flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -283,6 +283,30 @@ def test_geodesic_start_mixture_samples_and_density():
         jax.random.normal(jax.random.split(jax.random.PRNGKey(21))[0], (3000, g.dim)))[:, g.euclid], atol=1e-5)
 
 
+def test_start_from_near_antipodal_points_on_the_circle():
+    """S¹ blocks (one input: k = 2) from z almost opposite the anchor: the start lies on the slice
+    (f32), at angle (1 − t₀)·∠(z, a) from a on z's side, and its density is the flat S¹ value
+    −log(1 − t₀) − log 2π on each circle (finite: the cap's edge tolerates the rounding)."""
+    g = sphere.Geometry([1, 3, 1])  # 3 x S¹ x R⁴
+    rng = np.random.default_rng(23)
+    a = g.sample_base(rng, 1)
+    z = np.repeat(a, 6, axis=0)
+    gap = np.array([1e-7, 1e-6, 1e-5, 1e-3, 0.3, 2.0])  # z = the point at angle π − gap from a
+    for _, idx in g.groups:
+        ang = np.arctan2(a[0, idx[:, 1]], a[0, idx[:, 0]])[None, :] + np.pi - gap[:, None]
+        z[:, idx[:, 0]], z[:, idx[:, 1]] = np.cos(ang), np.sin(ang)
+    t0 = 0.9
+    x = np.asarray(sphere.start_point(g, jnp.asarray(z), jnp.asarray(np.repeat(a, 6, axis=0)), t0))
+    assert g.slice_error(x).max() < 1e-6
+    phi = np.asarray(g.angles(x.astype(np.float64), np.repeat(a, 6, axis=0).astype(np.float64)))
+    np.testing.assert_allclose(phi, 0.1 * (np.pi - gap[:, None]) * np.ones_like(phi), atol=2e-6)
+    logp = np.asarray(sphere.start_log_density(g, jnp.asarray(x), a, t0))
+    e = g.euclid
+    flat = 3 * (-np.log(0.1) - np.log(2 * np.pi))
+    gauss = -0.5 * np.sum((x[:, e] - t0 * a[:, e]) ** 2, 1) / 0.01 - len(e) * np.log(0.1) - 0.5 * len(e) * np.log(2 * np.pi)
+    np.testing.assert_allclose(logp, flat + gauss, atol=1e-3)
+
+
 def test_flow_matching_loss_is_zero_for_the_true_velocity():
     """A field that returns the target velocity of the pair it came from has zero loss; the loss
     only sees the tangent part (adding a normal component changes nothing)."""
