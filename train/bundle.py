@@ -14,7 +14,7 @@ import numpy as np
 from safetensors.numpy import save, save_file
 
 from . import PIPELINE_VERSION, card, evaluate, figures, metrics, mlp, whiten
-from . import baselines, solver_choice as solver_choice_mod
+from . import baselines, solver_choice as solver_choice_mod, sphere
 from .export import NAMES
 
 ANCHOR_DTYPES = {"f16": np.float16, "f32": np.float32}
@@ -52,6 +52,13 @@ def tensors(ctx):
     for k, v in t.items():
         if k != "eval.y":
             t[k] = np.ascontiguousarray(v, dtype=np.float32)
+    if ctx["cfg"]["flow"]["geometry"] == sphere.NAME:  # the runtime refuses weights off the slice
+        g = sphere.Geometry(ctx["sizes"])
+        for k in ("reference.theta", "posterior.theta"):
+            err = float(np.max(g.slice_error(t[k])))
+            if err > 1e-5:
+                raise ValueError(f"{k} is off the slice by {err:.2e} (a unit's (w, b) norm is not 1); "
+                                 "re-run the canon stage (--from-stage canon)")
     return t
 
 

@@ -79,6 +79,23 @@ def test_rescaled_copy_canonicalizes_to_the_same_point():
     np.testing.assert_array_equal(c[-1][1], mlp.unflatten(theta, SIZES)[-1][1])
 
 
+def test_a_dead_unit_canonicalizes_onto_its_sphere_with_the_same_function():
+    """A unit with zero incoming weights and bias (outputs 0 everywhere) becomes (0, …, 0, −1):
+    unit norm like every other hidden unit, and the net computes the same function."""
+    theta = random_net(5)
+    params = [(w.copy(), b.copy()) for w, b in mlp.unflatten(theta, SIZES)]
+    params[1][0][4], params[1][1][4] = 0.0, 0.0  # layer 2, unit 4: dead
+    params[0][0][2], params[0][1][2] = 1e-15, -1e-15  # layer 1, unit 2: dead to rounding
+    theta = mlp.flatten(params)
+    c = mlp.unflatten(canon.canonicalize(theta, SIZES), SIZES)
+    np.testing.assert_array_equal(c[1][0][4], 0.0)
+    assert c[1][1][4] == -1.0 and c[0][1][2] == -1.0
+    for w, b in c[:-1]:
+        np.testing.assert_allclose(np.sum(w**2, 1) + b**2, 1.0, rtol=1e-12)
+    x = np.random.default_rng(6).standard_normal((50, SIZES[0]))
+    assert_same_function(mlp.flatten(c), theta, x)
+
+
 @pytest.mark.parametrize("method", ["sinkhorn_l2", "sinkhorn_mid", "sinkhorn_rnd"])
 def test_sinkhorn_rebasin_is_never_worse_than_weight_matching_and_preserves_function(method):
     rng = np.random.default_rng(0)
