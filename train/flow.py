@@ -78,6 +78,22 @@ def cfm_loss(params, x0, x1, t, noise, sigma):
     return jnp.mean(jnp.sum((velocity(params, t, xt) - (x1 - x0)) ** 2, axis=-1)) / x0.shape[1]
 
 
+class StraightPaths:
+    """What `train` needs to know about the space: the Euclidean one (N(0, I) base, straight
+    lines, squared-Euclidean minibatch OT). train/sphere_flow.py supplies the sphere product's."""
+
+    label = "flow training"
+
+    def base(self, rng, n, dim):
+        return rng.standard_normal((n, dim)).astype(np.float32)
+
+    def couple(self, x0, x1, method):
+        return couple(x0, x1, method)
+
+    def loss(self, params, x0, x1, t, noise, sigma):
+        return cfm_loss(params, x0, x1, t, noise, sigma)
+
+
 def init_field(key, dim, fcfg, sizes=None):
     """The initial parameters of the configured field (`flow.field`)."""
     field, pred = fcfg.get("field", "mlp"), fcfg.get("pred", "v")
@@ -105,9 +121,11 @@ def sample_times(key, n, time_pow=1.0):
     return t if time_pow == 1.0 else 1.0 - (1.0 - t) ** time_pow
 
 
-def train(train_x, held_x, fcfg, seed, sizes=None):
+def train(train_x, held_x, fcfg, seed, sizes=None, paths=None):
     """train_x, held_x: whitened samples [n, D]; sizes: the MLP's layer sizes (needed by the
-    `np` field). Returns EMA params and a training report."""
+    `np` and `rt` fields); paths: base, coupling and loss (default StraightPaths()). Returns EMA
+    params and a training report."""
+    paths = paths or StraightPaths()
     n, dim = train_x.shape
     rng = np.random.default_rng(seed)
     key = jax.random.PRNGKey(seed)
@@ -131,7 +149,7 @@ def train(train_x, held_x, fcfg, seed, sizes=None):
         kt, kn = jax.random.split(key)
         t = sample_times(kt, x0.shape[0], time_pow)
         noise = jax.random.normal(kn, x0.shape)
-        loss, g = jax.value_and_grad(cfm_loss)(params, x0, x1, t, noise, sigma)
+        loss, g = jax.value_and_grad(paths.loss)(params, x0, x1, t, noise, sigma)
         upd, opt_state = opt.update(g, opt_state, params)
         params = optax.apply_updates(params, upd)
         dec = ema_decay(i)
@@ -142,17 +160,17 @@ def train(train_x, held_x, fcfg, seed, sizes=None):
     h_rng = np.random.default_rng(seed + 1)
     m = min(len(held_x), 512)
     hx1 = held_x[:m]
-    hx0 = couple(h_rng.standard_normal(hx1.shape).astype(np.float32), hx1, fcfg["coupling"])
+    hx0 = paths.couple(paths.base(h_rng, m, dim), hx1, fcfg["coupling"])
     ht = jnp.asarray(h_rng.uniform(size=m).astype(np.float32))
     hnoise = jnp.asarray(h_rng.standard_normal(hx1.shape).astype(np.float32))
-    held_loss = jax.jit(lambda p: cfm_loss(p, jnp.asarray(hx0), jnp.asarray(hx1), ht, hnoise, sigma))
+    held_loss = jax.jit(lambda p: paths.loss(p, jnp.asarray(hx0), jnp.asarray(hx1), ht, hnoise, sigma))
 
     curve, losses, t0 = [], [], time.time()
-    pbar = progress.bar(steps, "flow training")  # quiet unless stderr is a terminal
+    pbar = progress.bar(steps, paths.label)  # quiet unless stderr is a terminal
     for i in range(steps):
         idx = rng.choice(n, batch, replace=False)
         x1 = train_x[idx]
-        x0 = couple(rng.standard_normal(x1.shape).astype(np.float32), x1, fcfg["coupling"])
+        x0 = paths.couple(paths.base(rng, batch, dim), x1, fcfg["coupling"])
         params, ema, opt_state, loss = step(params, ema, opt_state, x0, x1, jax.random.fold_in(key, i),
                                                  np.float32(i))
         losses.append(loss)
