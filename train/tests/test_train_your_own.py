@@ -9,8 +9,8 @@ steps, fewer flow samples in the evaluation); nothing else on the page changes. 
 the page with init's defaults (about 20 minutes here).
 
 The issue-14 target, a 500 × 20 CSV built with one command and default settings, is its own test
-below; it takes longer than CI allows here (1106 s by hand and 1197 s as this test, under load;
-mostly the flow and NUTS) and runs with POSTFLOW_SLOW_TESTS=1.
+below, part of CI: 214 s for the build on the idle 2-core machine (NUTS 46 s, flow 102 s, bundle
+46 s); under a load average of 11-19 the same build took 1106-1197 s.
 
 Run as a script (`python test_train_your_own.py --shorten CONFIG`), this file shortens CONFIG:
 that is the command the page test inserts after the `init` block."""
@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "train-your-own.md"
 BIN = Path(os.environ.get("POSTFLOW_BIN", ROOT / "target" / "release" / "postflow"))
 FULL = os.environ.get("POSTFLOW_TRAIN_DOC_FULL") == "1"
-SLOW = os.environ.get("POSTFLOW_SLOW_TESTS") == "1"
 RAY_ONLY = "not run: needs a Ray cluster"
 
 # (table, key) -> value for the CI run of the page; init's defaults are 3000, 5, 500, 400, 5000, 400 and
@@ -202,7 +201,6 @@ def check_outputs(tmp_path, runs, outputs):
     assert got[0][1][1] > 0.7 and got[1][1][1] < 0.3 and got[2][1][1] < 0.3 and got[3][1][1] > 0.7, c_out
 
 
-@pytest.mark.skipif(not SLOW, reason="a default-settings build takes ~20 min here: POSTFLOW_SLOW_TESTS=1")
 @pytest.mark.skipif(not BIN.exists(), reason=f"no postflow CLI at {BIN} (set POSTFLOW_BIN)")
 def test_a_500_by_20_csv_builds_with_one_command_and_default_settings(tmp_path):
     """Issue 14's target: the test writes a CSV of 500 rows × 20 features, `init` writes the
@@ -222,7 +220,7 @@ def test_a_500_by_20_csv_builds_with_one_command_and_default_settings(tmp_path):
                    cwd=tmp_path, env=env, check=True)
     t0 = time.time()
     r = subprocess.run(py + ["build", "cfg.toml", "--out", "models/own"], cwd=tmp_path, env=env,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=3 * 3600)
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=3600)
     assert r.returncode == 0, r.stdout[-6000:]
     stages = dict(re.findall(r"^\[(\w+)\] done in ([\d.]+)s$", r.stdout, re.M))
     print(f"default build: {time.time() - t0:.0f} s; stages: {stages}")
