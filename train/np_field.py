@@ -117,6 +117,25 @@ class NPField(WeightField):
         return (self.w,), (self.sizes, self.pred, self.clip)
 
 
+def init_shared(keys, sizes, c, time_freqs):
+    """What the NP and relational-transformer fields share: neuron embeddings, per-layer weight
+    encoder (alpha, beta) and zero-initialized decoder, and the time MLP; draws from `keys`."""
+    n_layers = len(sizes) - 1
+    w = {f"emb.{m}": jax.random.normal(next(keys), (n, c)) * 0.5 for m, n in enumerate(sizes)}
+    for l in range(n_layers):
+        w[f"alpha.{l}"] = jax.random.normal(next(keys), (c,))
+        w[f"beta.{l}"] = jax.random.normal(next(keys), (c,))
+        w[f"dec_w.{l}"] = jnp.zeros((c,))
+        w[f"dec_b.{l}"] = jnp.zeros((c,))
+        w[f"dec_o.{l}"] = jnp.zeros(())
+        w[f"dec_ob.{l}"] = jnp.zeros(())
+    w["tau1_w"] = jax.random.normal(next(keys), (time_freqs, c)) / np.sqrt(time_freqs)
+    w["tau1_b"] = jnp.zeros(c)
+    w["tau2_w"] = jax.random.normal(next(keys), (c, c)) / np.sqrt(c)
+    w["tau2_b"] = jnp.zeros(c)
+    return w
+
+
 def init(key, sizes, channels=24, blocks=3, time_freqs=16, pred="x1", clip=0.05):
     n_layers = len(sizes) - 1
     c = channels
@@ -126,18 +145,7 @@ def init(key, sizes, channels=24, blocks=3, time_freqs=16, pred="x1", clip=0.05)
     def normal(shape, fan_in, gain=1.0):
         return jax.random.normal(next(keys), shape) * (gain / np.sqrt(fan_in))
 
-    w = {f"emb.{m}": jax.random.normal(next(keys), (n, c)) * 0.5 for m, n in enumerate(sizes)}
-    for l in range(n_layers):
-        w[f"alpha.{l}"] = jax.random.normal(next(keys), (c,))
-        w[f"beta.{l}"] = jax.random.normal(next(keys), (c,))
-        w[f"dec_w.{l}"] = jnp.zeros((c,))
-        w[f"dec_b.{l}"] = jnp.zeros((c,))
-        w[f"dec_o.{l}"] = jnp.zeros(())
-        w[f"dec_ob.{l}"] = jnp.zeros(())
-    w["tau1_w"] = normal((time_freqs, c), time_freqs)
-    w["tau1_b"] = jnp.zeros(c)
-    w["tau2_w"] = normal((c, c), c)
-    w["tau2_b"] = jnp.zeros(c)
+    w = init_shared(keys, sizes, c, time_freqs)
     g = 2 * n_layers * c
     for k in range(blocks):
         w[f"film_w.{k}"] = jnp.zeros((c, 4 * n_layers * c))

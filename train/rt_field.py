@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import mlp
-from .np_field import PREDS, WeightField, check_pred, from_prediction, silu, time_embedding
+from .np_field import PREDS, WeightField, check_pred, from_prediction, init_shared, silu, time_embedding
 
 FILM = 8  # (γ, β) for the attention LN, the edge LN, the neuron-MLP LN and the edge-update LN
 
@@ -95,18 +95,7 @@ def init(key, sizes, channels=32, blocks=3, heads=4, time_freqs=16, pred="x1", c
     def normal(shape, fan_in):
         return jax.random.normal(next(keys), shape) / np.sqrt(fan_in)
 
-    w = {f"emb.{m}": jax.random.normal(next(keys), (n, c)) * 0.5 for m, n in enumerate(sizes)}
-    for l in range(n_layers):
-        w[f"alpha.{l}"] = jax.random.normal(next(keys), (c,))
-        w[f"beta.{l}"] = jax.random.normal(next(keys), (c,))
-        w[f"dec_w.{l}"] = jnp.zeros((c,))
-        w[f"dec_b.{l}"] = jnp.zeros((c,))
-        w[f"dec_o.{l}"] = jnp.zeros(())
-        w[f"dec_ob.{l}"] = jnp.zeros(())
-    w["tau1_w"] = normal((time_freqs, c), time_freqs)
-    w["tau1_b"] = jnp.zeros(c)
-    w["tau2_w"] = normal((c, c), c)
-    w["tau2_b"] = jnp.zeros(c)
+    w = init_shared(keys, sizes, c, time_freqs)
     for k in range(blocks):
         p = f".{k}"
         w["film_w" + p] = jnp.zeros((c, FILM * c))
