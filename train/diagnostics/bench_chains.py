@@ -4,7 +4,8 @@
     nice -n 10 .venv/bin/python -m train.diagnostics.bench_chains train/configs/digits.toml --chains 2 --warmup 100 --draws 50
 
 The data and MAP stages run first (not timed); each timed run includes its JIT compilation (and,
-for processes, starting the interpreters), as in a build."""
+for processes, starting the interpreters), as in a build. `--single-thread-workers` adds a third
+variant, processes whose XLA runs on one thread each (XLA_FLAGS set for the spawned workers)."""
 
 import argparse
 import json
