@@ -1,5 +1,7 @@
 """Model card (models/NAME/README.md) rendered from the stage reports."""
 
+from . import sphere
+
 CLS_COLS = ["accuracy", "nll", "ece", "brier", "agreement", "tv"]
 REG_COLS = ["rmse", "nll", "coverage90"]
 METHOD_NOTES = {
@@ -66,7 +68,7 @@ def start_time_section(ctx, man):
     from .evaluate import start_time_failures
     epi_name = "mutual information" if classification else "epistemic variance"
     start = ("slerp(z, a; t₀) on each sphere (z uniform) and t₀·a + (1 − t₀)·z on the Euclidean coordinates"
-             if ctx["reports"]["flow"].get("geometry") == "sphere_product" else "t₀·a + (1 − t₀)·z")
+             if ctx["reports"]["flow"].get("geometry") == sphere.NAME else "t₀·a + (1 − t₀)·z")
     L += ["", f"Sampling at start time t₀ starts from {start} around a uniformly chosen stored draw a "
           "and integrates the flow from t₀ to 1: t₀ = 0 is the plain flow, t₀ = 1 returns the stored draws "
           "themselves. Each row: "
@@ -165,7 +167,7 @@ def baselines_section(ctx):
 
 def geometry_line(fl):
     """Where the flow lives (`flow.geometry`), from the flow stage's report."""
-    if fl.get("geometry") == "sphere_product":
+    if fl.get("geometry") == sphere.NAME:
         return (f"- geometry: `sphere_product`, the canonical slice {fl['spheres'].removeprefix('Geometry(')[:-1]}: "
                 "uniform base on each sphere and N(0, I) on the Euclidean coordinates, slerp paths, minibatch OT "
                 "under the geodesic cost; the runtime projects the field onto the tangent spaces and retracts "
@@ -179,7 +181,7 @@ def render(ctx, man, figs):
     post, ev, fl = rep["posterior"], rep["evaluate"], rep["flow"]
     classification = cfg["data"]["task"] == "classification"
     sizes = ctx["sizes"]
-    sphere_geometry = fl.get("geometry") == "sphere_product"
+    sphere_geometry = fl.get("geometry") == sphere.NAME
     L = []
     L += [f"# {cfg['name']} — postflow bundle", "", cfg["description"], ""]
     L += ["Rebuild (from the repository root):", "", "```",

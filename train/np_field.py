@@ -220,13 +220,26 @@ def velocity(params, t, x):
     return from_prediction(output(params, t, x), t, x, params.pred, params.clip)
 
 
+def flatten_shared(params, prefix):
+    """A weight-space field -> flat dict of numpy arrays for the stage cache: `{prefix}.w.*`, sizes,
+    pred, clip (what the NP and relational-transformer fields both store)."""
+    flat = {f"{prefix}.w.{k}": np.asarray(v) for k, v in params.w.items()}
+    flat[f"{prefix}.sizes"] = np.asarray(params.sizes, np.int64)
+    flat[f"{prefix}.pred"] = np.asarray(PREDS.index(params.pred), np.int64)
+    flat[f"{prefix}.clip"] = np.asarray(params.clip, np.float64)
+    return flat
+
+
+def unflatten_shared(flat, prefix):
+    """flatten_shared's inverse: (w, sizes, pred, clip)."""
+    w = {k[len(prefix) + 3:]: jnp.asarray(v) for k, v in flat.items() if k.startswith(f"{prefix}.w.")}
+    return (w, [int(s) for s in np.asarray(flat[f"{prefix}.sizes"])], PREDS[int(flat[f"{prefix}.pred"])],
+            float(flat[f"{prefix}.clip"]))
+
+
 def flatten_params(params):
     """NPField -> flat dict of numpy arrays for the stage cache (keys `np.*`)."""
-    flat = {f"np.w.{k}": np.asarray(v) for k, v in params.w.items()}
-    flat["np.sizes"] = np.asarray(params.sizes, np.int64)
-    flat["np.pred"] = np.asarray(PREDS.index(params.pred), np.int64)
-    flat["np.clip"] = np.asarray(params.clip, np.float64)
-    return flat
+    return flatten_shared(params, "np")
 
 
 def is_flat(flat):
@@ -234,6 +247,5 @@ def is_flat(flat):
 
 
 def unflatten_params(flat):
-    w = {k[len("np.w."):]: jnp.asarray(v) for k, v in flat.items() if k.startswith("np.w.")}
-    return NPField(w, [int(s) for s in np.asarray(flat["np.sizes"])], PREDS[int(flat["np.pred"])],
-                   float(flat["np.clip"]))
+    w, sizes, pred, clip = unflatten_shared(flat, "np")
+    return NPField(w, sizes, pred, clip)

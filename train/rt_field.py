@@ -58,7 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import mlp
-from .np_field import PREDS, WeightField, check_pred, from_prediction, init_shared, silu, time_embedding
+from .np_field import (WeightField, check_pred, flatten_shared, from_prediction, init_shared, silu, time_embedding,
+                       unflatten_shared)
 
 FILM = 8  # (γ, β) for the attention LN, the edge LN, the neuron-MLP LN and the edge-update LN
 
@@ -194,11 +195,8 @@ def velocity(params, t, x):
 
 def flatten_params(params):
     """RTField -> flat dict of numpy arrays for the stage cache (keys `rt.*`)."""
-    flat = {f"rt.w.{k}": np.asarray(v) for k, v in params.w.items()}
-    flat["rt.sizes"] = np.asarray(params.sizes, np.int64)
+    flat = flatten_shared(params, "rt")
     flat["rt.heads"] = np.asarray(params.heads, np.int64)
-    flat["rt.pred"] = np.asarray(PREDS.index(params.pred), np.int64)
-    flat["rt.clip"] = np.asarray(params.clip, np.float64)
     return flat
 
 
@@ -207,6 +205,5 @@ def is_flat(flat):
 
 
 def unflatten_params(flat):
-    w = {k[len("rt.w."):]: jnp.asarray(v) for k, v in flat.items() if k.startswith("rt.w.")}
-    return RTField(w, [int(s) for s in np.asarray(flat["rt.sizes"])], int(flat["rt.heads"]),
-                   PREDS[int(flat["rt.pred"])], float(flat["rt.clip"]))
+    w, sizes, pred, clip = unflatten_shared(flat, "rt")
+    return RTField(w, sizes, int(flat["rt.heads"]), pred, clip)

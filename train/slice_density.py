@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import kve, logsumexp, softmax
 
-from . import mlp
+from . import mlp, whiten
 
 
 def log_bessel_k(v, z):
@@ -226,8 +226,8 @@ def training_anchors(st):
     """The whitened training draws (every chain but the held-out one), the anchors a bundle stores
     (there thinned to its size budget and kept in f16; here all of them, in f32)."""
     samples = st["canon"]["samples"]
-    train = samples[:-1].reshape(-1, samples.shape[-1]).astype(np.float64)
-    return ((train - st["whiten"]["mean"]) / st["whiten"]["scale"]).astype(np.float32)
+    return whiten.apply(samples[:-1].reshape(-1, samples.shape[-1]).astype(np.float64), st["whiten"]["mean"],
+                        st["whiten"]["scale"])
 
 
 def main(argv=None):

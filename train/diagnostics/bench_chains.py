@@ -17,23 +17,34 @@ import numpy as np
 from .. import config, data, map as map_stage, posterior
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m train.diagnostics.bench_chains", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def chain_arguments(prog, doc, reps):
+    """The arguments both chain benchmarks take (config, chains, warm-up, draws, reps, json)."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
     ap.add_argument("--chains", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--draws", type=int, default=50)
-    ap.add_argument("--reps", type=int, default=1)
-    ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--single-thread-workers", action="store_true",
-                    help="also time processes whose XLA runs on one thread each (XLA_FLAGS in the workers)")
+    ap.add_argument("--reps", type=int, default=reps)
     ap.add_argument("--json", default=None, help="write the results here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def chain_spec(args):
+    """The config shortened to the arguments' chains and iterations; its data and MAP stages run
+    (not timed) and give the spec every executor runs."""
     cfg = config.load(args.config)
     cfg["posterior"].update(chains=args.chains, warmup=args.warmup, draws=args.draws)
     d = data.load(cfg, os.path.dirname(os.path.abspath(args.config)))
-    spec = posterior.chain_spec(cfg, d, map_stage.run(cfg, d))
+    return posterior.chain_spec(cfg, d, map_stage.run(cfg, d))
+
+
+def main(argv=None):
+    ap = chain_arguments("python -m train.diagnostics.bench_chains", __doc__, reps=1)
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--single-thread-workers", action="store_true",
+                    help="also time processes whose XLA runs on one thread each (XLA_FLAGS in the workers)")
+    args = ap.parse_args(argv)
+    spec = chain_spec(args)
     res = {"config": args.config, "chains": args.chains, "warmup": args.warmup, "draws": args.draws,
            "cores": os.cpu_count(), "local": [], "processes": [], "load1": [], "identical": True}
     variants = ["local", "processes"] + (["processes_1thread"] if args.single_thread_workers else [])

@@ -9,7 +9,6 @@ done; digits' chains hit the maximum depth (511 leapfrog steps) on nearly every 
 waste is smallest. Prints wall times, the speed-up and how far the draws differ from the
 sequential ones (vmap batches the matmuls, so they agree to rounding, not bitwise)."""
 
-import argparse
 import json
 import os
 import time
@@ -19,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import config, data, map as map_stage, mlp, posterior
+from .. import mlp
+from . import bench_chains
 
 
 def _chain_fn(spec):
@@ -46,19 +46,8 @@ def _chain_fn(spec):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m train.diagnostics.vmap_chains", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config")
-    ap.add_argument("--chains", type=int, default=2)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--draws", type=int, default=50)
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args(argv)
-    cfg = config.load(args.config)
-    cfg["posterior"].update(chains=args.chains, warmup=args.warmup, draws=args.draws)
-    d = data.load(cfg, os.path.dirname(os.path.abspath(args.config)))
-    spec = posterior.chain_spec(cfg, d, map_stage.run(cfg, d))
+    args = bench_chains.chain_arguments("python -m train.diagnostics.vmap_chains", __doc__, reps=2).parse_args(argv)
+    spec = bench_chains.chain_spec(args)
     one = _chain_fn(spec)
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(spec["seed"]), c) for c in range(args.chains)])
     starts = jnp.asarray(spec["starts"][:args.chains])
