@@ -17,6 +17,9 @@ import numpy as np
 from .. import config, data, map as map_stage, posterior
 
 
+ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"  # XLA_FLAGS
+
+
 def chain_arguments(prog, doc, reps):
     """The arguments both chain benchmarks take (config, chains, warm-up, draws, reps, json)."""
     ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,7 +59,7 @@ def main(argv=None):
             t0 = time.time()
             saved = os.environ.get("XLA_FLAGS")
             if ex == "processes_1thread":  # read by each spawned worker's jax at import; this process is set up
-                os.environ["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+                os.environ["XLA_FLAGS"] = ONE_THREAD
             try:
                 draws, _ = posterior.run_chains(spec, args.chains, ex.split("_")[0], workers=args.workers)
             finally:
@@ -75,8 +78,8 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
-    return 0
+    return res
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -106,3 +106,14 @@ def test_ray_tasks_give_the_local_draws(spec, local, tmp_path):
             head.kill()
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_chain_benchmark_times_every_variant_with_equal_draws():
+    """train.diagnostics.bench_chains with --single-thread-workers: sequential chains, one process
+    per chain, and processes with one XLA thread each all run, and their draws are bitwise equal."""
+    from train.diagnostics import bench_chains
+    res = bench_chains.main([str(ROOT / "train/configs/tiny.toml"), "--chains", "2", "--warmup", "5", "--draws", "3",
+                             "--single-thread-workers"])
+    assert [len(res[k]) for k in ("local", "processes", "processes_1thread")] == [1, 1, 1]
+    assert res["identical"] and len(res["speedup_1thread"]) == 1
+    assert os.environ.get("XLA_FLAGS") != bench_chains.ONE_THREAD  # this process's environment is restored

@@ -307,6 +307,27 @@ def test_start_from_near_antipodal_points_on_the_circle():
     np.testing.assert_allclose(logp, flat + gauss, atol=1e-3)
 
 
+def test_bundle_stage_refuses_stored_weights_off_the_slice():
+    """The bundle's tensors for a sphere_product flow: on-slice reference and draws pass; a
+    reference with a unit off its sphere (a dead unit before the canon fix) is refused by name."""
+    from train import bundle, canon
+    g = sphere.Geometry(SIZES)
+    rng = np.random.default_rng(29)
+    draws = canon.canonicalize(rng.standard_normal((2, 4, g.dim)), SIZES)
+    ctx = {"cfg": {"data": {"task": "regression"}, "bundle": {"anchors": False},
+                   "flow": {"geometry": sphere.NAME}},
+           "sizes": SIZES, "data": {"x_eval": rng.standard_normal((5, 2)), "y_eval": rng.standard_normal((5, 2))},
+           "evaluate": {"hmc_mean": np.zeros((5, 2)), "hmc_var": np.ones((5, 2))},
+           "whiten": {"mean": np.zeros(g.dim), "scale": np.ones(g.dim)},
+           "canon": {"reference": draws[0, 0], "samples": draws}}
+    assert g.slice_error(bundle.tensors(ctx)["reference.theta"]).max() < 1e-5
+    off = draws[0, 0].copy()
+    off[g.groups[0][1][1]] = 0.0  # unit 1's (w, b): norm 0
+    ctx["canon"] = {"reference": off, "samples": draws}
+    with pytest.raises(ValueError, match="reference.theta is off the slice"):
+        bundle.tensors(ctx)
+
+
 def test_flow_matching_loss_is_zero_for_the_true_velocity():
     """A field that returns the target velocity of the pair it came from has zero loss; the loss
     only sees the tangent part (adding a normal component changes nothing)."""
