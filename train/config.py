@@ -75,6 +75,10 @@ DEFAULTS = {
         "ema": 0.999,
         "ema_warmup": False,  # EMA decay min(ema, (1 + i)/(10 + i)) at step i: short runs forget their start
         "eval_every": 500,
+        # "f16": the trained parameters are rounded to float16 values (flow.round_weights), so the
+        # bundle's flow graphs store them as f16 (half the bytes; ONNX Runtime casts them back to
+        # f32 at load, the same speed); every stage after the flow uses the rounded values. "f32": as trained.
+        "weight_dtype": "f16",
     },
     "export": {"parity_tol": 1e-4},
     "evaluate": {
@@ -144,6 +148,8 @@ def load(path, default_name=None) -> dict:
         raise ValueError(f"posterior.executor = {cfg['posterior']['executor']!r}: \"local\", \"processes\" or \"ray\"")
     if cfg["data"]["source"] is None:
         raise ValueError("data.source is required")
+    if cfg["flow"]["weight_dtype"] not in ("f16", "f32"):
+        raise ValueError(f"flow.weight_dtype = {cfg['flow']['weight_dtype']!r}: \"f16\" or \"f32\"")
     if cfg["posterior"]["chains"] < 2:
         raise ValueError("posterior.chains must be >= 2 (one chain is held out)")
     return cfg

@@ -181,13 +181,18 @@ def bma_metrics(ctx, thetas):
     return _predictive_row(classification, ctx["data"]["y_eval"], out, ctx["evaluate"].get("hmc_probs"), sigma)[1]
 
 
-def start_time_sweep(ctx, anchors_x, ood_x):
+def start_time_sweep(ctx, anchors_x, ood_x, vfield=None, to_theta=None):
     """Flow samples at each start time t₀ (same seed, solver and
     sample count as the flow row; t₀ from `bundle.start_times`), scored on the eval split against the held-out chain:
     classification tv, nll, ece, agreement (regression nll, rmse, coverage90); memorization
     ratio (median whitened nearest-anchor distance, samples / held-out draws); epistemic ratio
     (mean mutual information, regression mean epistemic variance, samples / held-out chain) on
-    eval.x and on the OOD inputs. Returns (rows, hmc reference, details)."""
+    eval.x and on the OOD inputs. Returns (rows, hmc reference, details).
+
+    A flow in other coordinates than the stage's per-coordinate whitening (a research field,
+    train/diagnostics/full_whitening.py) passes its `vfield` and `to_theta` (flow coordinates
+    [n,D] -> θ); anchors are then in its coordinates, and the memorization ratio is still
+    measured in the per-coordinate whitened coordinates, so rows stay comparable."""
     cfg, data = ctx["cfg"], ctx["data"]
     ecfg = cfg["evaluate"]
     classification = cfg["data"]["task"] == "classification"
@@ -196,6 +201,13 @@ def start_time_sweep(ctx, anchors_x, ood_x):
     held = ctx["canon"]["samples"][-1]
     held_x = (held - mean) / scale
     anchors_x = np.asarray(anchors_x, np.float32)
+    flow_anchors = anchors_x
+    if to_theta is None:
+        flow_mean, flow_scale = mean, scale
+    else:
+        d = anchors_x.shape[1]
+        flow_mean, flow_scale = np.zeros(d, np.float32), np.ones(d, np.float32)
+        anchors_x = ((to_theta(flow_anchors) - mean) / scale).astype(np.float32)
     sigma = float(ctx["map"]["noise_sigma"]) * data["y_std"].astype(np.float64)
     hmc_probs = ctx["evaluate"].get("hmc_probs")
     x_eval, y_eval = data["x_eval"], data["y_eval"]
@@ -206,14 +218,16 @@ def start_time_sweep(ctx, anchors_x, ood_x):
 
     hmc_epi = epistemic(held)
     nn_held = metrics.nearest_distance(held_x, anchors_x)
-    vfield = vector_field(ctx["flow"])
+    vfield = vector_field(ctx["flow"]) if vfield is None else vfield
     key = jax.random.PRNGKey(ecfg["seed"])  # t₀ = 0 reproduces the flow row's samples exactly
     rows, details = [], []
     for t0 in cfg["bundle"]["start_times"]:
         t0 = float(t0)
         theta, _ = sampler.sample_batched(
-            vfield, key, ecfg["flow_samples"], mean, scale, method=ecfg["solver"], steps=ecfg["steps"],
-            trace=None, start_time=t0, anchors=anchors_x if t0 > 0 else None)
+            vfield, key, ecfg["flow_samples"], flow_mean, flow_scale, method=ecfg["solver"], steps=ecfg["steps"],
+            trace=None, start_time=t0, anchors=flow_anchors if t0 > 0 else None)
+        if to_theta is not None:
+            theta = np.asarray(to_theta(theta), np.float32)
         row, full = _predictive_row(classification, y_eval, run_net(net_bytes, x_eval, theta), hmc_probs, sigma)
         nn = metrics.nearest_distance((theta - mean) / scale, anchors_x)
         epi = epistemic(theta)

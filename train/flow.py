@@ -227,6 +227,25 @@ def flatten_params(params):
     return {f"{i}.{k}": v for i, layer in enumerate(params) for k, v in layer.items()}
 
 
+WEIGHT_DTYPES = ("f16", "f32")
+
+
+def round_weights(flat, weight_dtype):
+    """The flow stage's flat parameters with every float32 array rounded to the nearest float16
+    value (weight_dtype "f16"; "f32" returns them as they are). Arrays with a value outside the
+    f16 range stay as trained, so rounding never turns a weight into inf."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"flow.weight_dtype must be one of {WEIGHT_DTYPES}, got {weight_dtype!r}")
+    if weight_dtype == "f32":
+        return dict(flat)
+    out = {}
+    for k, v in flat.items():
+        v = np.asarray(v)
+        fits = v.dtype == np.float32 and np.all(np.abs(v) <= np.finfo(np.float16).max)
+        out[k] = v.astype(np.float16).astype(np.float32) if fits else v
+    return out
+
+
 def unflatten_params(flat):
     if np_field.is_flat(flat):
         return np_field.unflatten_params(flat)

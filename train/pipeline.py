@@ -100,7 +100,9 @@ def _stage_flow(ctx):
         params, report = sphere_flow.train(train_x, held_x, ctx["cfg"]["flow"], ctx["cfg"]["seed"], geometry)
     else:
         params, report = flow.train(train_x, held_x, ctx["cfg"]["flow"], ctx["cfg"]["seed"], sizes=ctx["sizes"])
-    return sphere.tag_params(flow.flatten_params(params), geometry), report
+    weight_dtype = ctx["cfg"]["flow"]["weight_dtype"]
+    report["weight_dtype"] = weight_dtype
+    return sphere.tag_params(flow.round_weights(flow.flatten_params(params), weight_dtype), geometry), report
 
 
 def _stage_export(ctx):

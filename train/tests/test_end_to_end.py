@@ -258,3 +258,55 @@ def test_fidelity_baselines_run_on_a_work_dir(built, tmp_path):
     assert {"fullcov_gaussian", "kde_h0.0", "kde_h0.3", "kde_diag_h1.0", "pca_flow", "lowrank_flow_r8"} <= set(res)
     for method, m in res.items():
         assert 0.0 <= m["tv"] <= 1.0 and np.isfinite(m["nll"]), method
+
+
+def test_flow_graphs_store_the_flow_stage_weights_as_f16(built):
+    """flow.weight_dtype = "f16" (the default): the flow stage's cached parameters are f16 values,
+    and the bundle's flow graphs hold them as f16 initializers (each cast back to f32 once)."""
+    out, work = built
+    with np.load(work / "flow.npz") as z:
+        for k in z.files:
+            if z[k].dtype == np.float32:
+                assert np.array_equal(z[k].astype(np.float16).astype(np.float32), z[k]), k
+    for name in ("flow", "flow_jvp"):
+        model = onnx.load(str(out / f"{name}.onnx"))
+        halves = [i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+        assert "W0x_f16" in halves, name
+        casts = {n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+        assert set(halves) <= casts, name
+
+
+def test_start_time_sweep_in_the_coordinates_of_a_research_flow(built):
+    """evaluate.start_time_sweep with a flow's own coordinates (vfield, to_theta): given the stage's
+    field and per-coordinate un-whitening it gives the stage's own rows; the full-whitening
+    diagnostic's Cholesky map round-trips and its sweep scores every start time."""
+    from train import evaluate
+    from train.diagnostics import diagnose_fidelity as dfid, full_whitening
+
+    _, work = built
+    cfg, st, _ = dfid.load_work(work, ROOT / "train/configs/tiny.toml")
+    cfg["bundle"]["start_times"] = [0.0, 0.9]
+    ctx = {"cfg": cfg, "work": work, **st}
+    mean, scale = st["whiten"]["mean"], st["whiten"]["scale"]
+    d = mean.shape[0]
+    anchors = (st["canon"]["samples"][:-1].reshape(-1, d) - mean) / scale
+    ood = evaluate.ood_inputs(cfg, st["data"])
+    want, _, _ = evaluate.start_time_sweep(ctx, anchors, ood)
+    got, _, _ = evaluate.start_time_sweep(ctx, anchors, ood, vfield=evaluate.vector_field(st["flow"]),
+                                          to_theta=lambda x: mean + scale * np.asarray(x))
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for k in w:
+            assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), k
+
+    train = st["canon"]["samples"][:-1].reshape(-1, d).astype(np.float64)
+    mu, chol = full_whitening.cholesky_whitening(train)
+    x = np.linalg.solve(chol, (train - mu).T).T
+    np.testing.assert_allclose(mu + x @ chol.T, train, atol=1e-8)
+    cov = np.cov(train, rowvar=False)
+    np.testing.assert_allclose(chol @ chol.T, cov + 1e-6 * np.trace(cov) / d * np.eye(d), rtol=1e-10, atol=1e-12)
+    res = full_whitening.main([str(work), "--config", str(ROOT / "train/configs/tiny.toml"), "--steps", "20",
+                               "--start-times", "0,0.9"])
+    assert [r["start_time"] for r in res["rows"]] == [0.0, 0.9]
+    for r in res["rows"]:
+        assert 0.0 <= r["tv"] <= 1.0 and np.isfinite(r["nll"]) and r["memorization_ratio"] >= 0.0

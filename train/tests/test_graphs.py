@@ -4,6 +4,8 @@ import collections
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import onnxruntime as ort
 import pytest
 
@@ -61,3 +63,51 @@ def test_graphs_do_one_product_per_layer_and_tangent_block(params):
     # layer 0: MatMul for x and a Gemm for the time features; each later layer one Gemm
     assert fl["Gemm"] == layers and fl["MatMul"] == 1
     assert jv["Gemm"] == layers and jv["MatMul"] == 1 + layers
+
+
+def test_rounded_weights_are_stored_as_f16_and_compute_the_same(params):
+    """flow.weight_dtype = "f16": the flow stage rounds the parameters to f16 values
+    (flow.round_weights), and the graphs then store those weights as f16 with a Cast that ONNX
+    Runtime folds at load: the outputs equal (bitwise) those of the same graph stored in f32,
+    and the file is about half the size. Unrounded weights stay f32 (lossless storage)."""
+    flat = flow.round_weights(flow.flatten_params(params), "f16")
+    rounded = flow.unflatten_params(flat)
+    for k, v in flat.items():
+        assert v.dtype == np.float32 and np.array_equal(v.astype(np.float16).astype(np.float32), v), k
+    rng = np.random.default_rng(5)
+    t = rng.uniform(size=4).astype(np.float32)
+    x = rng.standard_normal((4, 7)).astype(np.float32)
+    eps = rng.choice([-1.0, 1.0], size=(4, 2, 7)).astype(np.float32)
+    for build, feed in ((graphs.flow_graph, {"t": t, "x": x}), (graphs.flow_jvp_graph, {"t": t, "x": x, "eps": eps})):
+        small = build(rounded, 7)
+        dtypes = {i.name: i.data_type for i in small.graph.initializer}
+        assert dtypes["W0x_f16"] == onnx.TensorProto.FLOAT16 and "W0x" not in dtypes
+        casts = [n for n in small.graph.node if n.op_type == "Cast"]
+        assert len(casts) == sum(1 for i in small.graph.initializer if i.name.endswith("_f16")) > 0
+        wide = onnx.ModelProto()
+        wide.CopyFrom(small)  # the same values stored as f32, no Cast
+        inits = [onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(i).astype(np.float32), i.name[:-4])
+                 if i.name.endswith("_f16") else i for i in small.graph.initializer]
+        nodes = [n for n in small.graph.node if n.op_type != "Cast"]
+        del wide.graph.initializer[:], wide.graph.node[:]
+        wide.graph.initializer.extend(inits)
+        wide.graph.node.extend(nodes)
+        assert onnx.TensorProto.FLOAT16 not in {i.data_type for i in wide.graph.initializer}
+        for a, b in zip(_run(small, feed), _run(wide, feed)):
+            np.testing.assert_array_equal(a, b)
+        weight_bytes = lambda m: sum(i.ByteSize() for i in m.graph.initializer)
+        assert weight_bytes(small) < 0.6 * weight_bytes(wide)
+    unrounded = graphs.flow_graph(params, 7)
+    assert onnx.TensorProto.FLOAT16 not in {i.data_type for i in unrounded.graph.initializer}
+
+
+def test_round_weights_keeps_out_of_range_arrays_and_refuses_unknown_dtypes():
+    flat = {"0.w": np.array([1.0 + 2**-13, 3.0], np.float32), "0.b": np.array([7e4, 1.0], np.float32),
+            "sizes": np.array([2, 3], np.int64)}
+    out = flow.round_weights(flat, "f16")
+    np.testing.assert_array_equal(out["0.w"], [1.0, 3.0])
+    np.testing.assert_array_equal(out["0.b"], flat["0.b"])  # 7e4 > f16 max: left as trained, not inf
+    assert out["sizes"].dtype == np.int64
+    np.testing.assert_array_equal(flow.round_weights(flat, "f32")["0.w"], flat["0.w"])
+    with pytest.raises(ValueError, match="weight_dtype"):
+        flow.round_weights(flat, "bf16")
