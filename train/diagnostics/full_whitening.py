@@ -15,15 +15,12 @@ training draw). The rows are evaluate.start_time_sweep's, with the memorization 
 measured in the per-coordinate whitened coordinates, so they compare with the bundle's own sweep
 (`train.diagnostics.start_sweep`)."""
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 from scipy.linalg import solve_triangular
 
-from . import diagnose_fidelity as dfid
+from . import start_sweep
 from .. import evaluate, flow as flow_mod
 
 
@@ -38,17 +35,10 @@ def cholesky_whitening(train):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m train.diagnostics.full_whitening")
-    p.add_argument("work")
-    p.add_argument("--config", required=True)
+    p = start_sweep.parser("python -m train.diagnostics.full_whitening", "0,0.5,0.8,0.9,0.95")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--start-times", default="0,0.5,0.8,0.9,0.95")
-    p.add_argument("--thin", type=int, default=1)
-    p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    work = Path(a.work)
-    cfg, st, _ = dfid.load_work(work, Path(a.config))
-    cfg["bundle"]["start_times"] = [float(t) for t in a.start_times.split(",")]
+    work, cfg, st = start_sweep.load(a)
     samples = st["canon"]["samples"]
     d = samples.shape[-1]
     train, held = samples[:-1].reshape(-1, d), samples[-1]
@@ -70,12 +60,9 @@ def main(argv=None):
     rows, hmc_epi, _ = evaluate.start_time_sweep(
         ctx, anchors, evaluate.ood_inputs(cfg, st["data"]),
         vfield=lambda t, x: flow_mod.velocity(params, t, x), to_theta=to_theta)
-    res = {"work": str(work), "steps": fcfg["steps"], "anchors": int(len(anchors)), "thin": a.thin,
-           "log_det": float(np.sum(np.log(np.diag(chol)))), "rows": rows, "hmc_epistemic": hmc_epi}
-    print(json.dumps(res, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
-    return res
+    return start_sweep.report({"work": str(work), "steps": fcfg["steps"], "anchors": int(len(anchors)), "thin": a.thin,
+                               "log_det": float(np.sum(np.log(np.diag(chol)))), "rows": rows,
+                               "hmc_epistemic": hmc_epi}, a.json)
 
 
 if __name__ == "__main__":
