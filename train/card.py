@@ -14,6 +14,13 @@ METHOD_NOTES = {
 }
 
 
+WEIGHT_STORAGE = {
+    "f16": "rounded to float16 after training (`flow.weight_dtype = \"f16\"`) and stored as f16 in the flow "
+           "graphs; every evaluation here uses the rounded weights",
+    "f32": "float32, as trained (`flow.weight_dtype = \"f32\"`)",
+}
+
+
 def _fmt(v):
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -235,6 +242,7 @@ def render(ctx, man, figs):
           f"{fl['steps']} steps of batch {fl['batch']}, EMA {fl['ema']}",
           f"- trained on {fl['train_samples']} samples; final CFM loss (per coordinate) train "
           f"{fl['final_train_loss']:.4f}, held-out chain (EMA) {fl['final_heldout_loss_ema']:.4f}",
+          f"- weights: {WEIGHT_STORAGE[fl.get('weight_dtype', 'f32')]}",
           f"- ONNX parity vs JAX (relative error): {rep['export']['relative_error']}", ""]
     rm = man["reference_metrics"]
     L += ["## Evaluation", "",
