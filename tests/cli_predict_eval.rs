@@ -546,3 +546,27 @@ fn eval_start_times_and_sweep() {
         &["no density"],
     );
 }
+
+/// `--sweep` evaluates the start times the manifest's own sweep recorded (so each recorded row
+/// gets the runtime's beside it), skipping values that are not start times.
+#[test]
+fn eval_sweep_follows_the_manifest_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("affine_anchored");
+    std::fs::create_dir(&bundle).unwrap();
+    for entry in std::fs::read_dir(common::fixture("affine_anchored")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), bundle.join(entry.file_name())).unwrap();
+    }
+    let manifest = bundle.join("postflow.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    v["reference_metrics"]["start_time_sweep"] = serde_json::json!([
+        {"start_time": 0.85}, {"start_time": 0.0}, {"start_time": "0.3"}, {"start_time": 2.0},
+        {"start_time": -0.5}, {"nll": 1.0}, {"start_time": 0.85}
+    ]);
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let r = json(&["eval", path_str(&bundle), "--json", "-q", "-n", "20", "--sweep"]);
+    let times: Vec<f64> =
+        r["sweep"].as_array().unwrap().iter().map(|row| row["start_time"].as_f64().unwrap()).collect();
+    assert_eq!(times, [0.0, 0.85]);
+}

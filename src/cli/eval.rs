@@ -24,8 +24,10 @@ use crate::{spread, Error, Model, PredictOptions, Prediction, Result, SampleOpti
 /// Groups of the delete-a-group jackknife for the flow metrics' standard errors.
 pub const JACKKNIFE_GROUPS: usize = 10;
 
-/// Start times of `--sweep` (the pipeline's sweep uses the same ones).
+/// Start times of `--sweep` for a bundle whose manifest records no sweep of its own.
 pub const SWEEP_START_TIMES: [f64; 6] = [0.0, 0.5, 0.8, 0.9, 0.95, 1.0];
+/// Most rows `--sweep` takes from a manifest's sweep (each row draws `n` samples).
+const MAX_SWEEP_ROWS: usize = 32;
 
 /// The spread columns (keys of `spread_of`) and their table headers.
 const SPREAD_COLUMNS: [(&str, &str); 3] =
@@ -73,8 +75,8 @@ pub struct EvalArgs {
     /// Start time t0 in [0, 1] (default: the bundle's flow.default_start_time, else 0).
     #[arg(long, value_name = "T0")]
     start_time: Option<f64>,
-    /// Also evaluate every start time of the sweep (0, 0.5, 0.8, 0.9, 0.95, 1; only 0
-    /// without anchors), beside the manifest's reference_metrics.start_time_sweep.
+    /// Also evaluate every start time of the manifest's reference_metrics.start_time_sweep
+    /// (without one: 0, 0.5, 0.8, 0.9, 0.95, 1; only 0 without anchors), beside its rows.
     #[arg(long)]
     sweep: bool,
     /// Machine-readable JSON instead of the table.
@@ -175,10 +177,10 @@ fn run_sweep(
     targets: &EvalTargets,
     quiet: bool,
 ) -> Result<Value> {
-    let times: &[f64] = if model.anchor_count() > 0 { &SWEEP_START_TIMES } else { &SWEEP_START_TIMES[..1] };
+    let times = sweep_start_times(model);
     let x = model.tensors().eval_x.view();
     let mut rows = Vec::with_capacity(times.len());
-    for &t0 in times {
+    for t0 in times {
         let drawn = draw(model, n, &SampleOptions { start_time: Some(t0), ..base.clone() }, quiet)?;
         let p = model.predict(x, drawn.theta.view(), None, &PredictOptions::default())?;
         let mut row = json!({"start_time": t0});
@@ -442,6 +444,35 @@ fn fmt_num(x: f64) -> String {
     } else {
         format!("{x:.4}")
     }
+}
+
+/// The start times `--sweep` evaluates: those of the manifest's own sweep
+/// (`reference_metrics.start_time_sweep`, so every recorded row gets the runtime's beside it),
+/// else `SWEEP_START_TIMES`; only 0 without anchors. The manifest is input like any other:
+/// values outside [0, 1] or not numbers are skipped, and at most `MAX_SWEEP_ROWS` are taken.
+fn sweep_start_times(model: &Model) -> Vec<f64> {
+    if model.anchor_count() == 0 {
+        return vec![0.0];
+    }
+    let mut times: Vec<f64> = model
+        .manifest()
+        .reference_metrics
+        .get("start_time_sweep")
+        .and_then(Value::as_array)
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|r| r.get("start_time").and_then(Value::as_f64))
+                .filter(|t| (0.0..=1.0).contains(t))
+                .take(MAX_SWEEP_ROWS)
+                .collect()
+        })
+        .unwrap_or_default();
+    times.sort_by(f64::total_cmp);
+    times.dedup();
+    if times.is_empty() {
+        times = SWEEP_START_TIMES.to_vec();
+    }
+    times
 }
 
 /// The row of a manifest sweep (`reference_metrics.start_time_sweep`) at start time `t0`.

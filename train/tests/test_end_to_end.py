@@ -95,7 +95,7 @@ def test_anchors_and_start_time_sweep(built):
     assert ood.dtype == np.float32 and ood.shape == (max(len(t["eval.x"]), 100), d_in) and np.all(np.isfinite(ood))
     rm = man["reference_metrics"]
     sweep = rm["start_time_sweep"]
-    assert [r["start_time"] for r in sweep] == [0.0, 0.5, 0.8, 0.9, 0.95, 1.0]
+    assert [r["start_time"] for r in sweep] == [0.0, 0.5, 0.8, 0.85, 0.9, 0.95, 1.0]
     keys = {"start_time", "tv", "nll", "ece", "agreement", "memorization_ratio", "epistemic_ratio_eval",
             "epistemic_ratio_ood"}
     for r in sweep:
