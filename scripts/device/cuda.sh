@@ -67,6 +67,7 @@ measure() {
         echo "## CUDA install folders"; ls -d /usr/local/cuda* /opt/cuda* 2>/dev/null || echo "none"
         echo "## Python packages"; python3 -m pip list 2>/dev/null | grep -i -E 'onnx|torch|nvidia|cuda' || echo "none"
         echo "## disk"; df -h / /tmp 2>&1 || true
+        echo "## glibc (the carried binaries need >= 2.35)"; ldd --version 2>&1 | head -1 || true
     } > "$out/inventory.txt" 2>&1
     cat "$DEV"/parts/*/part-* > "$work/ort-gpu.tar.xz"
     (cd "$work" && sha256sum -c "$OLDPWD/$DEV/bin/ort-gpu.sha256") > "$out/assembly.txt" 2>&1 || {
