@@ -10,10 +10,15 @@ same values as f32 without the Casts, so both compute with the same numbers. Pri
 import argparse
 import time
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train import graphs  # noqa: E402  (benches/ is not a package)
 
 
 def variants(path):
@@ -21,12 +26,7 @@ def variants(path):
     m = onnx.load(path)
     if not any(i.data_type == onnx.TensorProto.FLOAT16 for i in m.graph.initializer):
         raise SystemExit(f"{path}: no f16 weights (a graph of a bundle built with flow.weight_dtype = \"f16\")")
-    wide = onnx.ModelProto(); wide.CopyFrom(m)
-    inits = [numpy_helper.from_array(numpy_helper.to_array(i).astype(np.float32), i.name[:-len("_f16")])
-             if i.data_type == onnx.TensorProto.FLOAT16 else i for i in m.graph.initializer]
-    del wide.graph.initializer[:], wide.graph.node[:]
-    wide.graph.initializer.extend(inits)
-    wide.graph.node.extend(n for n in m.graph.node if n.op_type != "Cast")
+    wide = graphs.stored_as_f32(m)
     return wide.SerializeToString(), m.SerializeToString()
 
 

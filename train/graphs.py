@@ -72,6 +72,20 @@ def store_f16(nodes, inits, min_size=64):
     return casts + list(nodes), kept
 
 
+def stored_as_f32(model):
+    """The inverse of `store_f16`: a copy of `model` with its f16 weights stored as f32 under
+    their own names and their Casts removed (the same values; what the f16 storage saves against)."""
+    halves = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT16}
+    wide = onnx.ModelProto()
+    wide.CopyFrom(model)
+    del wide.graph.initializer[:], wide.graph.node[:]
+    wide.graph.initializer.extend(
+        numpy_helper.from_array(numpy_helper.to_array(i).astype(np.float32), i.name[:-len("_f16")])
+        if i.name in halves else i for i in model.graph.initializer)
+    wide.graph.node.extend(n for n in model.graph.node if not (n.op_type == "Cast" and n.input[0] in halves))
+    return wide
+
+
 def flow_model(nodes, inits, name, d, jvp, producer="train.graphs"):
     """A flow graph's model: the bundle format's inputs/outputs (t, x[, eps]) -> v[, quad], checked.
     Weights that are exact f16 values are stored as f16 (`store_f16`)."""

@@ -59,6 +59,16 @@ def lowrank_whitening(u_train, rank):
     return to_x, to_u, r
 
 
+def cholesky_whitening(train):
+    """(μ, L) of training draws [n,D] (float64): Σ + ridge = L Lᵀ, ridge 10⁻⁶ tr Σ / D (Σ has
+    rank ≤ n − 1 when D ≥ n)."""
+    train = np.asarray(train, np.float64)
+    d = train.shape[1]
+    cov = np.cov(train, rowvar=False)
+    cov += 1e-6 * np.trace(cov) / d * np.eye(d)
+    return train.mean(0), np.linalg.cholesky(cov)
+
+
 def train_and_sample(cfg, steps, train_x, held_x, n):
     """The pipeline's flow trained for `steps` on whitened samples; n draws (x space, float64)."""
     d = train_x.shape[1]
@@ -87,10 +97,7 @@ def main():
     d = samples.shape[-1]
     train = samples[:-1].reshape(-1, d).astype(np.float64)  # the flow's training set (last chain held out)
     held = samples[-1]
-    mu = train.mean(0)
-    cov = np.cov(train, rowvar=False)
-    cov += 1e-6 * np.trace(cov) / d * np.eye(d)  # rank ≤ n−1 when D ≥ n: a small ridge
-    chol = np.linalg.cholesky(cov)
+    mu, chol = cholesky_whitening(train)
     sd = train.std(0)
     net = (work / "graphs" / "net.onnx").read_bytes()
     x_eval, y_eval = data["x_eval"], data["y_eval"]

@@ -21,17 +21,8 @@ import numpy as np
 from scipy.linalg import solve_triangular
 
 from . import start_sweep
+from .fidelity_baselines import cholesky_whitening  # the baselines' Σ + ridge = L Lᵀ
 from .. import evaluate, flow as flow_mod
-
-
-def cholesky_whitening(train):
-    """(μ, L) of training draws [n,D] (float64): Σ + ridge = L Lᵀ."""
-    train = np.asarray(train, np.float64)
-    d = train.shape[1]
-    mu = train.mean(0)
-    cov = np.cov(train, rowvar=False)
-    cov += 1e-6 * np.trace(cov) / d * np.eye(d)
-    return mu, np.linalg.cholesky(cov)
 
 
 def main(argv=None):

@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
-import onnx.numpy_helper
 import onnxruntime as ort
 import pytest
 
@@ -84,14 +83,7 @@ def test_rounded_weights_are_stored_as_f16_and_compute_the_same(params):
         assert dtypes["W0x_f16"] == onnx.TensorProto.FLOAT16 and "W0x" not in dtypes
         casts = [n for n in small.graph.node if n.op_type == "Cast"]
         assert len(casts) == sum(1 for i in small.graph.initializer if i.name.endswith("_f16")) > 0
-        wide = onnx.ModelProto()
-        wide.CopyFrom(small)  # the same values stored as f32, no Cast
-        inits = [onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(i).astype(np.float32), i.name[:-4])
-                 if i.name.endswith("_f16") else i for i in small.graph.initializer]
-        nodes = [n for n in small.graph.node if n.op_type != "Cast"]
-        del wide.graph.initializer[:], wide.graph.node[:]
-        wide.graph.initializer.extend(inits)
-        wide.graph.node.extend(nodes)
+        wide = graphs.stored_as_f32(small)  # the same values stored as f32, no Cast
         assert onnx.TensorProto.FLOAT16 not in {i.data_type for i in wide.graph.initializer}
         for a, b in zip(_run(small, feed), _run(wide, feed)):
             np.testing.assert_array_equal(a, b)
