@@ -240,6 +240,20 @@ def test_executor_keys_do_not_change_fingerprints():
     assert pipeline._fingerprint(a, "data", "") != pipeline._fingerprint(b, "data", "")
 
 
+def test_flow_weight_dtype_is_checked_and_fingerprinted(tmp_path):
+    """flow.weight_dtype changes the flow stage's output (f16-rounded parameters), so it is part
+    of the flow fingerprint (stages cached before it existed rebuild); an unknown value is refused."""
+    a = config.load(ROOT / "train/configs/tiny.toml")
+    assert a["flow"]["weight_dtype"] == "f16"
+    b = config.load(ROOT / "train/configs/tiny.toml")
+    b["flow"]["weight_dtype"] = "f32"
+    assert pipeline._fingerprint(a, "flow", "") != pipeline._fingerprint(b, "flow", "")
+    bad = tmp_path / "bad.toml"
+    bad.write_text((ROOT / "train/configs/tiny.toml").read_text().replace("[flow]\n", "[flow]\nweight_dtype = \"bf16\"\n"))
+    with pytest.raises(ValueError, match="flow.weight_dtype"):
+        config.load(bad)
+
+
 def fake_stages(monkeypatch, fail_at=None):
     def make(stage):
         def run(ctx):

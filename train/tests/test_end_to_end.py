@@ -110,6 +110,7 @@ def test_anchors_and_start_time_sweep(built):
     card = (out / "README.md").read_text()
     assert "memorization ratio" in card and (out / "figures" / "start_time_sweep.png").exists()
     assert "- geometry: `euclidean`" in card and "t₀·a + (1 − t₀)·z around" in card
+    assert "- weights: rounded to float16 after training" in card  # flow.weight_dtype = "f16"
 
 
 def test_default_solver_is_the_sweeps_choice(built):
