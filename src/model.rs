@@ -10,7 +10,7 @@ use crate::geometry::Geometry;
 use crate::ode::{SolverConfig, SolverKind};
 use crate::sampler::{FlowContext, LogDensities, SampleOptions, Samples};
 use crate::trace::{ProbeNoise, TraceMode};
-use crate::Result;
+use crate::{Error, Result};
 
 /// How to load a model.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,9 +51,33 @@ pub struct Model {
     geometry: Geometry,
 }
 
+/// Largest accepted `max_sessions` and `intra_op_threads`: beyond these a request is a
+/// mistake (each session slot is reserved up front; ONNX Runtime takes threads as a C `int`).
+pub const MAX_SESSIONS: usize = 1024;
+pub const MAX_INTRA_OP_THREADS: usize = 1024;
+
+impl ModelOptions {
+    fn check(&self) -> Result<()> {
+        if self.max_sessions > MAX_SESSIONS {
+            return Err(Error::invalid(format!(
+                "max_sessions is {}, at most {MAX_SESSIONS} (0 = one per CPU core)",
+                self.max_sessions
+            )));
+        }
+        if self.intra_op_threads > MAX_INTRA_OP_THREADS {
+            return Err(Error::invalid(format!(
+                "intra_op_threads is {}, at most {MAX_INTRA_OP_THREADS} (0 = ONNX Runtime's choice)",
+                self.intra_op_threads
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Model {
     /// Open and validate a bundle folder, then create its sessions.
     pub fn open(dir: impl AsRef<Path>, options: &ModelOptions) -> Result<Model> {
+        options.check()?;
         let bundle = Bundle::open(dir.as_ref(), &options.limits)?;
         crate::runtime::environment(options.onnxruntime_path.as_deref())?;
         let max_sessions = if options.max_sessions > 0 {

@@ -546,7 +546,7 @@ impl VectorField for FlowField<'_> {
 
 /// `[n, D]` zeros, or an error when `n·D` overflows or cannot be allocated (instead of
 /// the allocator aborting the process on an absurd `n`).
-fn zeroed_samples(n: usize, d: usize) -> Result<Array2<f32>> {
+pub(crate) fn zeroed_samples(n: usize, d: usize) -> Result<Array2<f32>> {
     let too_many = || Error::invalid(format!("{n} samples of D = {d} weights do not fit in memory"));
     let len = n.checked_mul(d).filter(|l| *l <= isize::MAX as usize / 4).ok_or_else(too_many)?;
     let mut buf = Vec::new();

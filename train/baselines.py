@@ -66,14 +66,20 @@ def _thetas(ctx, anchors_x, default_t0):
 
 def table(ctx, anchors_x, default_t0, ood_x):
     """Rows {method, count, <predictive metrics>, memorization_ratio, epistemic_ratio_eval/_ood}."""
+    thetas, train_x = _thetas(ctx, anchors_x, default_t0)
+    return score(ctx, thetas, train_x, ood_x)
+
+
+def score(ctx, thetas, train_x, ood_x):
+    """One row per named set of weight vectors {name: θ [n, D]}, scored like the flow against the
+    held-out chain; `train_x`: the flow's training draws, whitened (the memorization reference)."""
     classification = ctx["cfg"]["data"]["task"] == "classification"
     net = (ctx["work"] / "graphs" / "net.onnx").read_bytes()
     x_eval, y_eval = ctx["data"]["x_eval"], ctx["data"]["y_eval"]
     mean, scale = ctx["whiten"]["mean"], ctx["whiten"]["scale"]
     sigma = float(ctx["map"]["noise_sigma"]) * ctx["data"]["y_std"].astype(np.float64)
     hmc_probs = ctx["evaluate"].get("hmc_probs")
-    thetas, train_x = _thetas(ctx, anchors_x, default_t0)
-    held = thetas["HMC (held-out chain)"]
+    held = np.asarray(ctx["canon"]["samples"][-1], np.float32)
     nn_held = float(np.median(metrics.nearest_distance((held - mean) / scale, train_x)))
     epi_held = {w: metrics.epistemic(run_net(net, x, held), classification)
                 for w, x in (("eval", x_eval), ("ood", ood_x))}

@@ -311,3 +311,17 @@ def test_start_time_sweep_in_the_coordinates_of_a_research_flow(built):
     assert [r["start_time"] for r in res["rows"]] == [0.0, 0.9]
     for r in res["rows"]:
         assert 0.0 <= r["tv"] <= 1.0 and np.isfinite(r["nll"]) and r["memorization_ratio"] >= 0.0
+
+
+def test_draw_combinations_are_scored_like_the_honest_comparison(built):
+    """The draw-combination diagnostic on the tiny build: every row scored; the training draws
+    themselves are their own nearest neighbours, midpoints are not."""
+    from train.diagnostics import draw_combinations
+
+    _, work = built
+    res = draw_combinations.main([str(work), "--config", str(ROOT / "train/configs/tiny.toml"), "--n", "40"])
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["training draws"]["memorization_ratio"] < 1e-6
+    assert rows["convex, w = 0.5"]["memorization_ratio"] > 0.1
+    for r in res["rows"]:
+        assert r["count"] == 40 and 0.0 <= r["tv"] <= 1.0 and np.isfinite(r["nll"]), r

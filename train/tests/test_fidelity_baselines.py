@@ -25,3 +25,26 @@ def test_lowrank_whitening_is_invertible_and_whitens_the_top_directions():
     np.testing.assert_allclose(ratio, ratio[0], rtol=1e-8)
     resid = x - x.mean(0) - ((x - x.mean(0)) @ vt[:r].T) @ vt[:r]
     np.testing.assert_allclose(np.sum(resid**2) / (n - 1) / (d - r), 1.0, rtol=1e-8)
+
+
+def test_draw_combinations_keep_or_shrink_the_draws_spread_as_documented():
+    """Rotations of two draws about their mean keep the draws' mean and covariance (exact for a
+    Gaussian); a midpoint halves the covariance; a difference step γ(b − c) adds 2γ² of it."""
+    from train.diagnostics.draw_combinations import combinations
+
+    rng = np.random.default_rng(0)
+    d, m, n = 4, 4000, 200_000
+    chol = np.tril(rng.standard_normal((d, d))) + 2 * np.eye(d)
+    train = 3.0 + rng.standard_normal((m, d)) @ chol.T
+    mu, cov = train.mean(0), np.cov(train, rowvar=False)
+    rows = combinations(train, n, np.random.default_rng(1))
+
+    def close(a, b, tol):
+        assert np.max(np.abs(a - b)) <= tol * np.max(np.abs(b)), (a, b)
+
+    for name in ("rotation, φ = 0.15", "rotation, φ = 0.785", "training draws"):
+        close(rows[name].mean(0), mu, 0.01)
+        close(np.cov(rows[name], rowvar=False), cov, 0.03)
+    close(np.cov(rows["convex, w = 0.5"], rowvar=False), 0.5 * cov, 0.03)
+    close(np.cov(rows["difference, γ = 0.5"], rowvar=False), 1.5 * cov, 0.03)
+    assert all(r.shape == (n, d) and r.dtype == np.float32 for r in rows.values())
