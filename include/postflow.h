@@ -458,8 +458,10 @@ pf_status pf_sample_options_init(pf_sample_options *out, uint32_t struct_size);
  * `log_weights` (`n_samples` floats, self-normalised; NULL = uniform). Fills the
  * non-NULL buffers of `*out` (see `pf_prediction`) and `out->ess`; `out` itself is
  * required. Outputs are written only on success. Errors: NULL `model`/`x`/`theta`/`out`,
- * zero counts, wrong or too-small lengths, non-finite inputs (PF_ERR_INVALID_ARGUMENT);
- * non-finite network outputs (PF_ERR_NUMERIC). Thread-safe.
+ * zero counts, wrong or too-small lengths, NaN/Inf in `x`, `theta` or `log_weights`
+ * (PF_ERR_INVALID_ARGUMENT); non-finite network outputs, or results beyond the float
+ * range (PF_ERR_NUMERIC). `log_weights` has no length argument: it must hold
+ * `n_samples` floats. Thread-safe.
  *
  * # Safety
  * `model` is NULL or a live handle; `x`, `theta` and a non-NULL `log_weights`
@@ -480,7 +482,8 @@ pf_status pf_predict(const pf_model *model,
  * Draw `n_samples` weights (as `pf_sample` with `options`, NULL = defaults) and
  * average their predictions at `x` (`n_inputs x input_dim`, `x_len` equal to
  * that) into `*out` (as `pf_predict` with uniform weights). The result equals
- * `pf_sample` followed by `pf_predict` with the same seed. Errors as those two
+ * `pf_sample` followed by `pf_predict` with the same seed. `options->trace` is
+ * checked but not used (uniform weights need no log-density). Errors as those two
  * functions. Thread-safe.
  *
  * # Safety
@@ -530,8 +533,8 @@ pf_status pf_sample(const pf_model *model,
  * with the same seed. Writes `log_density_out` (required, `n_samples`) and, when
  * non-NULL, `stderr_out` (`n_samples`; zeros with one probe or exact). Outputs are
  * written only on success. Errors: NULL `model`/`options`/`theta`/`log_density_out`,
- * `n_samples` = 0, wrong lengths, trace = NONE, non-finite `theta`
- * (PF_ERR_INVALID_ARGUMENT); non-finite results (PF_ERR_NUMERIC). Thread-safe.
+ * `n_samples` = 0, wrong lengths, trace = NONE (PF_ERR_INVALID_ARGUMENT);
+ * non-finite `theta` rows or results (PF_ERR_NUMERIC, naming the rows). Thread-safe.
  *
  * # Safety
  * `model` is NULL or a live handle; `options` is NULL or valid; `theta` points to

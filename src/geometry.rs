@@ -149,12 +149,11 @@ impl Geometry {
         Geometry { spheres: Vec::new(), owner: Vec::new(), dim, log_area: 0.0 }
     }
 
-    /// The geometry a manifest declares, with the spheres located from `network.layers`
-    /// (the layout must already be validated).
-    pub fn from_manifest(m: &Manifest) -> Result<Geometry> {
-        let d = m.network.dim;
+    /// Check the manifest's geometry without building it (no allocation sized by the
+    /// manifest, whose dimensions the tensors file has not confirmed yet).
+    pub fn check_manifest(m: &Manifest) -> Result<()> {
         match m.flow.geometry.as_str() {
-            EUCLIDEAN => Ok(Geometry::euclidean(d)),
+            EUCLIDEAN => Ok(()),
             SPHERE_PRODUCT => {
                 let layers = &m.network.layers;
                 if layers.len() < 2 {
@@ -164,6 +163,27 @@ impl Geometry {
                         layers.len()
                     )));
                 }
+                let units = layers[..layers.len() - 1].iter().try_fold(0usize, |n, l| n.checked_add(l.outputs));
+                if units.is_none_or(|n| n >= NONE as usize) {
+                    return Err(Error::bundle("manifest field flow.geometry: too many hidden units"));
+                }
+                Ok(())
+            }
+            other => Err(Error::bundle(format!(
+                "manifest field flow.geometry: {other:?} is not supported (\"{EUCLIDEAN}\" or \"{SPHERE_PRODUCT}\")"
+            ))),
+        }
+    }
+
+    /// The geometry a manifest declares, with the spheres located from `network.layers`
+    /// (the layout must already be validated, and `network.dim` confirmed by the tensors:
+    /// this allocates per hidden unit and per weight).
+    pub fn from_manifest(m: &Manifest) -> Result<Geometry> {
+        Geometry::check_manifest(m)?;
+        let d = m.network.dim;
+        match m.flow.geometry.as_str() {
+            SPHERE_PRODUCT => {
+                let layers = &m.network.layers;
                 let mut spheres = Vec::new();
                 for (l, layer) in layers[..layers.len() - 1].iter().enumerate() {
                     for j in 0..layer.outputs {
@@ -176,9 +196,6 @@ impl Geometry {
                         });
                     }
                 }
-                if spheres.len() >= NONE as usize {
-                    return Err(Error::bundle("manifest field flow.geometry: too many hidden units"));
-                }
                 let mut owner = vec![NONE; d];
                 for (s, sp) in spheres.iter().enumerate() {
                     for i in (sp.weights..sp.weights + sp.len).chain([sp.bias]) {
@@ -188,9 +205,7 @@ impl Geometry {
                 let log_area = spheres.iter().map(|s| log_sphere_area(s.k())).sum();
                 Ok(Geometry { spheres, owner, dim: d, log_area })
             }
-            other => Err(Error::bundle(format!(
-                "manifest field flow.geometry: {other:?} is not supported (\"{EUCLIDEAN}\" or \"{SPHERE_PRODUCT}\")"
-            ))),
+            _ => Ok(Geometry::euclidean(d)), // check_manifest refused every other name
         }
     }
 
@@ -390,12 +405,14 @@ impl Geometry {
     /// Put each row onto the slice (renormalize every unit's `(w, b)`); a unit of norm 0
     /// has no nearest point on its sphere and is an error.
     pub fn project_rows(&self, rows: &mut [f32], what: &str) -> Result<()> {
+        let single = rows.len() == self.dim; // a single row: `what` already names it
         for (r, row) in rows.chunks_exact_mut(self.dim).enumerate() {
             for s in &self.spheres {
                 let n = s.norm(row);
                 if !(n > 0.0 && n.is_finite()) {
+                    let which = if single { what.to_string() } else { format!("{what} row {r}") };
                     return Err(Error::invalid(format!(
-                        "{what} row {r}: hidden layer {} unit {} has ‖(w, b)‖ = {n}, which cannot be projected onto the sphere",
+                        "{which}: hidden layer {} unit {} has ‖(w, b)‖ = {n}, which cannot be projected onto the sphere",
                         s.layer, s.unit
                     )));
                 }

@@ -167,19 +167,29 @@ pub struct Workspace {
 }
 
 impl Workspace {
-    fn prepare(&mut self, stages: usize, nx: usize, na: usize) {
+    /// Size every buffer; an error, not an abort, when memory runs out.
+    fn prepare(&mut self, stages: usize, nx: usize, na: usize) -> Result<()> {
+        fn fit<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> Result<()> {
+            if len > v.len() {
+                v.try_reserve_exact(len - v.len()).map_err(|_| {
+                    Error::invalid(format!("the solver's working memory ({len} values per stage) does not fit"))
+                })?;
+            }
+            v.resize(len, T::default());
+            Ok(())
+        }
         self.kx.resize_with(stages, Vec::new);
         self.ka.resize_with(stages, Vec::new);
         for k in &mut self.kx {
-            k.resize(nx, 0.0);
+            fit(k, nx)?;
         }
         for k in &mut self.ka {
-            k.resize(na, 0.0);
+            fit(k, na)?;
         }
-        self.yx.resize(nx, 0.0);
-        self.ya.resize(na, 0.0);
-        self.ex.resize(nx, 0.0);
-        self.ea.resize(na, 0.0);
+        fit(&mut self.yx, nx)?;
+        fit(&mut self.ya, na)?;
+        fit(&mut self.ex, nx)?;
+        fit(&mut self.ea, na)
     }
 }
 
@@ -198,7 +208,7 @@ pub fn integrate<F: VectorField>(
 ) -> Result<OdeStats> {
     cfg.validate()?;
     let tab = cfg.kind.tableau();
-    ws.prepare(tab.b.len(), x.len(), acc.len());
+    ws.prepare(tab.b.len(), x.len(), acc.len())?;
     if cfg.kind == SolverKind::Dopri5 {
         adaptive(field, cfg, tab, t0, t1, x, acc, groups.max(1), ws)
     } else {

@@ -130,6 +130,9 @@ impl Model {
         if let Some(i) = x.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid(format!("input row {} has a NaN or Inf feature", i / x.ncols())));
         }
+        if let Some(i) = theta.iter().position(|v| !v.is_finite()) {
+            return Err(Error::invalid(format!("weight sample {} has a NaN or Inf weight", i / theta.ncols())));
+        }
         Ok((theta.nrows(), x.nrows()))
     }
 

@@ -97,6 +97,9 @@ fn forward_log(level: ort::logging::LogLevel, category: &str, _id: &str, locatio
     }
     static PRINT: OnceLock<bool> = OnceLock::new();
     if *PRINT.get_or_init(|| std::env::var_os("POSTFLOW_ORT_LOG").is_some()) {
-        eprintln!("onnxruntime [{level:?}] {category} {location}: {message}");
+        // Called from ONNX Runtime's C code, where a panic cannot unwind: eprintln! panics
+        // when stderr fails (a closed pipe), so the write's error is dropped instead.
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "onnxruntime [{level:?}] {category} {location}: {message}");
     }
 }

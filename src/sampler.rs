@@ -66,6 +66,13 @@ impl Default for SampleOptions {
 pub const MAX_STEPS: u32 = 1_000_000;
 pub const MAX_PROBES: u32 = 4_096;
 pub const DEFAULT_BATCH: usize = 128;
+/// Working memory one batch may hold (states, solver stages, Hutchinson probes): a larger
+/// `batch_size` is reduced to fit, so no accepted request exhausts memory. Only the
+/// adaptive solver's shared step size depends on the batch; fixed-step results do not.
+pub const BATCH_BYTES: usize = 256 << 20;
+/// f32 copies of a sample's state one batch holds: x, seven Dormand–Prince stages, the
+/// stage input and the error estimate, and the JVP's velocity scratch.
+const STATE_COPIES: usize = 11;
 
 /// Drawn samples: `theta` `[n, D]`, and log-densities when a trace mode was set.
 #[derive(Debug, Clone)]
@@ -125,11 +132,10 @@ impl FlowContext<'_> {
             cfg.atol = a;
         }
         cfg.max_steps = o.max_steps;
-        if cfg.steps > MAX_STEPS || cfg.max_steps > MAX_STEPS {
-            return Err(Error::invalid(format!(
-                "steps {} exceeds the limit of {MAX_STEPS}",
-                cfg.steps.max(cfg.max_steps)
-            )));
+        for (name, v) in [("steps", cfg.steps), ("max_steps", cfg.max_steps)] {
+            if v > MAX_STEPS {
+                return Err(Error::invalid(format!("{name} {v} exceeds the limit of {MAX_STEPS}")));
+            }
         }
         if let TraceMode::Hutchinson { probes, .. } = o.trace {
             if probes == 0 || probes > MAX_PROBES {
@@ -158,20 +164,16 @@ impl FlowContext<'_> {
     }
 
     fn batch_size(&self, o: &SampleOptions) -> usize {
-        if o.batch_size > 0 {
-            o.batch_size
-        } else {
-            DEFAULT_BATCH
-        }
+        batch_len(o.batch_size, self.dim, o.trace)
     }
 
     /// Draw `n` samples.
     pub fn sample(&self, n: usize, o: &SampleOptions) -> Result<Samples> {
         let start_at = self.start(o)?;
+        let solver = self.solver(o)?; // checked at t₀ = 1 too: a bad request is refused whatever the start
         if let Start::Anchors(anchors) = start_at {
             return self.stored_draws(anchors, n, o);
         }
-        let solver = self.solver(o)?;
         let d = self.dim;
         let t_start = start_at.time();
         let accs = o.trace.accumulators();
@@ -184,7 +186,7 @@ impl FlowContext<'_> {
         let mut start = 0;
         while start < n {
             let b = bs.min(n - start);
-            work.prepare(b, d, accs, o.trace);
+            work.prepare(b, d, accs, o.trace)?;
             for j in 0..b {
                 let mut stream = rng::sample_stream(o.seed, o.first_index + (start + j) as u64);
                 let x0 = &mut work.x[j * d..(j + 1) * d];
@@ -211,7 +213,7 @@ impl FlowContext<'_> {
             }
             start += b;
         }
-        check_finite_rows(theta.view(), if accs > 0 { Some(&logd) } else { None }, "sampled weights")?;
+        check_finite_rows(theta.view(), if accs > 0 { Some(&logd) } else { None }, o.first_index, "sampled weights")?;
         Ok(Samples {
             theta,
             log_density: (accs > 0).then_some(logd),
@@ -232,7 +234,7 @@ impl FlowContext<'_> {
                 "log_prob needs a trace mode (hutchinson, hutchinson-gaussian or exact), not none",
             ));
         }
-        check_finite_rows(theta, None, "theta")?;
+        check_finite_rows(theta, None, o.first_index, "theta")?;
         let start_at = self.start(o)?;
         if let Start::Anchors(_) = start_at {
             return Err(Error::invalid(
@@ -252,7 +254,7 @@ impl FlowContext<'_> {
         let mut start = 0;
         while start < n {
             let b = bs.min(n - start);
-            work.prepare(b, d, accs, o.trace);
+            work.prepare(b, d, accs, o.trace)?;
             for j in 0..b {
                 let row = theta.row(start + j);
                 let x1 = &mut work.x[j * d..(j + 1) * d];
@@ -277,7 +279,7 @@ impl FlowContext<'_> {
         }
         let bad: Vec<usize> = logd.iter().enumerate().filter(|(_, v)| !v.is_finite()).map(|(i, _)| i).collect();
         if !bad.is_empty() {
-            return Err(non_finite_error("log-densities", &bad));
+            return Err(non_finite_error("log-densities", &bad, o.first_index));
         }
         Ok(LogDensities { log_density: logd, log_density_stderr: (accs > 1).then_some(stderr), stats })
     }
@@ -420,6 +422,19 @@ fn mixture_logpdf(x: &[f32], anchors: &Array2<f32>, t0: f64) -> f64 {
     lse - (anchors.nrows() as f64).ln() - 0.5 * d * (2.0 * PI * sigma * sigma).ln()
 }
 
+/// Samples per batch: `asked` (0: `DEFAULT_BATCH`), made smaller when a batch's working
+/// memory would exceed `BATCH_BYTES` (never below one sample).
+fn batch_len(asked: usize, dim: usize, trace: TraceMode) -> usize {
+    let asked = if asked > 0 { asked } else { DEFAULT_BATCH };
+    // Each probe is held raw and (on spheres) projected onto the tangent spaces.
+    let probes = match trace {
+        TraceMode::Hutchinson { probes, .. } => 2 * probes as usize,
+        _ => 0,
+    };
+    let per_sample = 4usize.saturating_mul(dim).saturating_mul(STATE_COPIES + probes);
+    asked.min((BATCH_BYTES / per_sample.max(1)).max(1))
+}
+
 /// Buffers for one batch, reused across batches.
 #[derive(Default)]
 struct BatchWork {
@@ -438,15 +453,32 @@ struct BatchWork {
 }
 
 impl BatchWork {
-    fn prepare(&mut self, b: usize, d: usize, accs: usize, trace: TraceMode) {
-        self.x.resize(b * d, 0.0);
+    /// Size the buffers for a batch of `b`; an error, not an abort, when memory runs out.
+    fn prepare(&mut self, b: usize, d: usize, accs: usize, trace: TraceMode) -> Result<()> {
+        resize_fallible(&mut self.x, b * d)?;
         self.acc.clear();
-        self.acc.resize(b * accs, 0.0);
+        resize_fallible(&mut self.acc, b * accs)?;
         self.base_logp.resize(b, 0.0);
         if let TraceMode::Hutchinson { probes, .. } = trace {
-            self.eps.resize(b * probes as usize * d, 0.0);
+            let len = (b * d).checked_mul(probes as usize).ok_or_else(|| out_of_memory(b, d))?;
+            resize_fallible(&mut self.eps, len)?;
         }
+        Ok(())
     }
+}
+
+fn out_of_memory(b: usize, d: usize) -> Error {
+    Error::invalid(format!("a batch of {b} samples of D = {d} weights does not fit in memory"))
+}
+
+/// `buf.resize(len, 0)`, reserving first so that a failed allocation is an error.
+fn resize_fallible<T: Copy + Default>(buf: &mut Vec<T>, len: usize) -> Result<()> {
+    if len > buf.len() {
+        buf.try_reserve_exact(len - buf.len())
+            .map_err(|_| Error::invalid(format!("{len} values of working memory do not fit in memory")))?;
+    }
+    buf.resize(len, T::default());
+    Ok(())
 }
 
 /// The flow's velocity plus, per trace mode, the integrands of the log-density.
@@ -590,19 +622,48 @@ fn mean_and_stderr(est: &[f64]) -> (f64, f64) {
     (mean, (var / k).sqrt())
 }
 
-fn non_finite_error(what: &str, bad: &[usize]) -> Error {
-    let shown: Vec<String> = bad.iter().take(10).map(|i| i.to_string()).collect();
+/// `bad` are indices within the call; `first_index` makes them the caller's sample indices.
+fn non_finite_error(what: &str, bad: &[usize], first_index: u64) -> Error {
+    let shown: Vec<String> = bad.iter().take(10).map(|i| (first_index + *i as u64).to_string()).collect();
     let more = if bad.len() > 10 { format!(" and {} more", bad.len() - 10) } else { String::new() };
     Error::numeric(format!("{what}: {} sample(s) are NaN or Inf: {}{more}", bad.len(), shown.join(", ")))
 }
 
-fn check_finite_rows(theta: ArrayView2<f32>, logd: Option<&[f32]>, what: &str) -> Result<()> {
+fn check_finite_rows(theta: ArrayView2<f32>, logd: Option<&[f32]>, first_index: u64, what: &str) -> Result<()> {
     let bad: Vec<usize> = (0..theta.nrows())
         .filter(|&i| theta.row(i).iter().any(|v| !v.is_finite()) || logd.is_some_and(|l| !l[i].is_finite()))
         .collect();
     if bad.is_empty() {
         Ok(())
     } else {
-        Err(non_finite_error(what, &bad))
+        Err(non_finite_error(what, &bad, first_index))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::ProbeNoise;
+
+    #[test]
+    fn a_batch_is_made_smaller_only_when_its_memory_would_exceed_the_budget() {
+        let hutch = |probes| TraceMode::Hutchinson { probes, noise: ProbeNoise::Rademacher };
+        assert_eq!(batch_len(0, 2410, TraceMode::None), DEFAULT_BATCH);
+        assert_eq!(batch_len(1000, 17, hutch(4)), 1000);
+        for (asked, dim, trace) in [
+            (usize::MAX, 17, hutch(4096)),
+            (4096, 2410, hutch(4096)),
+            (u32::MAX as usize, 2410, TraceMode::Exact),
+            (usize::MAX, usize::MAX / 2, hutch(1)),
+        ] {
+            let b = batch_len(asked, dim, trace);
+            let probes = if let TraceMode::Hutchinson { probes, .. } = trace { probes as usize } else { 0 };
+            let bytes = (b as u128) * 4 * (dim as u128) * (STATE_COPIES + 2 * probes) as u128;
+            assert!(b >= 1 && b < asked, "{asked} {dim}: {b}");
+            assert!(b == 1 || bytes <= BATCH_BYTES as u128, "{asked} {dim}: {b} samples take {bytes} bytes");
+        }
+        // The budget is used, not wasted: one more sample would exceed it.
+        let b = batch_len(usize::MAX, 2410, hutch(64)) as u128;
+        assert!((b + 1) * 4 * 2410 * (STATE_COPIES as u128 + 128) > BATCH_BYTES as u128);
     }
 }

@@ -213,6 +213,13 @@ fn start_times_out_of_bounds_or_without_anchors_are_clear_errors() {
         (&anchored, opts(0, TraceMode::None, Some(f64::NAN)), "start_time must be in [0, 1]"),
         (&anchored, opts(0, TraceMode::Exact, Some(1.0)), "no density"),
         (&plain, opts(0, TraceMode::None, Some(0.5)), "has none"),
+        // Solver limits hold at every start time, 1 (no integration) included.
+        (&anchored, SampleOptions { steps: Some(5_000_000), ..opts(0, TraceMode::None, Some(1.0)) }, "steps 5000000"),
+        (
+            &anchored,
+            SampleOptions { max_steps: 4_000_000_000, ..opts(0, TraceMode::None, Some(1.0)) },
+            "max_steps 4000000000 exceeds",
+        ),
     ];
     for (model, o, fragment) in cases {
         let e = model.sample(2, &o).unwrap_err();

@@ -453,3 +453,46 @@ fn sphere_product_without_hidden_layers_is_refused() {
     m["flow"]["geometry"] = "euclidean".into();
     postflow::bundle::parse_manifest(&serde_json::to_vec(&m).unwrap(), &Limits::default()).unwrap();
 }
+
+/// Manifest defaults the sampler could never run, and eval tensors that are not what
+/// their names promise, are refused at open (not at the first `sample`/`eval`).
+#[test]
+fn defaults_beyond_the_samplers_limits_and_malformed_eval_targets() {
+    manifest_case(
+        |m| m["flow"]["hutchinson"]["probes"] = 5000.into(),
+        ErrorKind::Bundle,
+        &["flow.hutchinson.probes", "5000 is outside [1, 4096]"],
+    );
+    manifest_case(
+        |m| m["flow"]["default_solver"]["steps"] = 4_000_000_000u64.into(),
+        ErrorKind::Bundle,
+        &["flow.default_solver.steps", "outside [1, 1000000]"],
+    );
+    // A hidden layer wider than max_outputs (docs/reliability.md: it bounds layer widths).
+    // affine_cls: 2 inputs, a hidden layer of 3, 2 classes.
+    let c = copy_of("affine_cls");
+    let limits = Limits { max_outputs: 2, ..Limits::default() };
+    let e = Model::open(&c.path, &ModelOptions { limits, ..ModelOptions::default() }).err().unwrap();
+    assert!(e.message().contains("network.layers[0].out: 3 is outside [1, 2]"), "{}", e.message());
+
+    // HMC's class probabilities: each row a distribution.
+    for (value, what) in [(0.0f32, "sum 0"), (-3.0, "entries >= 0")] {
+        let c = copy_of("affine_cls");
+        edit_tensors(&c.path, |t| {
+            for i in 0..2 {
+                set_f32(t, "eval.hmc_probs", 2 + i, value); // row 1, both classes
+            }
+        });
+        assert_refused(&c.path, ErrorKind::Bundle, &["eval.hmc_probs", "row 1", what]);
+    }
+    // eval.ood_x with no rows.
+    anchored_case(
+        |_| {},
+        |t| {
+            let i = t.iter().position(|t| t.0 == "eval.ood_x").unwrap();
+            t[i].2 = vec![0, 2];
+            t[i].3.clear();
+        },
+        &["eval.ood_x", "no rows"],
+    );
+}

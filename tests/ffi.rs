@@ -307,3 +307,97 @@ fn c_abi_errors_set_status_and_message() {
     // SAFETY: frees once.
     unsafe { pf_model_free(model) };
 }
+
+/// Requests that used to abort the host (absurd session counts) or slip through with
+/// PF_OK (non-finite weights in pf_predict, results beyond f32) get a status instead.
+#[test]
+fn c_abi_refuses_requests_that_would_abort_or_overflow() {
+    let dir = CString::new(common::fixture("affine_reg").to_str().unwrap()).unwrap();
+    for (field, expect) in
+        [("max_sessions", "max_sessions is 4294967295, at most 1024"), ("threads", "intra_op_threads")]
+    {
+        let mut mo = std::mem::MaybeUninit::<pf_model_options>::uninit();
+        // SAFETY: `mo` has sizeof bytes; init writes all of them.
+        let st = unsafe { pf_model_options_init(mo.as_mut_ptr(), std::mem::size_of::<pf_model_options>() as u32) };
+        assert_eq!(st, pf_status::PF_OK);
+        // SAFETY: initialised above.
+        let mut mo = unsafe { mo.assume_init() };
+        if field == "max_sessions" {
+            mo.max_sessions = u32::MAX;
+        } else {
+            mo.intra_op_threads = u32::MAX;
+        }
+        let mut m = null_mut();
+        // SAFETY: valid string, options and out pointer.
+        let st = unsafe { pf_model_load(dir.as_ptr(), &mo, &mut m) };
+        assert_eq!(st, pf_status::PF_ERR_INVALID_ARGUMENT, "{field}");
+        assert!(m.is_null() && last_error().contains(expect), "{}", last_error());
+    }
+
+    let model = load("affine_reg"); // D = 13, one output; weight 12 is the output bias
+    let x = [0.5f32];
+    let (mut mean, mut total, mut ale, mut epi) = (vec![7f32; 1], vec![7f32; 1], vec![7f32; 1], vec![7f32; 1]);
+    let mut pred = pf_prediction {
+        struct_size: std::mem::size_of::<pf_prediction>() as u32,
+        mean: mean.as_mut_ptr(),
+        mean_len: 1,
+        total: total.as_mut_ptr(),
+        total_len: 1,
+        aleatoric: ale.as_mut_ptr(),
+        aleatoric_len: 1,
+        epistemic: epi.as_mut_ptr(),
+        epistemic_len: 1,
+        ess: 0.0,
+    };
+    let mut theta = vec![0f32; 26];
+    theta[5] = f32::INFINITY;
+    // SAFETY: buffers of the stated lengths.
+    let st = unsafe { pf_predict(model, x.as_ptr(), 1, 1, theta.as_ptr(), 2, 26, null(), &mut pred) };
+    assert_eq!(st, pf_status::PF_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("weight sample 0 has a NaN or Inf weight"), "{}", last_error());
+    // Two nets whose outputs are ±1e20: the epistemic variance 1e40 exceeds f32.
+    theta[5] = 0.0;
+    theta[12] = 1e20;
+    theta[25] = -1e20;
+    // SAFETY: as above.
+    let st = unsafe { pf_predict(model, x.as_ptr(), 1, 1, theta.as_ptr(), 2, 26, null(), &mut pred) };
+    assert_eq!(st, pf_status::PF_ERR_NUMERIC, "{}", last_error());
+    assert!(last_error().contains("does not fit in a float"), "{}", last_error());
+    assert!([&mean, &total, &ale, &epi].iter().all(|b| b[0] == 7.0), "outputs were written on failure");
+    // 1e19: variance 1e38 fits, and is written.
+    theta[12] = 1e19;
+    theta[25] = -1e19;
+    // SAFETY: as above.
+    let st = unsafe { pf_predict(model, x.as_ptr(), 1, 1, theta.as_ptr(), 2, 26, null(), &mut pred) };
+    assert_eq!(st, pf_status::PF_OK, "{}", last_error());
+    assert!(epi[0].is_finite() && epi[0] > 1e37, "{}", epi[0]);
+
+    // pf_sample_predict checks the probe count it then does not use, as pf_sample would.
+    let mut o = sample_options();
+    o.trace = pf_trace::PF_TRACE_HUTCHINSON as u32;
+    o.probes = 100_000;
+    // SAFETY: as above.
+    let st = unsafe { pf_sample_predict(model, &o, 4, x.as_ptr(), 1, 1, &mut pred) };
+    assert_eq!(st, pf_status::PF_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("probes must be in [1, 4096]"), "{}", last_error());
+
+    // The largest legal probe count with an unbounded batch size: the batch is made to fit
+    // in memory, and the samples are those of one-sample batches.
+    let n = 6;
+    let run = |batch: u32| {
+        let mut o = sample_options();
+        o.trace = pf_trace::PF_TRACE_HUTCHINSON as u32;
+        o.probes = 4096;
+        o.solver = pf_solver::PF_SOLVER_EULER as u32;
+        o.steps = 1;
+        o.batch_size = batch;
+        let (mut th, mut lq) = (vec![0f32; n * 13], vec![0f32; n]);
+        // SAFETY: buffers of the stated lengths.
+        let st = unsafe { pf_sample(model, &o, n, th.as_mut_ptr(), th.len(), lq.as_mut_ptr(), n, null_mut(), 0) };
+        assert_eq!(st, pf_status::PF_OK, "{}", last_error());
+        (th, lq)
+    };
+    assert_eq!(run(u32::MAX), run(1));
+    // SAFETY: frees once.
+    unsafe { pf_model_free(model) };
+}

@@ -138,7 +138,8 @@ fn failing_one_by_one(model: &Model, n: usize, base: &SampleOptions) -> Vec<usiz
         .filter(|&i| match model.sample(1, &SampleOptions { first_index: i as u64, ..base.clone() }) {
             Ok(_) => false,
             Err(e) => {
-                check_error(&e, ErrorKind::Numeric, &["NaN or Inf", "0"]);
+                // The error names the caller's sample index (first_index + i), not the call's.
+                check_error(&e, ErrorKind::Numeric, &[&format!("1 sample(s) are NaN or Inf: {i}")]);
                 true
             }
         })
@@ -373,26 +374,37 @@ fn tensors_headers_declaring_huge_sizes_are_refused_without_allocating() {
 
 #[test]
 fn a_manifest_declaring_fifty_million_weights_is_checked_against_the_file_not_allocated() {
-    // A valid layout 2 -> H -> 2 with D = 5H + 2 just under the default limit; the
-    // tensors file still holds D = 17: refused by shape, with no D-sized allocation.
-    let h: usize = 9_999_999;
-    let d = 5 * h + 2;
+    // A valid layout 47 -> H -> 2 with D = 50H + 2 just under the default limit (H within
+    // max_outputs); the tensors file still holds D = 17: refused by shape, with no
+    // D-sized allocation.
+    let h: usize = 999_999;
+    let d = 50 * h + 2;
     let c = copy_of(&common::fixture("affine_cls"));
     let p = c.path.join("postflow.json");
     let mut m: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    m["input"]["dim"] = 47.into();
+    m["input"].as_object_mut().unwrap().remove("feature_names");
     m["network"]["dim"] = d.into();
     m["flow"]["dim"] = d.into();
     m["network"]["layers"] = json!([
-        {"kind": "dense", "in": 2, "out": h, "activation": "relu",
-         "weight": {"offset": 0, "shape": [h, 2]}, "bias": {"offset": 2 * h, "shape": [h]}},
+        {"kind": "dense", "in": 47, "out": h, "activation": "relu",
+         "weight": {"offset": 0, "shape": [h, 47]}, "bias": {"offset": 47 * h, "shape": [h]}},
         {"kind": "dense", "in": h, "out": 2, "activation": "identity",
-         "weight": {"offset": 3 * h, "shape": [2, h]}, "bias": {"offset": 5 * h, "shape": [2]}},
+         "weight": {"offset": 48 * h, "shape": [2, h]}, "bias": {"offset": 50 * h, "shape": [2]}},
     ]);
     std::fs::write(&p, serde_json::to_vec(&m).unwrap()).unwrap();
     let (res, peak) = peak_alloc(|| Bundle::open(&c.path, &Limits::default()));
     let e = res.err().unwrap();
     check_error(&e, ErrorKind::Bundle, &["tensor flow.whiten.mean", &format!("expected [{d}]")]);
     assert!(peak < 1 << 20, "allocated {peak} bytes at once");
+    // The same on the spheres: one sphere per hidden unit is built only once the tensors
+    // file has confirmed D.
+    let mut sphere = m.clone();
+    sphere["flow"]["geometry"] = "sphere_product".into();
+    std::fs::write(&p, serde_json::to_vec(&sphere).unwrap()).unwrap();
+    let (res, peak) = peak_alloc(|| Bundle::open(&c.path, &Limits::default()));
+    check_error(&res.err().unwrap(), ErrorKind::Bundle, &["tensor flow.whiten.mean", &format!("expected [{d}]")]);
+    assert!(peak < 1 << 20, "sphere_product: allocated {peak} bytes at once");
 
     // One more weight is over the limit, named as such.
     let mut m2 = m.clone();

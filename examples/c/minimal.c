@@ -35,6 +35,8 @@ int main(int argc, char **argv) {
     pf_sample_options opts;
     pf_sample_options_init(&opts, sizeof opts);
     opts.seed = 7;
+    opts.start_time = 0; /* fresh flow samples: at a bundle's default start time 1 (moons)
+                            sampling returns stored draws, which have no log-density */
     opts.trace = PF_TRACE_HUTCHINSON;
     st = pf_sample(model, &opts, n, theta, n * info.weight_dim, log_density, n, NULL, 0);
     if (st != PF_OK) return fail("pf_sample", st);

@@ -74,9 +74,10 @@ impl Bundle {
 
         let tensors_path = files::resolve_in_bundle(dir, &manifest.tensors, "tensors")?;
         let tensor_bytes = files::read_limited(&tensors_path, limits.max_tensors_bytes, "tensors")?;
-        let geometry = Geometry::from_manifest(&manifest)?;
         let tensors = BundleTensors::parse(&tensor_bytes, &manifest)?;
         drop(tensor_bytes);
+        // Built once the tensors file has confirmed the manifest's dimensions.
+        let geometry = Geometry::from_manifest(&manifest)?;
 
         let read_graph = |field: &str, file: &str| -> Result<Vec<u8>> {
             let path = files::resolve_in_bundle(dir, file, field)?;
@@ -185,11 +186,15 @@ fn validate_manifest(m: &Manifest, limits: &Limits) -> Result<()> {
     if m.flow.time != [0.0, 1.0] {
         return Err(field_err("flow.time", format!("{:?} is not supported (only [0, 1])", m.flow.time)));
     }
-    crate::geometry::Geometry::from_manifest(m)?;
+    crate::geometry::Geometry::check_manifest(m)?;
     crate::ode::SolverKind::parse(&m.flow.default_solver.method)
         .map_err(|e| field_err("flow.default_solver.method", e.message()))?;
-    if m.flow.default_solver.steps == 0 {
-        return Err(field_err("flow.default_solver.steps", "must be >= 1"));
+    let steps = m.flow.default_solver.steps;
+    if steps == 0 || steps > crate::sampler::MAX_STEPS {
+        return Err(field_err(
+            "flow.default_solver.steps",
+            format!("{steps} is outside [1, {}]", crate::sampler::MAX_STEPS),
+        ));
     }
     for (name, tol) in [("rtol", m.flow.default_solver.rtol), ("atol", m.flow.default_solver.atol)] {
         if let Some(t) = tol {
@@ -198,8 +203,12 @@ fn validate_manifest(m: &Manifest, limits: &Limits) -> Result<()> {
             }
         }
     }
-    if m.flow.hutchinson.probes == 0 {
-        return Err(field_err("flow.hutchinson.probes", "must be >= 1"));
+    let probes = m.flow.hutchinson.probes;
+    if probes == 0 || probes > crate::sampler::MAX_PROBES {
+        return Err(field_err(
+            "flow.hutchinson.probes",
+            format!("{probes} is outside [1, {}]", crate::sampler::MAX_PROBES),
+        ));
     }
     crate::trace::ProbeNoise::parse(&m.flow.hutchinson.noise)
         .map_err(|e| field_err("flow.hutchinson.noise", e.message()))?;
@@ -287,8 +296,8 @@ fn validate_layers(m: &Manifest, limits: &Limits) -> Result<()> {
         if layer.inputs != width {
             return Err(field_err(&f("in"), format!("{} disagrees with the previous width {width}", layer.inputs)));
         }
-        if layer.outputs == 0 || layer.outputs > limits.max_outputs.max(limits.max_weight_dim) {
-            return Err(field_err(&f("out"), format!("{} is not a usable width", layer.outputs)));
+        if layer.outputs == 0 || layer.outputs > limits.max_outputs {
+            return Err(field_err(&f("out"), format!("{} is outside [1, {}]", layer.outputs, limits.max_outputs)));
         }
         let last = i + 1 == layers.len();
         let want_act = if last { Activation::Identity } else { Activation::Relu };

@@ -186,6 +186,15 @@ impl BundleTensors {
                 }
                 let hmc_probs = table.matrix("eval.hmc_probs", Some(n), *classes)?;
                 require_finite("eval.hmc_probs", hmc_probs.as_slice().unwrap_or(&[]))?;
+                // Each row is HMC's predictive distribution over the classes (f32 sums: 1e-3 slack).
+                for (i, row) in hmc_probs.rows().into_iter().enumerate() {
+                    let sum: f64 = row.iter().map(|p| f64::from(*p)).sum();
+                    if row.iter().any(|p| *p < 0.0) || (sum - 1.0).abs() > 1e-3 {
+                        return Err(Error::bundle(format!(
+                            "tensor eval.hmc_probs: row {i} is not a probability distribution (entries >= 0 summing to 1; sum {sum})"
+                        )));
+                    }
+                }
                 EvalTargets::Classification { labels, hmc_probs }
             }
             Task::Regression { outputs, .. } => {
@@ -203,6 +212,9 @@ impl BundleTensors {
         };
         let ood_x = if table.has("eval.ood_x") {
             let m = table.matrix("eval.ood_x", None, d_in)?;
+            if m.nrows() == 0 {
+                return Err(Error::bundle("tensor eval.ood_x: has no rows (omit it, or give at least one input)"));
+            }
             require_finite("eval.ood_x", m.as_slice().unwrap_or(&[]))?;
             Some(m)
         } else {

@@ -72,7 +72,8 @@ pub struct pf_sample_options {
 pub const PF_START_TIME_BUNDLE: f64 = -1.0;
 
 // The oldest layout a caller may pass; later fields take their defaults when struct_size stops short.
-pub(super) const MODEL_OPTIONS_MIN: usize = std::mem::offset_of!(pf_model_options, onnxruntime_path) + 8;
+pub(super) const MODEL_OPTIONS_MIN: usize =
+    std::mem::offset_of!(pf_model_options, onnxruntime_path) + std::mem::size_of::<*const c_char>();
 
 // The oldest layout a caller may pass; later fields take their defaults when struct_size stops short.
 pub(super) const SAMPLE_OPTIONS_MIN: usize = std::mem::offset_of!(pf_sample_options, probes) + 4;

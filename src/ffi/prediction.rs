@@ -80,15 +80,23 @@ impl PredictionOut {
     ///
     /// # Safety
     /// The buffers were checked by `read_prediction` for this prediction's shapes.
-    unsafe fn write(&self, pred: &Prediction) {
+    unsafe fn write(&self, pred: &Prediction) -> Result<()> {
         let (total, aleatoric, epistemic) = pred.decomposition();
         let arrays = [pred.mean(), total, aleatoric, epistemic];
+        // The results are f64; one beyond f32's range would arrive as ±inf: refuse before writing anything.
+        let names = ["mean", "total", "aleatoric", "epistemic"];
+        for (a, name) in arrays.iter().zip(names) {
+            if let Some(v) = a.iter().find(|v| !(v.abs() <= f64::from(f32::MAX))) {
+                return Err(Error::numeric(format!("prediction {name} value {v:e} does not fit in a float")));
+            }
+        }
         for ((buf, count), a) in self.bufs.iter().zip(self.counts).zip(arrays.iter()) {
             let a = a.as_standard_layout();
             // SAFETY: checked to be NULL or to have room for `count` floats.
             unsafe { write_out(*buf, count, a.iter().map(|v| *v as f32)) };
         }
         put_field!(self.p, self.size, pf_prediction, ess: f64 = pred.ess());
+        Ok(())
     }
 }
 
@@ -114,8 +122,10 @@ unsafe fn read_inputs<'a>(x: *const f32, n_inputs: usize, x_len: usize, model: &
 /// `log_weights` (`n_samples` floats, self-normalised; NULL = uniform). Fills the
 /// non-NULL buffers of `*out` (see `pf_prediction`) and `out->ess`; `out` itself is
 /// required. Outputs are written only on success. Errors: NULL `model`/`x`/`theta`/`out`,
-/// zero counts, wrong or too-small lengths, non-finite inputs (PF_ERR_INVALID_ARGUMENT);
-/// non-finite network outputs (PF_ERR_NUMERIC). Thread-safe.
+/// zero counts, wrong or too-small lengths, NaN/Inf in `x`, `theta` or `log_weights`
+/// (PF_ERR_INVALID_ARGUMENT); non-finite network outputs, or results beyond the float
+/// range (PF_ERR_NUMERIC). `log_weights` has no length argument: it must hold
+/// `n_samples` floats. Thread-safe.
 ///
 /// # Safety
 /// `model` is NULL or a live handle; `x`, `theta` and a non-NULL `log_weights`
@@ -159,15 +169,15 @@ pub unsafe extern "C" fn pf_predict(
         let tv = ArrayView2::from_shape((n_samples, d), ts).expect("length checked");
         let pred = m.predict(xv, tv, lw, &PredictOptions::default())?;
         // SAFETY: buffers checked by read_prediction for these shapes.
-        unsafe { dst.write(&pred) };
-        Ok(())
+        unsafe { dst.write(&pred) }
     })
 }
 
 /// Draw `n_samples` weights (as `pf_sample` with `options`, NULL = defaults) and
 /// average their predictions at `x` (`n_inputs x input_dim`, `x_len` equal to
 /// that) into `*out` (as `pf_predict` with uniform weights). The result equals
-/// `pf_sample` followed by `pf_predict` with the same seed. Errors as those two
+/// `pf_sample` followed by `pf_predict` with the same seed. `options->trace` is
+/// checked but not used (uniform weights need no log-density). Errors as those two
 /// functions. Thread-safe.
 ///
 /// # Safety
@@ -187,7 +197,16 @@ pub unsafe extern "C" fn pf_sample_predict(
         let m = unsafe { model_ref(model)? };
         // SAFETY: caller contract.
         let mut o = unsafe { read_sample_options(options, m)? };
-        // The average uses uniform weights, so log-densities would be wasted work.
+        // The average uses uniform weights, so log-densities would be wasted work; a trace
+        // request is still checked, as pf_sample would check it.
+        if let TraceMode::Hutchinson { probes, .. } = o.trace {
+            if probes == 0 || probes > crate::sampler::MAX_PROBES {
+                return Err(Error::invalid(format!(
+                    "probes must be in [1, {}], got {probes}",
+                    crate::sampler::MAX_PROBES
+                )));
+            }
+        }
         o.trace = TraceMode::None;
         if n_samples == 0 {
             return Err(Error::invalid("n_samples is 0, need at least 1"));
@@ -198,7 +217,6 @@ pub unsafe extern "C" fn pf_sample_predict(
         let dst = unsafe { read_prediction(out, m, n_inputs)? };
         let pred = m.sample_predict(n_samples, &o, xv, &PredictOptions::default())?;
         // SAFETY: buffers checked by read_prediction for these shapes.
-        unsafe { dst.write(&pred) };
-        Ok(())
+        unsafe { dst.write(&pred) }
     })
 }

@@ -87,8 +87,8 @@ fn stderr_values(se: Option<&[f32]>, n: usize) -> impl Iterator<Item = f32> + '_
 /// with the same seed. Writes `log_density_out` (required, `n_samples`) and, when
 /// non-NULL, `stderr_out` (`n_samples`; zeros with one probe or exact). Outputs are
 /// written only on success. Errors: NULL `model`/`options`/`theta`/`log_density_out`,
-/// `n_samples` = 0, wrong lengths, trace = NONE, non-finite `theta`
-/// (PF_ERR_INVALID_ARGUMENT); non-finite results (PF_ERR_NUMERIC). Thread-safe.
+/// `n_samples` = 0, wrong lengths, trace = NONE (PF_ERR_INVALID_ARGUMENT);
+/// non-finite `theta` rows or results (PF_ERR_NUMERIC, naming the rows). Thread-safe.
 ///
 /// # Safety
 /// `model` is NULL or a live handle; `options` is NULL or valid; `theta` points to
