@@ -172,6 +172,8 @@ def _read_csv_rows(path: Path, dcfg: dict) -> Table:
                                     f"empty class label")
                 ys.append(label)
             lines.append(line)
+    if not xs:
+        raise DataError(f"{where}: no data rows after the header (line {hline})")
     x = np.array(xs, np.float64).reshape(len(xs), len(fidx))
     y = np.array(ys, np.float64).reshape(len(ys), len(tidx)) if regression else np.array(ys, dtype=object)
     return Table(x, y, features, targets, where, rows=lines,
@@ -356,6 +358,8 @@ def _regression_targets(tab: Table):
 
 def _check_split(tab: Table, y, classification: bool, eval_fraction: float):
     n = len(y)
+    if n == 0:
+        raise DataError(f"{tab.where}: no data rows")
     if not 0.0 < eval_fraction < 1.0:
         raise DataError(f"data.eval_fraction = {eval_fraction}: must be between 0 and 1")
     n_eval = math.ceil(eval_fraction * n)

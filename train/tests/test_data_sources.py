@@ -148,6 +148,15 @@ def test_missing_header_row(tmp_path):
     refused(tmp_path, "1,2\n" + GOOD, r"line 1: the first row has no column names; a header row .* is required")
 
 
+def test_a_header_without_data_rows(tmp_path):
+    for task in ("classification", "regression"):
+        refused(tmp_path, "a,b,y\n\n", r": no data rows after the header \(line 1\)$", task=task)
+    p = tmp_path / "e.npz"
+    np.savez(p, x=np.zeros((0, 2)), y=np.zeros(0, np.int64))
+    with pytest.raises(DataError, match=r"e\.npz: no data rows$"):
+        data.load(cfg_of(f"npz:{p}"))
+
+
 def test_non_numeric_feature(tmp_path):
     refused(tmp_path, "a,y\n" + GOOD + "abc,1\n" + GOOD,
             r"line 22, column 1 \('a'\): 'abc' is not a number \(non-numeric feature\)")
