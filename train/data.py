@@ -318,6 +318,12 @@ def _class_indices(tab: Table):
                 raise DataError(f"{tab.column()}: {len(uniq)} distinct non-integer values look continuous; "
                                 "use task = \"regression\"")
         else:
+            # text labels may still hold a "NaN" or "inf": a missing value, never a class
+            bad = [i for i, v in enumerate(labels) if _is_number(v) and not math.isfinite(float(v))]
+            if bad:
+                i = bad[0]
+                raise DataError(f"{tab.cell(i, 0, target=True)}: {labels[i]} is not a finite number "
+                                "(NaN or inf class label)")
             uniq, inv = np.unique(np.array(labels, dtype=object).astype(str), return_inverse=True)
             names = [str(u) for u in uniq]
         return inv.astype(np.int64), names

@@ -157,6 +157,14 @@ def test_a_header_without_data_rows(tmp_path):
         data.load(cfg_of(f"npz:{p}"))
 
 
+@pytest.mark.parametrize("bad", ["NaN", "inf", "-Infinity"])
+def test_nan_or_inf_among_text_class_labels(tmp_path, bad):
+    """Text labels: a NaN or inf cell is a missing value, not a class named "NaN"."""
+    rows = "".join(f"{i},{['cat', 'dog'][i % 2]}\n" for i in range(20))
+    refused(tmp_path, "a,y\n" + rows + f"7,{bad}\n" + rows,
+            rf"line 22, column 2 \('y'\): {bad} is not a finite number \(NaN or inf class label\)")
+
+
 def test_non_numeric_feature(tmp_path):
     refused(tmp_path, "a,y\n" + GOOD + "abc,1\n" + GOOD,
             r"line 22, column 1 \('a'\): 'abc' is not a number \(non-numeric feature\)")
