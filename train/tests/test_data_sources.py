@@ -312,3 +312,23 @@ def test_build_refuses_bad_data_with_one_error_line(tmp_path, capsys):
     assert capsys.readouterr().err == (f"error: {p}: line 3, column 1 ('a'): 'x' is not a number "
                                        "(non-numeric feature)\n")
     assert not (tmp_path / "b").exists()
+
+
+def test_the_bundle_stage_prints_out_not_the_temporary_folder(tmp_path, monkeypatch, capsys):
+    """The bundle is written to .NAME.partial-PID and renamed to --out: the log names --out."""
+    from train import bundle
+    cfg = write(tmp_path / "c.toml", 'seed = 0\n[data]\nsource = "sklearn:make_moons"\n[bundle]\nbaselines = false\n')
+    fake_stages(monkeypatch)
+    # the real bundle stage, its parts stubbed: no graphs, tensors or figures to write
+    monkeypatch.setitem(pipeline.RUNNERS, "bundle", pipeline._stage_bundle)
+    monkeypatch.setattr(bundle, "GRAPH_FILES", {})
+    for name, value in {"tensors": {}, "start_times": None, "solver_choice": None, "manifest": {}}.items():
+        monkeypatch.setattr(bundle, name, lambda *a, v=value: v)
+    monkeypatch.setattr(bundle, "check_reference_metrics", lambda *a: None)
+    monkeypatch.setattr(bundle.figures, "make", lambda *a: [])
+    monkeypatch.setattr(bundle.card, "render", lambda *a: "")
+    out = tmp_path / "models" / "mine"
+    pipeline.build(cfg, out, work=tmp_path / "w")
+    printed = capsys.readouterr().out
+    assert f"  bundle written to {out}: " in printed and ".partial" not in printed, printed
+    assert (out / "postflow.json").exists()
