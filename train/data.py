@@ -130,12 +130,13 @@ def _read_csv_rows(path: Path, dcfg: dict) -> Table:
         hline = reader.line_num
         missing = [t for t in targets if t not in header]
         if missing:
-            if all(_is_number(c) for c in header if c):
+            named = [c for c in header if c]
+            if sum(map(_is_number, named)) > len(named) / 2:  # data, not names (a text label column is no name)
                 raise DataError(f"{where}: line {hline}: the first row has no column names; a header row "
                                 f"naming the columns is required (data.target = {missing[0]!r})")
             raise DataError(f"{where}: line {hline}: no target column {missing[0]!r} in the header "
                             f"(columns: {', '.join(header)})")
-        dup = sorted({c for c in header if header.count(c) > 1})
+        dup = sorted({c for c in header if c and header.count(c) > 1})  # unnamed columns: below
         if dup:
             raise DataError(f"{where}: line {hline}: column {dup[0]!r} appears more than once in the header")
         features = dcfg.get("features")
@@ -151,6 +152,10 @@ def _read_csv_rows(path: Path, dcfg: dict) -> Table:
             features = [c for c in header if c not in targets]
         if not features:
             raise DataError(f"{where}: line {hline}: no feature columns besides the target {targets[0]!r}")
+        if "" in features:  # a trailing comma on every line makes an empty last column
+            k = header.index("")
+            raise DataError(f"{where}: line {hline}, column {k + 1}: the column has no name in the header "
+                            "(a trailing comma?); name it, or choose the columns with data.features")
         fidx = [header.index(c) for c in features]
         tidx = [header.index(c) for c in targets]
         regression = dcfg["task"] == "regression"

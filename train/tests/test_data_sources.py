@@ -148,6 +148,20 @@ def test_missing_header_row(tmp_path):
     refused(tmp_path, "1,2\n" + GOOD, r"line 1: the first row has no column names; a header row .* is required")
 
 
+def test_missing_header_row_with_a_text_label(tmp_path):
+    """Most cells of the first row are numbers: data, though the label column holds text."""
+    refused(tmp_path, "1,2,cat\n" + "".join(f"{i},{i},{['cat', 'dog'][i % 2]}\n" for i in range(20)),
+            r"line 1: the first row has no column names; a header row .* is required \(data.target = 'y'\)")
+
+
+def test_a_column_without_a_name_in_the_header(tmp_path):
+    """A trailing comma on every line: refused at the header, not as an empty cell on line 2."""
+    msg = refused(tmp_path, "a,y,\n" + GOOD.replace("\n", ",\n"), r"line 1, column 3: the column has no name")
+    assert msg.endswith("(a trailing comma?); name it, or choose the columns with data.features"), msg
+    out = data.load(cfg_of(f"csv:{tmp_path / 'bad.csv'}", target="y", features=["a"]))  # not a feature: kept out
+    assert list(out["feature_names"]) == ["a"]
+
+
 def test_a_header_without_data_rows(tmp_path):
     for task in ("classification", "regression"):
         refused(tmp_path, "a,b,y\n\n", r": no data rows after the header \(line 1\)$", task=task)
