@@ -4,9 +4,9 @@
 
 import argparse
 import sys
-import tomllib
 
 from . import pipeline
+from .config import ConfigError
 from .data import DataError
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
             from .init import init as write_config
             out = write_config(args.data, args.target, args.task, args.out, args.features, args.force)
             print(f"wrote {out}; build it with: python -m train build {out} --out models/NAME")
-    except (DataError, FileExistsError, FileNotFoundError, tomllib.TOMLDecodeError) as e:
+    except (ConfigError, DataError, FileExistsError, FileNotFoundError) as e:  # the message names the file
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -297,11 +297,12 @@ def write(ctx):
     figs = figures.make(ctx, out / "figures")
     (out / "README.md").write_text(card.render(ctx, man, figs))
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"  bundle written to {out}: {size / 1e6:.2f} MB", flush=True)
     limit = ctx["cfg"]["bundle"]["max_bytes"]
     if ctx["start_times"] and size > limit:
         raise RuntimeError(f"bundle is {size} bytes, over bundle.max_bytes = {limit}: raise bundle.reserve_bytes "
                            "(room for postflow.json, README.md, figures/) or lower bundle.max_anchors")
+    # `out` is the temporary folder; the build renames it to --out once this stage returns
+    print(f"  bundle written to {ctx['final_out']}: {size / 1e6:.2f} MB", flush=True)
     report = {"bytes": size, "figures": figs}
     if ctx["start_times"]:
         report["default_start_time"] = ctx["start_times"]["default_start_time"]

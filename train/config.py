@@ -2,6 +2,8 @@
 and every value that shapes a bundle is recorded in its provenance."""
 
 import copy
+import difflib
+import json
 import tomllib
 from pathlib import Path
 
@@ -122,34 +124,140 @@ DEFAULTS = {
 }
 
 
+class ConfigError(ValueError):
+    """A config the pipeline refuses; `load` puts the config file's path in front of the message."""
+
+
+# keys whose value is one of a few words: checked at load, before any stage runs (the stages
+# check the same sets; test_config_choices_match_the_stages keeps them together)
+CHOICES = {
+    "data.task": ("classification", "regression"),
+    "posterior.method": ("nuts", "ensemble"),
+    "posterior.executor": ("local", "processes", "ray"),
+    "align.method": ("none", "weight_matching", "sinkhorn_mid", "sinkhorn_l2", "sinkhorn_rnd"),
+    "flow.geometry": ("euclidean", "sphere_product"),
+    "flow.field": ("mlp", "np", "rt"),
+    "flow.pred": ("v", "x1"),
+    "flow.coupling": ("ot", "independent"),
+    "flow.weight_dtype": ("f16", "f32"),
+    "evaluate.solver": ("euler", "heun", "rk4"),
+    "bundle.anchor_dtype": ("f16", "f32"),
+}
+
+def _kind(value) -> str:
+    """How an error names the TOML type of a value."""
+    for t, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                    (list, "a list"), (dict, "a table")):
+        if isinstance(value, t):
+            return name
+    return "a date or time"  # the only other TOML values
+
+
+def _is(value, default) -> bool:
+    """Whether `value` has the type of `default`: an integer passes for a float, a boolean never
+    for a number (TOML's `true` is no 1), and a list's items have the type of the default's."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, list):
+        return isinstance(value, list) and (not default or all(_is(v, default[0]) for v in value))
+    return isinstance(value, type(default))
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+# keys whose default does not show what they take (None, or a number that may also be a word):
+# what they take, in words and as a test; every other key takes values of its default's type
+EXPECTED = {
+    "name": ("a string", lambda v: isinstance(v, str)),
+    "data.source": ("a string", lambda v: isinstance(v, str)),
+    "data.target": ("a string or a list of strings", lambda v: isinstance(v, str) or _strings(v)),
+    "data.features": ("a list of strings", _strings),
+    "likelihood.noise_sigma": ('a number or "map"', lambda v: v == "map" or _is(v, 0.0)),
+}
+
+
+def _shown(value) -> str:
+    """A value as TOML writes it (strings in double quotes, true/false), cut when long."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _unknown(path: str, key: str, table: dict) -> str:
+    hint = difflib.get_close_matches(key, list(table), n=1)
+    if hint:
+        return f"unknown key {path}{key} (did you mean {path}{hint[0]}?)"
+    if isinstance(DEFAULTS.get(key), dict):  # `flow = 3` under [posterior]: a table written as a key
+        return f"unknown key {path}{key} ({key} is a table of its own: [{key}])"
+    elsewhere = [f"{t}.{key}" for t, sub in DEFAULTS.items() if isinstance(sub, dict) and key in sub]
+    if elsewhere:
+        return f"unknown key {path}{key} (did you mean {' or '.join(elsewhere)}?)"
+    return f"unknown key {path}{key}"
+
+
 def _merge(base: dict, override: dict, path: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in override.items():
+        name = f"{path}{key}"
         if key not in base:
-            raise KeyError(f"unknown config key {path}{key}")
+            raise ConfigError(_unknown(path, key, base))
         if isinstance(base[key], dict) and key != "args":
             if not isinstance(value, dict):
-                raise TypeError(f"config key {path}{key} must be a table")
-            out[key] = _merge(base[key], value, f"{path}{key}.")
+                raise ConfigError(f"{name} = {_shown(value)}: {name} is a table ([{name}]), not {_kind(value)}")
+            out[key] = _merge(base[key], value, f"{name}.")
+            continue
+        if name in EXPECTED:
+            expected, test = EXPECTED[name]
+            ok = test(value)
         else:
-            out[key] = value
+            ok, expected = _is(value, base[key]), _kind(base[key])
+            if isinstance(base[key], list) and base[key]:
+                expected = f"a list of {_kind(base[key][0]).split(' ', 1)[1]}s"  # "a list of integers"
+        if not ok:
+            raise ConfigError(f"{name} = {_shown(value)}: expected {expected}, not {_kind(value)}")
+        out[key] = value
     return out
 
 
 def load(path, default_name=None) -> dict:
     """`default_name`: the bundle name when the config sets none (the build passes its --out
-    folder's name); else the config file's stem."""
-    with open(path, "rb") as f:
-        raw = tomllib.load(f)
-    cfg = _merge(DEFAULTS, raw)
+    folder's name); else the config file's stem. A config the pipeline cannot use raises
+    ConfigError naming the file and the key."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        cfg = _merge(DEFAULTS, raw)
+        _check(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     if not cfg["name"]:
         cfg["name"] = default_name or Path(path).stem
-    if cfg["posterior"]["executor"] not in ("local", "processes", "ray"):
-        raise ValueError(f"posterior.executor = {cfg['posterior']['executor']!r}: \"local\", \"processes\" or \"ray\"")
-    if cfg["data"]["source"] is None:
-        raise ValueError("data.source is required")
-    if cfg["flow"]["weight_dtype"] not in ("f16", "f32"):
-        raise ValueError(f"flow.weight_dtype = {cfg['flow']['weight_dtype']!r}: \"f16\" or \"f32\"")
-    if cfg["posterior"]["chains"] < 2:
-        raise ValueError("posterior.chains must be >= 2 (one chain is held out)")
     return cfg
+
+
+def _check(cfg: dict):
+    for key, words in CHOICES.items():
+        table, _, name = key.partition(".")
+        value = cfg[table][name]
+        if value not in words:
+            hint = difflib.get_close_matches(str(value), words, n=1)
+            hint = f" (did you mean {json.dumps(hint[0])}?)" if hint else ""
+            raise ConfigError(f"{key} = {_shown(value)}: expected one of {', '.join(map(json.dumps, words))}{hint}")
+    if cfg["data"]["source"] is None:
+        raise ConfigError("data.source is required ([data] source = \"csv:PATH\", \"npz:PATH\", \"sklearn:NAME\" "
+                          "or \"builtin:gap1d\")")
+    if not 0.0 < cfg["data"]["eval_fraction"] < 1.0:
+        raise ConfigError(f"data.eval_fraction = {cfg['data']['eval_fraction']}: must be between 0 and 1")
+    if cfg["posterior"]["chains"] < 2:
+        raise ConfigError(f"posterior.chains = {cfg['posterior']['chains']}: must be at least 2 "
+                          "(the last chain is held out)")

@@ -130,12 +130,13 @@ def _read_csv_rows(path: Path, dcfg: dict) -> Table:
         hline = reader.line_num
         missing = [t for t in targets if t not in header]
         if missing:
-            if all(_is_number(c) for c in header if c):
+            named = [c for c in header if c]
+            if sum(map(_is_number, named)) > len(named) / 2:  # data, not names (a text label column is no name)
                 raise DataError(f"{where}: line {hline}: the first row has no column names; a header row "
                                 f"naming the columns is required (data.target = {missing[0]!r})")
             raise DataError(f"{where}: line {hline}: no target column {missing[0]!r} in the header "
                             f"(columns: {', '.join(header)})")
-        dup = sorted({c for c in header if header.count(c) > 1})
+        dup = sorted({c for c in header if c and header.count(c) > 1})  # unnamed columns: below
         if dup:
             raise DataError(f"{where}: line {hline}: column {dup[0]!r} appears more than once in the header")
         features = dcfg.get("features")
@@ -151,6 +152,10 @@ def _read_csv_rows(path: Path, dcfg: dict) -> Table:
             features = [c for c in header if c not in targets]
         if not features:
             raise DataError(f"{where}: line {hline}: no feature columns besides the target {targets[0]!r}")
+        if "" in features:  # a trailing comma on every line makes an empty last column
+            k = header.index("")
+            raise DataError(f"{where}: line {hline}, column {k + 1}: the column has no name in the header "
+                            "(a trailing comma?); name it, or choose the columns with data.features")
         fidx = [header.index(c) for c in features]
         tidx = [header.index(c) for c in targets]
         regression = dcfg["task"] == "regression"
@@ -172,6 +177,8 @@ def _read_csv_rows(path: Path, dcfg: dict) -> Table:
                                     f"empty class label")
                 ys.append(label)
             lines.append(line)
+    if not xs:
+        raise DataError(f"{where}: no data rows after the header (line {hline})")
     x = np.array(xs, np.float64).reshape(len(xs), len(fidx))
     y = np.array(ys, np.float64).reshape(len(ys), len(tidx)) if regression else np.array(ys, dtype=object)
     return Table(x, y, features, targets, where, rows=lines,
@@ -316,6 +323,12 @@ def _class_indices(tab: Table):
                 raise DataError(f"{tab.column()}: {len(uniq)} distinct non-integer values look continuous; "
                                 "use task = \"regression\"")
         else:
+            # text labels may still hold a "NaN" or "inf": a missing value, never a class
+            bad = [i for i, v in enumerate(labels) if _is_number(v) and not math.isfinite(float(v))]
+            if bad:
+                i = bad[0]
+                raise DataError(f"{tab.cell(i, 0, target=True)}: {labels[i]} is not a finite number "
+                                "(NaN or inf class label)")
             uniq, inv = np.unique(np.array(labels, dtype=object).astype(str), return_inverse=True)
             names = [str(u) for u in uniq]
         return inv.astype(np.int64), names
@@ -356,6 +369,8 @@ def _regression_targets(tab: Table):
 
 def _check_split(tab: Table, y, classification: bool, eval_fraction: float):
     n = len(y)
+    if n == 0:
+        raise DataError(f"{tab.where}: no data rows")
     if not 0.0 < eval_fraction < 1.0:
         raise DataError(f"data.eval_fraction = {eval_fraction}: must be between 0 and 1")
     n_eval = math.ceil(eval_fraction * n)

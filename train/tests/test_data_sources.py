@@ -148,6 +148,37 @@ def test_missing_header_row(tmp_path):
     refused(tmp_path, "1,2\n" + GOOD, r"line 1: the first row has no column names; a header row .* is required")
 
 
+def test_missing_header_row_with_a_text_label(tmp_path):
+    """Most cells of the first row are numbers: data, though the label column holds text."""
+    refused(tmp_path, "1,2,cat\n" + "".join(f"{i},{i},{['cat', 'dog'][i % 2]}\n" for i in range(20)),
+            r"line 1: the first row has no column names; a header row .* is required \(data.target = 'y'\)")
+
+
+def test_a_column_without_a_name_in_the_header(tmp_path):
+    """A trailing comma on every line: refused at the header, not as an empty cell on line 2."""
+    msg = refused(tmp_path, "a,y,\n" + GOOD.replace("\n", ",\n"), r"line 1, column 3: the column has no name")
+    assert msg.endswith("(a trailing comma?); name it, or choose the columns with data.features"), msg
+    out = data.load(cfg_of(f"csv:{tmp_path / 'bad.csv'}", target="y", features=["a"]))  # not a feature: kept out
+    assert list(out["feature_names"]) == ["a"]
+
+
+def test_a_header_without_data_rows(tmp_path):
+    for task in ("classification", "regression"):
+        refused(tmp_path, "a,b,y\n\n", r": no data rows after the header \(line 1\)$", task=task)
+    p = tmp_path / "e.npz"
+    np.savez(p, x=np.zeros((0, 2)), y=np.zeros(0, np.int64))
+    with pytest.raises(DataError, match=r"e\.npz: no data rows$"):
+        data.load(cfg_of(f"npz:{p}"))
+
+
+@pytest.mark.parametrize("bad", ["NaN", "inf", "-Infinity"])
+def test_nan_or_inf_among_text_class_labels(tmp_path, bad):
+    """Text labels: a NaN or inf cell is a missing value, not a class named "NaN"."""
+    rows = "".join(f"{i},{['cat', 'dog'][i % 2]}\n" for i in range(20))
+    refused(tmp_path, "a,y\n" + rows + f"7,{bad}\n" + rows,
+            rf"line 22, column 2 \('y'\): {bad} is not a finite number \(NaN or inf class label\)")
+
+
 def test_non_numeric_feature(tmp_path):
     refused(tmp_path, "a,y\n" + GOOD + "abc,1\n" + GOOD,
             r"line 22, column 1 \('a'\): 'abc' is not a number \(non-numeric feature\)")
@@ -295,3 +326,23 @@ def test_build_refuses_bad_data_with_one_error_line(tmp_path, capsys):
     assert capsys.readouterr().err == (f"error: {p}: line 3, column 1 ('a'): 'x' is not a number "
                                        "(non-numeric feature)\n")
     assert not (tmp_path / "b").exists()
+
+
+def test_the_bundle_stage_prints_out_not_the_temporary_folder(tmp_path, monkeypatch, capsys):
+    """The bundle is written to .NAME.partial-PID and renamed to --out: the log names --out."""
+    from train import bundle
+    cfg = write(tmp_path / "c.toml", 'seed = 0\n[data]\nsource = "sklearn:make_moons"\n[bundle]\nbaselines = false\n')
+    fake_stages(monkeypatch)
+    # the real bundle stage, its parts stubbed: no graphs, tensors or figures to write
+    monkeypatch.setitem(pipeline.RUNNERS, "bundle", pipeline._stage_bundle)
+    monkeypatch.setattr(bundle, "GRAPH_FILES", {})
+    for name, value in {"tensors": {}, "start_times": None, "solver_choice": None, "manifest": {}}.items():
+        monkeypatch.setattr(bundle, name, lambda *a, v=value: v)
+    monkeypatch.setattr(bundle, "check_reference_metrics", lambda *a: None)
+    monkeypatch.setattr(bundle.figures, "make", lambda *a: [])
+    monkeypatch.setattr(bundle.card, "render", lambda *a: "")
+    out = tmp_path / "models" / "mine"
+    pipeline.build(cfg, out, work=tmp_path / "w")
+    printed = capsys.readouterr().out
+    assert f"  bundle written to {out}: " in printed and ".partial" not in printed, printed
+    assert (out / "postflow.json").exists()
