@@ -82,7 +82,13 @@ impl Accumulator {
 /// Block sizes `(samples, inputs)` for one call: start from everything, halve the
 /// samples first, then the inputs, until the call fits the budget.
 pub fn block_sizes(s: usize, n: usize, d: usize, d_in: usize, c: usize, budget: usize) -> (usize, usize) {
-    let bytes = |sc: usize, nc: usize| 4 * (sc * d + nc * d_in + sc * nc * c);
+    // Saturating: counts from the caller must not wrap the estimate to a small number.
+    let bytes = |sc: usize, nc: usize| {
+        sc.saturating_mul(d)
+            .saturating_add(nc.saturating_mul(d_in))
+            .saturating_add(sc.saturating_mul(nc).saturating_mul(c))
+            .saturating_mul(4)
+    };
     let (mut sc, mut nc) = (s.max(1), n.max(1));
     while bytes(sc, nc) > budget && (sc > 1 || nc > 1) {
         if sc > 1 {
@@ -101,7 +107,13 @@ impl Model {
         let c = self.manifest().task.net_outputs();
         let x = x.as_standard_layout();
         let theta = theta.as_standard_layout();
-        let mut out = ndarray::Array3::<f32>::zeros((s, n, c));
+        let too_big = || Error::invalid(format!("outputs of {s} weight samples at {n} inputs do not fit in memory"));
+        let len = s.checked_mul(n).and_then(|v| v.checked_mul(c)).filter(|l| *l <= isize::MAX as usize / 4);
+        let len = len.ok_or_else(too_big)?;
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(len).map_err(|_| too_big())?;
+        buf.resize(len, 0f32);
+        let mut out = ndarray::Array3::from_shape_vec((s, n, c), buf).expect("s·n·c elements");
         self.engine().net(x.as_slice().unwrap(), n, theta.as_slice().unwrap(), s, out.as_slice_mut().unwrap())?;
         Ok(out)
     }

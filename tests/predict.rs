@@ -114,6 +114,9 @@ fn chunked_and_unchunked_agree() {
     }
     let (s, n) = postflow::predict::block_sizes(16, 32, 17, 2, 2, 700);
     assert!(s < 16 || n < 32, "the 700-byte budget really chunks ({s}, {n})");
+    // Counts whose byte estimate would wrap in usize still chunk (to one sample per block here).
+    let huge = 1usize << 62;
+    assert_eq!(postflow::predict::block_sizes(huge, huge, 17, 2, 10, 64 << 20).0, 1);
 }
 
 #[test]
