@@ -496,3 +496,16 @@ fn defaults_beyond_the_samplers_limits_and_malformed_eval_targets() {
         &["eval.ood_x", "no rows"],
     );
 }
+
+/// A misspelt manifest field is refused, naming it, instead of silently taking a default
+/// (`default_start_tme` would sample at t₀ = 0 with no warning).
+#[test]
+fn misspelt_manifest_fields_are_refused() {
+    manifest_case(
+        |m| m["flow"]["default_start_tme"] = 0.5.into(),
+        ErrorKind::Bundle,
+        &["unknown field `default_start_tme`", "default_start_time"],
+    );
+    manifest_case(|m| m["descripton"] = "x".into(), ErrorKind::Bundle, &["unknown field `descripton`"]);
+    manifest_case(|m| m["graphs"]["net"]["fille"] = "net.onnx".into(), ErrorKind::Bundle, &["unknown field `fille`"]);
+}

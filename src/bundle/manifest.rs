@@ -10,6 +10,7 @@ pub const FORMAT_VERSION: u64 = 2;
 pub const MIN_FORMAT_VERSION: u64 = 1;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)] // a misspelt field is an error, not a silent default
 pub struct Manifest {
     pub format: String,
     pub format_version: u64,
@@ -73,6 +74,7 @@ impl Task {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Input {
     pub dim: usize,
     #[serde(default)]
@@ -80,6 +82,7 @@ pub struct Input {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Network {
     pub dim: usize,
     pub layers: Vec<Layer>,
@@ -120,6 +123,7 @@ pub struct Block {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FlowSpec {
     pub dim: usize,
     pub base: String,
@@ -147,6 +151,7 @@ pub struct AnchorsSpec {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DefaultSolver {
     pub method: String,
     pub steps: u32,
@@ -157,12 +162,14 @@ pub struct DefaultSolver {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HutchinsonSpec {
     pub probes: u32,
     pub noise: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Graphs {
     pub flow: GraphSpec,
     pub flow_jvp: GraphSpec,
@@ -170,6 +177,7 @@ pub struct Graphs {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GraphSpec {
     pub file: String,
     pub inputs: Vec<String>,
