@@ -186,3 +186,17 @@ fn onnxruntime_log_lines_only_with_postflow_ort_log() {
     assert!(!loud.status.success());
     assert!(stderr(&loud).contains("onnxruntime [Error]"), "{}", stderr(&loud));
 }
+
+/// An absurd `-n` is a one-line error (exit 1), not a panic or an allocator abort.
+#[test]
+fn a_huge_sample_count_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let bundle = common::fixture("affine_cls");
+    for n in ["18446744073709551615", "4611686018427387904", "1000000000000000"] {
+        let o = postflow(&["sample", bundle.to_str().unwrap(), "-n", n, "-q", "-o", out.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert_one_line_error(&o, "do not fit in memory");
+        assert!(!out.exists());
+    }
+}

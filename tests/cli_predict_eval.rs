@@ -282,6 +282,22 @@ fn bad_input_files_give_one_line_errors() {
     assert_one_line_error(&o, &["--samples"]);
 }
 
+/// An absurd `-n` is a one-line error (exit 1) in `predict` and `eval`, not a panic or an abort.
+#[test]
+fn a_huge_sample_count_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.csv");
+    std::fs::write(&input, "1,2\n").unwrap();
+    let bundle = common::fixture("affine_cls");
+    let b = path_str(&bundle);
+    let huge = "18446744073709551615";
+    for args in [vec!["predict", b, "-i", path_str(&input), "-n", huge, "-q"], vec!["eval", b, "-n", huge, "-q"]] {
+        let o = postflow(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert_one_line_error(&o, &["do not fit in memory"]);
+    }
+}
+
 // ------------------------------------------------------------------------ eval
 
 /// Tolerance for HMC and MAP against `reference_metrics`: relative 1e-5 (absolute below 1).

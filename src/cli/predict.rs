@@ -54,7 +54,7 @@ pub(super) fn draw(model: &Model, n: usize, base: &SampleOptions, quiet: bool) -
         return Err(Error::invalid("-n must be at least 1"));
     }
     let step = if base.batch_size > 0 { base.batch_size } else { crate::sampler::DEFAULT_BATCH };
-    let mut theta = Array2::<f32>::zeros((n, model.weight_dim()));
+    let mut theta = crate::sampler::zeroed_samples(n, model.weight_dim())?;
     let mut stats = OdeStats::default();
     let bar = progress::bar(n as u64, "sampling", quiet);
     let started = std::time::Instant::now();

@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use ndarray::{s, Array2};
+use ndarray::s;
 
 use super::{arrays, progress, trace_mode, ModelArgs, SolverArgs, TraceArg};
 use crate::{Error, OdeStats, Result, SampleOptions, TraceMode};
@@ -71,9 +71,11 @@ pub fn run_sample(args: &SampleArgs) -> Result<()> {
     let trace = trace_mode(&model, args.trace, args.probes);
     let base = args.solver.options(trace);
     let d = model.weight_dim();
-    let mut theta = Array2::<f32>::zeros((args.n, d));
-    let mut logd = Vec::with_capacity(args.n);
-    let mut stderr = Vec::with_capacity(args.n);
+    // An absurd -n is an error here, not an allocator abort; the log-densities (n values,
+    // fewer than theta's n·D) grow as the batches come.
+    let mut theta = crate::sampler::zeroed_samples(args.n, d)?;
+    let mut logd = Vec::new();
+    let mut stderr = Vec::new();
     let bar = progress::bar(args.n as u64, "sampling", args.model.quiet);
     let started = std::time::Instant::now();
     let mut stats = OdeStats::default();
