@@ -64,6 +64,21 @@ fn write_npy(path: &Path, descr: &str, shape: (usize, usize), data: &[u8]) {
     std::fs::write(path, out).unwrap();
 }
 
+/// A copy of fixture `name` under `dir` with its manifest changed by `edit`.
+fn copy_fixture(name: &str, dir: &Path, edit: impl FnOnce(&mut Value)) -> PathBuf {
+    let bundle = dir.join(name);
+    std::fs::create_dir(&bundle).unwrap();
+    for entry in std::fs::read_dir(common::fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), bundle.join(entry.file_name())).unwrap();
+    }
+    let manifest = bundle.join("postflow.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    bundle
+}
+
 const INPUTS: [[f32; 2]; 4] = [[0.5, 1.0], [-1.25, 2.0], [3.0, -0.75], [0.0, 0.0]];
 
 // ------------------------------------------------------------------------ info
@@ -296,6 +311,40 @@ fn a_huge_sample_count_is_an_error() {
         assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
         assert_one_line_error(&o, &["do not fit in memory"]);
     }
+}
+
+/// Without -n, `predict` and `eval` draw the manifest's `reference_metrics.flow_samples`; a
+/// count that is not an integer in 1..=1e6 is refused naming that field (not "-n").
+#[test]
+fn a_bad_recorded_flow_samples_names_the_manifest_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.csv");
+    std::fs::write(&input, "1,2\n").unwrap();
+    let bad = [
+        serde_json::json!(0),
+        serde_json::json!(1_000_000_000_000_000_000u64),
+        serde_json::json!(1_000_001),
+        serde_json::json!(-3),
+        serde_json::json!(2.5),
+        serde_json::json!("400"),
+    ];
+    for (i, count) in bad.into_iter().enumerate() {
+        let sub = dir.path().join(i.to_string());
+        std::fs::create_dir(&sub).unwrap();
+        let bundle = copy_fixture("affine_cls", &sub, |v| v["reference_metrics"]["flow_samples"] = count.clone());
+        let b = path_str(&bundle);
+        for args in [vec!["predict", b, "-i", path_str(&input), "-q"], vec!["eval", b, "-q"]] {
+            let o = postflow(&args);
+            assert_eq!(o.status.code(), Some(1), "{count}: {}", stderr(&o));
+            assert_one_line_error(&o, &["manifest reference_metrics.flow_samples", &format!("= {count}:")]);
+            assert!(!stderr(&o).contains("-n must be"), "{}", stderr(&o));
+        }
+        // An explicit -n does not need the manifest's count.
+        ok(&["predict", b, "-i", path_str(&input), "-n", "4", "-q"]);
+    }
+    let bundle = copy_fixture("affine_cls", dir.path(), |v| v["reference_metrics"]["flow_samples"] = 7.into());
+    let r = json(&["eval", path_str(&bundle), "--json", "-q"]);
+    assert_eq!(r["flow"]["samples"], 7);
 }
 
 // ------------------------------------------------------------------------ eval
@@ -568,19 +617,12 @@ fn eval_start_times_and_sweep() {
 #[test]
 fn eval_sweep_follows_the_manifest_sweep() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = dir.path().join("affine_anchored");
-    std::fs::create_dir(&bundle).unwrap();
-    for entry in std::fs::read_dir(common::fixture("affine_anchored")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), bundle.join(entry.file_name())).unwrap();
-    }
-    let manifest = bundle.join("postflow.json");
-    let mut v: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-    v["reference_metrics"]["start_time_sweep"] = serde_json::json!([
-        {"start_time": 0.85}, {"start_time": 0.0}, {"start_time": "0.3"}, {"start_time": 2.0},
-        {"start_time": -0.5}, {"nll": 1.0}, {"start_time": 0.85}
-    ]);
-    std::fs::write(&manifest, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let bundle = copy_fixture("affine_anchored", dir.path(), |v| {
+        v["reference_metrics"]["start_time_sweep"] = serde_json::json!([
+            {"start_time": 0.85}, {"start_time": 0.0}, {"start_time": "0.3"}, {"start_time": 2.0},
+            {"start_time": -0.5}, {"nll": 1.0}, {"start_time": 0.85}
+        ]);
+    });
     let r = json(&["eval", path_str(&bundle), "--json", "-q", "-n", "20", "--sweep"]);
     let times: Vec<f64> =
         r["sweep"].as_array().unwrap().iter().map(|row| row["start_time"].as_f64().unwrap()).collect();

@@ -15,7 +15,7 @@ use clap::Args;
 use ndarray::{Array2, ArrayView2, Axis};
 use serde_json::{json, Map, Value};
 
-use super::predict::{draw, recorded_flow_samples, DEFAULT_SAMPLES};
+use super::predict::{draw, sample_count};
 use super::{plot, ModelArgs, SolverArg};
 use crate::bundle::{EvalTargets, Task};
 use crate::metrics::{nll_from_logits, ClassificationMetrics, RegressionMetrics};
@@ -194,7 +194,7 @@ fn run_sweep(
 pub fn run_eval(args: &EvalArgs) -> Result<()> {
     let model = args.model.open()?;
     let rm = model.manifest().reference_metrics.clone();
-    let n = args.n.or_else(|| recorded_flow_samples(&model)).unwrap_or(DEFAULT_SAMPLES);
+    let n = sample_count(&model, args.n)?;
     let seed = args.seed.or_else(|| rm.get("seed").and_then(Value::as_u64)).unwrap_or(0);
     let recorded_solver = rm.get("solver");
     let solver = match args.solver {

@@ -71,9 +71,30 @@ pub(super) fn draw(model: &Model, n: usize, base: &SampleOptions, quiet: bool) -
     Ok(Drawn { theta, seconds, stats })
 }
 
-/// The manifest's `reference_metrics.flow_samples`, if recorded.
-pub(super) fn recorded_flow_samples(model: &Model) -> Option<usize> {
-    model.manifest().reference_metrics.get("flow_samples")?.as_u64().map(|n| n as usize)
+/// Most flow samples a manifest's `reference_metrics.flow_samples` may ask for by default.
+pub const MAX_RECORDED_SAMPLES: usize = 1_000_000;
+
+/// Flow samples to draw: `-n` when given, else the manifest's
+/// `reference_metrics.flow_samples`, else [`DEFAULT_SAMPLES`].
+pub(super) fn sample_count(model: &Model, n: Option<usize>) -> Result<usize> {
+    if let Some(n) = n {
+        return Ok(n);
+    }
+    // The manifest is input like any other: an absurd or malformed count is refused with
+    // its field named (the user passed no -n to blame).
+    match model.manifest().reference_metrics.get("flow_samples") {
+        None => Ok(DEFAULT_SAMPLES),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|n| (1..=MAX_RECORDED_SAMPLES).contains(n))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "manifest reference_metrics.flow_samples = {v}: must be an integer in 1..={MAX_RECORDED_SAMPLES} \
+                     (or choose with -n)"
+                ))
+            }),
+    }
 }
 
 /// Class names from the manifest, or "0" … "C-1".
@@ -106,7 +127,7 @@ pub fn run_predict(args: &PredictArgs) -> Result<()> {
             (theta, json!({"file": path.display().to_string()}))
         }
         None => {
-            let n = args.n.or_else(|| recorded_flow_samples(&model)).unwrap_or(DEFAULT_SAMPLES);
+            let n = sample_count(&model, args.n)?;
             let options = args.solver.options(TraceMode::None);
             let drawn = draw(&model, n, &options, args.model.quiet)?;
             (drawn.theta, json!({"flow": {"seed": args.solver.seed}}))
