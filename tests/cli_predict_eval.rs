@@ -277,6 +277,9 @@ fn bad_input_files_give_one_line_errors() {
     npy("empty.npy", "<f4", (0, 2), &[], &["no inputs"]);
     npy("int.npy", "<i8", (1, 2), &[0; 16], &["\"<i8\" is not supported"]);
     npy("short.npy", "<f8", (2, 2), &[0; 16], &["needs 32"]);
+    // A crafted shape whose byte count wraps around 2^64 (to 0, or to the 8 bytes present).
+    npy("wrap0.npy", "<f4", (1 << 61, 2), &[], &["needs more than 2^64"]);
+    npy("wrap8.npy", "<f8", ((1 << 61) + 1, 1), &[0; 8], &["needs more than 2^64"]);
     let garbage = dir.path().join("garbage.npy");
     std::fs::write(&garbage, b"not an npy file at all").unwrap();
     assert_one_line_error(&postflow(&["predict", b, "-i", path_str(&garbage), "-q"]), &["garbage.npy", "magic"]);
