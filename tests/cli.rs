@@ -200,3 +200,45 @@ fn a_huge_sample_count_is_an_error() {
         assert!(!out.exists());
     }
 }
+
+fn file_names(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+/// A write that fails half-way (here past a file-size limit, `ulimit -f`, with SIGXFSZ
+/// ignored so the write returns EFBIG) leaves an existing output as it was and no
+/// temporary file; a successful one replaces it whole, again leaving no temporary file.
+#[cfg(unix)]
+#[test]
+fn a_failed_write_keeps_the_existing_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let out_s = out.to_str().unwrap();
+    std::fs::write(&out, "precious").unwrap();
+    let bundle = common::fixture("affine_cls");
+    let args = ["sample", bundle.to_str().unwrap(), "-n", "1000", "-q", "-o", out_s];
+    let limited = Command::new("sh")
+        .args(["-c", "trap '' XFSZ; ulimit -f 4 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_postflow")])
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(limited.status.code(), Some(1), "{}", stderr(&limited));
+    assert_one_line_error(&limited, out_s);
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+    assert_eq!(file_names(dir.path()), ["o.safetensors"]);
+
+    // A run that fails before writing leaves it too.
+    assert_one_line_error(
+        &postflow(&["sample", bundle.to_str().unwrap(), "-n", "2", "--steps", "0", "-o", out_s]),
+        "steps",
+    );
+    assert_eq!(std::fs::read(&out).unwrap(), b"precious");
+
+    let o = postflow(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(shapes(&out), vec![("theta".into(), vec![1000, 17])]);
+    assert_eq!(file_names(dir.path()), ["o.safetensors"]);
+}

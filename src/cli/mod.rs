@@ -4,6 +4,7 @@ mod arrays;
 mod eval;
 mod info;
 mod input;
+mod output;
 mod plot;
 mod predict;
 mod progress;

@@ -7,7 +7,7 @@ use clap::Args;
 use ndarray::{s, Array2, ArrayView1};
 use serde_json::{json, Value};
 
-use super::{arrays, input, progress, ModelArgs, SolverArgs};
+use super::{arrays, input, output, progress, ModelArgs, SolverArgs};
 use crate::bundle::Task;
 use crate::{Error, Model, OdeStats, PredictOptions, Prediction, Result, SampleOptions, TraceMode};
 
@@ -146,7 +146,7 @@ pub fn run_predict(args: &PredictArgs) -> Result<()> {
     };
     match &args.output {
         Some(path) => {
-            std::fs::write(path, text).map_err(|e| Error::io(path, &e))?;
+            output::write_file(path, text.as_bytes())?;
             if !args.model.quiet {
                 eprintln!("wrote {} predictions ({} weight samples) to {}", x.nrows(), theta.nrows(), path.display());
             }
