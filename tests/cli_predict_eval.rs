@@ -543,6 +543,55 @@ fn eval_settings_table_and_plot() {
     );
 }
 
+/// Output paths are checked before any sampling: a missing directory or a directory as
+/// the output is reported first (here ahead of the flow's refusal of --start-time 0.5).
+#[test]
+fn output_paths_are_checked_before_sampling() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.csv");
+    std::fs::write(&input, "1,2\n").unwrap();
+    let theta = dir.path().join("theta.safetensors");
+    let bundle = common::fixture("affine_cls");
+    let b = path_str(&bundle);
+    ok(&["sample", b, "-n", "3", "-q", "-o", path_str(&theta)]);
+    let missing = "/no/such/dir/out";
+    let here = path_str(dir.path());
+    let late = ["--start-time", "0.5"]; // refused by the flow (no anchors), after the path check
+    for (out, fragment) in [(missing, "/no/such/dir: No such file"), (here, "is a directory")] {
+        let runs: [Vec<&str>; 4] = [
+            vec!["sample", b, "-n", "3", "-q", "-o", out],
+            vec!["log-prob", b, "--theta", path_str(&theta), "-q", "-o", out],
+            vec!["predict", b, "-i", path_str(&input), "-n", "3", "-q", "-o", out],
+            vec!["eval", b, "-n", "3", "-q", "--plot", out],
+        ];
+        for mut args in runs {
+            args.extend(late);
+            let o = postflow(&args);
+            assert_one_line_error(&o, &[&format!("output {out}"), fragment]);
+            assert!(o.stdout.is_empty(), "{args:?}");
+        }
+    }
+}
+
+/// A plot that cannot be written (here past a file-size limit, `ulimit -f`) fails the run
+/// only after the report is printed.
+#[cfg(unix)]
+#[test]
+fn eval_prints_the_report_when_the_plot_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("p.svg");
+    let bundle = common::fixture("affine_cls");
+    let o = Command::new("sh")
+        .args(["-c", "trap '' XFSZ; ulimit -f 1 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_postflow")])
+        .args(["eval", path_str(&bundle), "-n", "40", "-q", "--plot", path_str(&svg)])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert_one_line_error(&o, &["p.svg", "File too large"]);
+    assert!(stdout(&o).contains("flow BMA") && stdout(&o).contains("accuracy"), "report: {}", stdout(&o));
+    assert!(!svg.exists());
+}
+
 /// `eval` at start time 1 with as many samples as anchors is the model average of the
 /// stored draws themselves; `--sweep` reports every start time; bad start times are errors.
 #[test]

@@ -16,7 +16,7 @@ use ndarray::{Array2, ArrayView2, Axis};
 use serde_json::{json, Map, Value};
 
 use super::predict::{draw, sample_count};
-use super::{plot, ModelArgs, SolverArg};
+use super::{output, plot, ModelArgs, SolverArg};
 use crate::bundle::{EvalTargets, Task};
 use crate::metrics::{nll_from_logits, ClassificationMetrics, RegressionMetrics};
 use crate::{spread, Error, Model, PredictOptions, Prediction, Result, SampleOptions, SolverKind};
@@ -192,6 +192,9 @@ fn run_sweep(
 }
 
 pub fn run_eval(args: &EvalArgs) -> Result<()> {
+    if let Some(path) = &args.plot {
+        output::check_path(path)?;
+    }
     let model = args.model.open()?;
     let rm = model.manifest().reference_metrics.clone();
     let n = sample_count(&model, args.n)?;
@@ -281,6 +284,13 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
         "reference_metrics": rm,
     });
 
+    // The report first: a plot that cannot be written must not discard minutes of work.
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| Error::invalid(e.to_string()))?;
+        println!("{text}");
+    } else {
+        print!("{}", eval_text(&model, &report));
+    }
     if let Some(path) = &args.plot {
         let name = &model.manifest().name;
         let series = [("flow BMA", &flow), ("HMC BMA", &hmc), ("MAP", &map)];
@@ -306,15 +316,6 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
                 plot::coverage(path, name, y, &mean_var)?;
             }
         }
-    }
-
-    if args.json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| Error::invalid(e.to_string()))?;
-        println!("{text}");
-    } else {
-        print!("{}", eval_text(&model, &report));
-    }
-    if let Some(path) = &args.plot {
         if !args.model.quiet {
             eprintln!("wrote {}", path.display());
         }

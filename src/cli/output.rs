@@ -41,6 +41,21 @@ pub fn replace_with(path: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>)
     })
 }
 
+/// Fail early, before the work that fills it, when `path` cannot become an output file:
+/// its directory must exist and it must not be a directory itself.
+pub fn check_path(path: &Path) -> Result<()> {
+    let target = resolve_link(path);
+    if target.is_dir() {
+        return Err(Error::invalid(format!("output {}: is a directory", path.display())));
+    }
+    let dir = parent_dir(&target);
+    match fs::metadata(dir) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => Err(Error::invalid(format!("output {}: {} is not a directory", path.display(), dir.display()))),
+        Err(e) => Err(Error::io(dir, &e).context(format!("output {}", path.display()))),
+    }
+}
+
 /// The file a symbolic link points to (so the link is kept and its target replaced);
 /// `path` itself when it is no link or a dangling one.
 fn resolve_link(path: &Path) -> PathBuf {

@@ -108,6 +108,9 @@ pub(super) fn class_names(model: &Model) -> Vec<String> {
 }
 
 pub fn run_predict(args: &PredictArgs) -> Result<()> {
+    if let Some(path) = &args.output {
+        output::check_path(path)?;
+    }
     let model = args.model.open()?;
     let x = input::read_inputs(&args.input, model.input_dim())?;
     let (theta, source) = match &args.samples {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use clap::Args;
 use ndarray::s;
 
-use super::{arrays, progress, trace_mode, ModelArgs, SolverArgs, TraceArg};
+use super::{arrays, output, progress, trace_mode, ModelArgs, SolverArgs, TraceArg};
 use crate::{Error, OdeStats, Result, SampleOptions, TraceMode};
 
 #[derive(Args)]
@@ -67,6 +67,7 @@ pub fn run_sample(args: &SampleArgs) -> Result<()> {
     if args.n == 0 {
         return Err(Error::invalid("-n must be at least 1"));
     }
+    output::check_path(&args.output)?;
     let model = args.model.open()?;
     let trace = trace_mode(&model, args.trace, args.probes);
     let base = args.solver.options(trace);
@@ -114,6 +115,7 @@ pub fn run_sample(args: &SampleArgs) -> Result<()> {
 }
 
 pub fn run_log_prob(args: &LogProbArgs) -> Result<()> {
+    output::check_path(&args.output)?;
     let theta = arrays::read_matrix(&args.theta, args.tensor.as_deref())?;
     if theta.nrows() == 0 {
         return Err(Error::invalid(format!("{}: no weight samples", args.theta.display())));
