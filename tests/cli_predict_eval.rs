@@ -350,6 +350,50 @@ fn a_bad_recorded_flow_samples_names_the_manifest_field() {
     assert_eq!(r["flow"]["samples"], 7);
 }
 
+/// Run postflow with stdout a pipe whose reader is already gone (`postflow … | true`).
+#[cfg(unix)]
+fn postflow_into_closed_pipe(args: &[&str]) -> Output {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    Command::new(env!("CARGO_BIN_EXE_postflow"))
+        .args(args)
+        .stdout(std::process::Stdio::from(write))
+        .output()
+        .expect("run postflow")
+}
+
+/// A reader that stops early (`| head`, `| true`) is no error: exit 0, nothing on stderr;
+/// a stdout that cannot be written (`> /dev/full`) is a one-line error.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_pipe_is_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.csv");
+    std::fs::write(&input, "1,2\n").unwrap();
+    let bundle = common::fixture("affine_cls");
+    let b = path_str(&bundle);
+    let runs: [&[&str]; 5] = [
+        &["info", b],
+        &["info", b, "--json"],
+        &["eval", b, "-n", "20", "-q"],
+        &["eval", b, "-n", "20", "-q", "--json"],
+        &["predict", b, "-i", path_str(&input), "-n", "4", "-q"],
+    ];
+    for args in runs {
+        let o = postflow_into_closed_pipe(args);
+        assert!(o.status.success() && o.stderr.is_empty(), "{args:?}: {:?} {}", o.status, stderr(&o));
+    }
+    if Path::new("/dev/full").exists() {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_postflow")).args(["info", b]).stdout(full).output().unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        assert_one_line_error(&o, &["stdout"]);
+    }
+}
+
 // ------------------------------------------------------------------------ eval
 
 /// Tolerance for HMC and MAP against `reference_metrics`: relative 1e-5 (absolute below 1).

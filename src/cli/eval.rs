@@ -285,12 +285,12 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
     });
 
     // The report first: a plot that cannot be written must not discard minutes of work.
-    if args.json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| Error::invalid(e.to_string()))?;
-        println!("{text}");
+    let text = if args.json {
+        serde_json::to_string_pretty(&report).map_err(|e| Error::invalid(e.to_string()))? + "\n"
     } else {
-        print!("{}", eval_text(&model, &report));
-    }
+        eval_text(&model, &report)
+    };
+    output::print_stdout(&text)?;
     if let Some(path) = &args.plot {
         let name = &model.manifest().name;
         let series = [("flow BMA", &flow), ("HMC BMA", &hmc), ("MAP", &map)];

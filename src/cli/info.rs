@@ -27,8 +27,7 @@ pub fn run_info(args: &InfoArgs) -> Result<()> {
     } else {
         info_text(&bundle, &v)
     };
-    print!("{text}");
-    Ok(())
+    super::output::print_stdout(&text)
 }
 
 fn task_json(task: &Task) -> Value {

@@ -41,6 +41,16 @@ pub fn replace_with(path: &Path, fill: impl FnOnce(&mut File) -> io::Result<()>)
     })
 }
 
+/// Print `text` on stdout. A closed pipe (`| head`, `| true`) is no error: the reader
+/// has what it wanted. Other write errors (`> /dev/full`) are.
+pub fn print_stdout(text: &str) -> Result<()> {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(Error::io(Path::new("stdout"), &e)),
+        _ => Ok(()),
+    }
+}
+
 /// Fail early, before the work that fills it, when `path` cannot become an output file:
 /// its directory must exist and it must not be a directory itself.
 pub fn check_path(path: &Path) -> Result<()> {

@@ -154,12 +154,7 @@ pub fn run_predict(args: &PredictArgs) -> Result<()> {
                 eprintln!("wrote {} predictions ({} weight samples) to {}", x.nrows(), theta.nrows(), path.display());
             }
         }
-        None => {
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            // A closed pipe (`| head`) is not an error worth a message.
-            let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
-        }
+        None => output::print_stdout(&text)?,
     }
     Ok(())
 }
