@@ -170,6 +170,27 @@ fn usage_errors_are_one_line_too() {
     assert_one_line_error(&o, "bogus-command");
 }
 
+/// The one line keeps clap's whole message: which arguments are missing, the possible
+/// values; with no command at all the help is shown.
+#[test]
+fn usage_errors_keep_their_details() {
+    let o = postflow(&["sample", "x"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_one_line_error(&o, "not provided: --num-samples <N>, --output <OUTPUT> (see --help)");
+    let o = postflow(&["sample", "x", "-n", "2", "--solver", "rk5", "-o", "y"]);
+    assert_one_line_error(&o, "[possible values: euler, heun, rk4, dopri5]");
+    assert!(stderr(&o).contains("tip: a similar value exists: 'rk4'"), "{}", stderr(&o));
+    let o = postflow(&["sample", "x", "-n", "2", "-o", "y", "--sover", "rk4"]);
+    assert_one_line_error(&o, "a similar argument exists: '--solver'");
+    let o = postflow(&[]);
+    assert_eq!(o.status.code(), Some(2));
+    let help = stderr(&o);
+    assert!(!help.contains("error"), "{help}");
+    for fragment in ["Usage: postflow <COMMAND>", "sample", "log-prob", "predict", "eval", "info"] {
+        assert!(help.contains(fragment), "{help}");
+    }
+}
+
 /// ONNX Runtime's own log lines stay off the host's stderr: a failing run reports one
 /// postflow error (which carries ONNX Runtime's message); `POSTFLOW_ORT_LOG` brings them back.
 #[test]

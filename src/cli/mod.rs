@@ -1,5 +1,6 @@
 //! The `postflow` command line: `info`, `sample`, `log-prob`, `predict`, `eval`.
-//! Errors print one `error: …` line on stderr and exit with status 1.
+//! Errors print one `error: …` line on stderr and exit with status 1; usage errors (clap's
+//! message, condensed to one line) exit with status 2, and no command at all shows the help.
 mod arrays;
 mod eval;
 mod info;
@@ -12,6 +13,7 @@ mod sample;
 
 use std::path::PathBuf;
 
+use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{Model, ModelOptions, ProbeNoise, Result, SampleOptions, SolverKind, TraceMode};
@@ -158,18 +160,60 @@ pub(crate) fn trace_mode(model: &Model, trace: TraceArg, probes: Option<u32>) ->
     }
 }
 
+/// Clap's usage error as one line, all of its content kept (which arguments are missing,
+/// the possible values, the tips) but the usage synopsis and the pointer to --help.
+fn usage_error_line(rendered: &str) -> String {
+    let mut paragraphs: Vec<String> = Vec::new();
+    let mut current: Vec<&str> = Vec::new();
+    for line in rendered.lines().map(str::trim) {
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if line.is_empty() {
+            paragraphs.extend(join_paragraph(&current));
+            current.clear();
+        } else {
+            current.push(line);
+        }
+    }
+    paragraphs.extend(join_paragraph(&current));
+    let text = paragraphs.join("; ");
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    if text.is_empty() {
+        "invalid arguments".to_string()
+    } else {
+        text.to_string()
+    }
+}
+
+/// "head:" followed by items as "head: a, b"; other lines joined by spaces.
+fn join_paragraph(lines: &[&str]) -> Option<String> {
+    let (head, items) = lines.split_first()?;
+    if items.is_empty() {
+        Some(head.to_string())
+    } else if head.ends_with(':') {
+        Some(format!("{head} {}", items.join(", ")))
+    } else {
+        Some(format!("{head} {}", items.join(" ")))
+    }
+}
+
 /// Run the CLI; returns the process exit status.
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
             e.exit()
         }
         Err(e) => {
-            // Usage errors too are one line; `--help` has the details.
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            eprintln!("error: {first} (see --help)");
+            eprintln!("error: {} (see --help)", usage_error_line(&e.render().to_string()));
             return 2;
         }
     };
