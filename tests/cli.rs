@@ -263,3 +263,29 @@ fn a_failed_write_keeps_the_existing_output() {
     assert_eq!(shapes(&out), vec![("theta".into(), vec![1000, 17])]);
     assert_eq!(file_names(dir.path()), ["o.safetensors"]);
 }
+
+/// A negative number is a value, not a flag: its range error is shown (not
+/// "unexpected argument '-0'").
+#[test]
+fn negative_numbers_are_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let out = out.to_str().unwrap();
+    let bundle = common::fixture("affine_anchored");
+    let b = bundle.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["sample", b, "-n", "2", "-q", "-o", out];
+        args.extend(extra);
+        postflow(&args)
+    };
+    assert_one_line_error(&run(&["--start-time", "-0.5"]), "start_time must be in [0, 1], got -0.5");
+    assert_one_line_error(&run(&["--solver", "dopri5", "--rtol", "-1"]), "rtol must be finite and > 0, got -1");
+    assert_one_line_error(&run(&["--solver", "dopri5", "--atol", "-1e-3"]), "atol must be finite and > 0, got -0.001");
+    for (flag, value) in [("--steps", "-3"), ("--seed", "-1"), ("--batch", "-2"), ("--probes", "-1")] {
+        let o = run(&[flag, value]);
+        assert_eq!(o.status.code(), Some(2));
+        assert_one_line_error(&o, &format!("invalid value '{value}'"));
+    }
+    let o = postflow(&["eval", b, "-q", "--start-time", "-0.5"]);
+    assert_one_line_error(&o, "start_time must be in [0, 1], got -0.5");
+}

@@ -52,28 +52,28 @@ pub struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Flow samples (default: the manifest's reference_metrics.flow_samples, else 400).
-    #[arg(short = 'n', long = "num-samples")]
+    #[arg(short = 'n', long = "num-samples", allow_negative_numbers = true)]
     n: Option<usize>,
     /// Random seed (default: the manifest's reference_metrics.seed, else 0).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     seed: Option<u64>,
     /// ODE solver (default: reference_metrics.solver.method, else the bundle's).
     #[arg(long, value_enum)]
     solver: Option<SolverArg>,
     /// Steps of a fixed-step solver (default: reference_metrics.solver.steps, else the bundle's).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     steps: Option<u32>,
     /// Relative tolerance (dopri5).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     rtol: Option<f64>,
     /// Absolute tolerance (dopri5).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     atol: Option<f64>,
     /// Samples per ONNX Runtime call (0: default).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     batch: usize,
     /// Start time t0 in [0, 1] (default: the bundle's flow.default_start_time, else 0).
-    #[arg(long, value_name = "T0")]
+    #[arg(long, value_name = "T0", allow_hyphen_values = true)]
     start_time: Option<f64>,
     /// Also evaluate every start time of the manifest's reference_metrics.start_time_sweep
     /// (without one: 0, 0.5, 0.8, 0.9, 0.95, 1; only 0 without anchors), beside its rows.

@@ -1,6 +1,9 @@
 //! The `postflow` command line: `info`, `sample`, `log-prob`, `predict`, `eval`.
 //! Errors print one `error: …` line on stderr and exit with status 1; usage errors (clap's
 //! message, condensed to one line) exit with status 2, and no command at all shows the help.
+//! Numeric options take a value that starts with '-' (`allow_negative_numbers`; for floats
+//! `allow_hyphen_values`, as clap does not see `-1e-3` as a number), so `--start-time -0.5`
+//! gets its range error instead of clap reading `-0` as a flag.
 mod arrays;
 mod eval;
 mod info;
@@ -52,10 +55,10 @@ pub(crate) struct ModelArgs {
     #[arg(long, value_name = "PATH")]
     pub onnxruntime: Option<PathBuf>,
     /// Run on CUDA device ID (needs the `cuda` feature and a CUDA build of ONNX Runtime).
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", allow_negative_numbers = true)]
     pub cuda: Option<i32>,
     /// Intra-op threads per ONNX Runtime session (0: ONNX Runtime's default).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub threads: usize,
     /// Let ONNX Runtime's worker threads spin between runs (faster in a process that only
     /// samples; off by default so idle pools leave the cores to other work).
@@ -99,28 +102,28 @@ pub(crate) enum TraceArg {
 #[derive(Args, Clone)]
 pub(crate) struct SolverArgs {
     /// Random seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// ODE solver (default: the bundle's).
     #[arg(long, value_enum)]
     pub solver: Option<SolverArg>,
     /// Steps of a fixed-step solver (default: the bundle's).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub steps: Option<u32>,
     /// Relative tolerance (dopri5).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub rtol: Option<f64>,
     /// Absolute tolerance (dopri5).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub atol: Option<f64>,
     /// Samples per ONNX Runtime call (0: default).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub batch: usize,
     /// Start time t0 in [0, 1] (default: the bundle's). 0 integrates the flow from N(0, I);
     /// between 0 and 1 it starts at t0·a + (1 − t0)·z around a stored draw a (on the spheres
     /// of a sphere_product bundle, slerp(z, a; t0)); 1 returns the stored posterior draws
     /// themselves (close to 1: near-copies of them).
-    #[arg(long, value_name = "T0")]
+    #[arg(long, value_name = "T0", allow_hyphen_values = true)]
     pub start_time: Option<f64>,
 }
 

@@ -22,7 +22,7 @@ pub struct PredictArgs {
     #[arg(short, long, value_name = "FILE")]
     input: PathBuf,
     /// Flow samples to draw (default: the manifest's reference_metrics.flow_samples, else 400).
-    #[arg(short = 'n', long = "num-samples", conflicts_with = "samples")]
+    #[arg(short = 'n', long = "num-samples", conflicts_with = "samples", allow_negative_numbers = true)]
     n: Option<usize>,
     /// Use these weight samples [S, D] (safetensors) instead of drawing.
     #[arg(long, value_name = "FILE")]

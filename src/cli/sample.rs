@@ -12,7 +12,7 @@ pub struct SampleArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Number of samples.
-    #[arg(short = 'n', long = "num-samples")]
+    #[arg(short = 'n', long = "num-samples", allow_negative_numbers = true)]
     n: usize,
     #[command(flatten)]
     solver: SolverArgs,
@@ -20,7 +20,7 @@ pub struct SampleArgs {
     #[arg(long, value_enum, default_value = "none")]
     trace: TraceArg,
     /// Hutchinson probes per sample (default: the bundle's).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     probes: Option<u32>,
     /// Output safetensors file: theta [N,D], log_density [N], log_density_stderr [N].
     #[arg(short, long)]
@@ -43,7 +43,7 @@ pub struct LogProbArgs {
     #[arg(long, value_enum, default_value = "hutchinson")]
     trace: TraceArg,
     /// Hutchinson probes per sample (default: the bundle's).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     probes: Option<u32>,
     /// On a sphere_product bundle, renormalize each hidden unit's (w, b) onto its unit sphere
     /// first; without it, weights off the slice (|‖(w, b)‖ − 1| > 1e-4) are refused.
