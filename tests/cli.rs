@@ -138,10 +138,13 @@ fn errors_are_one_line() {
     );
     let own = dir.path().join("own.safetensors");
     assert!(postflow(&["sample", bundle, "-n", "3", "-q", "-o", own.to_str().unwrap()]).status.success());
-    assert_one_line_error(
-        &postflow(&["log-prob", bundle, "--theta", own.to_str().unwrap(), "--trace", "none", "-o", out]),
-        "needs a trace mode",
-    );
+    // log-prob always computes a log-density: `--trace none` is no accepted value.
+    let o = postflow(&["log-prob", bundle, "--theta", own.to_str().unwrap(), "--trace", "none", "-o", out]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_one_line_error(&o, "invalid value 'none' for '--trace <TRACE>' [possible values: hutchinson,");
+    let help = String::from_utf8_lossy(&postflow(&["log-prob", "--help"]).stdout).into_owned();
+    let trace_line = help.lines().find(|l| l.contains("--trace <TRACE>")).expect("--trace in the help");
+    assert!(!trace_line.contains("none"), "{trace_line}");
 }
 
 #[test]

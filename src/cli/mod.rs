@@ -90,12 +90,31 @@ pub(crate) enum SolverArg {
     Dopri5,
 }
 
+/// Log-density modes of `sample`.
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub(crate) enum TraceArg {
     None,
     Hutchinson,
     HutchinsonGaussian,
     Exact,
+}
+
+/// Log-density modes of `log-prob`: the log-density is what it computes, so no `none`.
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum LogProbTraceArg {
+    Hutchinson,
+    HutchinsonGaussian,
+    Exact,
+}
+
+impl From<LogProbTraceArg> for TraceArg {
+    fn from(t: LogProbTraceArg) -> TraceArg {
+        match t {
+            LogProbTraceArg::Hutchinson => TraceArg::Hutchinson,
+            LogProbTraceArg::HutchinsonGaussian => TraceArg::HutchinsonGaussian,
+            LogProbTraceArg::Exact => TraceArg::Exact,
+        }
+    }
 }
 
 /// Solver and trace flags; unset ones take the bundle's defaults.

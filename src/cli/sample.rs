@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use clap::Args;
 use ndarray::s;
 
-use super::{arrays, output, progress, trace_mode, ModelArgs, SolverArgs, TraceArg};
+use super::{arrays, output, progress, trace_mode, LogProbTraceArg, ModelArgs, SolverArgs, TraceArg};
 use crate::{Error, OdeStats, Result, SampleOptions, TraceMode};
 
 #[derive(Args)]
@@ -41,7 +41,7 @@ pub struct LogProbArgs {
     solver: SolverArgs,
     /// Log-density mode.
     #[arg(long, value_enum, default_value = "hutchinson")]
-    trace: TraceArg,
+    trace: LogProbTraceArg,
     /// Hutchinson probes per sample (default: the bundle's).
     #[arg(long, allow_negative_numbers = true)]
     probes: Option<u32>,
@@ -121,7 +121,7 @@ pub fn run_log_prob(args: &LogProbArgs) -> Result<()> {
         return Err(Error::invalid(format!("{}: no weight samples", args.theta.display())));
     }
     let model = args.model.open()?;
-    let trace = trace_mode(&model, args.trace, args.probes);
+    let trace = trace_mode(&model, args.trace.into(), args.probes);
     let base = SampleOptions { project_to_slice: args.project, ..args.solver.options(trace) };
     let n = theta.nrows();
     let mut logd = Vec::with_capacity(n);
