@@ -682,6 +682,12 @@ fn eval_start_times_and_sweep() {
     assert_eq!(rows[1]["tv"], r["methods"]["flow"]["tv"]);
     let text = ok(&["eval", b, "-q", "-n", "40", "--sweep"]);
     assert!(text.contains("t0 = 0.5 *") && text.contains("mem.ratio") && text.contains("epi.ood"), "{text}");
+    assert!(text.contains("* the start time used above"), "{text}");
+    // A start time off the sweep marks no row, and then has no legend either.
+    let text = ok(&["eval", b, "-q", "-n", "20", "--sweep", "--start-time", "0.3"]);
+    assert!(text.contains("start-time sweep"), "{text}");
+    assert!(!text.lines().any(|l| l.starts_with("t0 = ") && l.contains(" *")), "{text}");
+    assert!(!text.contains("the start time used above"), "{text}");
 
     // Without anchors the sweep has the plain flow only, and t0 > 0 is refused.
     let plain = common::fixture("affine_cls");

@@ -401,9 +401,12 @@ fn eval_text(model: &Model, r: &Value) -> String {
         let _ =
             writeln!(o, "\nstart-time sweep (this runtime; manifest rows from reference_metrics.start_time_sweep):");
         let mut sweep_rows = Vec::new();
+        let mut marked = false;
         for row in rows {
             let t = row["start_time"].as_f64().unwrap_or(f64::NAN);
-            let mark = if (t - t0).abs() < 1e-12 { " *" } else { "" };
+            let is_t0 = (t - t0).abs() < 1e-12;
+            marked |= is_t0;
+            let mark = if is_t0 { " *" } else { "" };
             sweep_rows.push((format!("t0 = {t}{mark}"), row.clone()));
             if let Some(m) = manifest_sweep.and_then(|rows| sweep_row(rows, t)) {
                 sweep_rows.push(("  manifest".to_string(), m.clone()));
@@ -417,7 +420,10 @@ fn eval_text(model: &Model, r: &Value) -> String {
         };
         let columns: Vec<(&str, &str)> = columns.into_iter().chain(SPREAD_COLUMNS).collect();
         o.push_str(&table(&columns, &sweep_rows));
-        let _ = writeln!(o, "* the start time used above");
+        // A start time off the sweep marks no row, so there is nothing to explain.
+        if marked {
+            let _ = writeln!(o, "* the start time used above");
+        }
     }
     let rm = &r["reference_metrics"];
     if let (Some(_), Some(fs)) = (recorded, rm.get("flow_samples")) {
