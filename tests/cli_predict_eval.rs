@@ -100,6 +100,8 @@ fn info_text_and_json() {
     assert_eq!(v["hutchinson"]["probes"], 1);
     assert_eq!(v["tensors"]["posterior_samples"], 16);
     assert_eq!(v["tensors"]["eval_inputs"], 32);
+    assert_eq!(v["tensors"]["anchors"], 0);
+    assert_eq!(v["default_start_time"], 0.0);
     assert_eq!(v["provenance"]["seed"], 1001);
     assert_eq!(v["reference_metrics"]["methods"]["hmc"]["accuracy"], 0.4375);
 
@@ -115,9 +117,20 @@ fn info_text_and_json() {
         "seed: 1001",
         "reference metrics",
         "0.4375",
+        "0 anchor draws",
+        "start time   0 by default",
     ] {
         assert!(text.contains(fragment), "info lacks {fragment:?}:\n{text}");
     }
+    // An anchored bundle: its anchor count and default start time (flow.default_start_time).
+    let anchored = common::fixture("affine_anchored");
+    let model = common::open("affine_anchored");
+    let v = json(&["info", path_str(&anchored), "--json"]);
+    assert_eq!(v["tensors"]["anchors"], model.anchor_count());
+    assert_eq!(v["default_start_time"], 0.5);
+    let text = ok(&["info", path_str(&anchored)]);
+    let anchors = format!("{} anchor draws", model.anchor_count());
+    assert!(text.contains(&anchors) && text.contains("start time   0.5 by default"), "{text}");
 
     let reg = json(&["info", path_str(&common::fixture("affine_hetero")), "--json"]);
     assert_eq!(reg["task"]["noise"]["kind"], "heteroscedastic");
