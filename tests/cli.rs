@@ -292,3 +292,59 @@ fn negative_numbers_are_values() {
     let o = postflow(&["eval", b, "-q", "--start-time", "-0.5"]);
     assert_one_line_error(&o, "start_time must be in [0, 1], got -0.5");
 }
+
+fn tensor(path: &std::path::Path, name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let table = SafeTensors::deserialize(&bytes).unwrap();
+    let data = table.tensor(name).unwrap().data().to_vec();
+    data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+/// `--trace hutchinson` uses the bundle's probe noise (flow.hutchinson.noise);
+/// `hutchinson-rademacher` and `hutchinson-gaussian` choose one.
+#[test]
+fn hutchinson_takes_the_bundles_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    // affine_cls with Gaussian probes.
+    let gaussian = dir.path().join("gaussian");
+    std::fs::create_dir(&gaussian).unwrap();
+    for entry in std::fs::read_dir(common::fixture("affine_cls")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), gaussian.join(entry.file_name())).unwrap();
+    }
+    let manifest = gaussian.join("postflow.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(v["flow"]["hutchinson"]["noise"], "rademacher");
+    v["flow"]["hutchinson"]["noise"] = "gaussian".into();
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+
+    let log_density = |bundle: &std::path::Path, trace: &str| {
+        let out = dir.path().join(format!("{}-{trace}.safetensors", bundle.file_name().unwrap().to_str().unwrap()));
+        let args =
+            ["sample", bundle.to_str().unwrap(), "-n", "20", "--trace", trace, "-q", "-o", out.to_str().unwrap()];
+        let o = postflow(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        tensor(&out, "log_density")
+    };
+    let g = log_density(&gaussian, "hutchinson");
+    assert_eq!(g, log_density(&gaussian, "hutchinson-gaussian"));
+    assert_ne!(g, log_density(&gaussian, "hutchinson-rademacher"));
+    let original = common::fixture("affine_cls");
+    let r = log_density(&original, "hutchinson");
+    assert_eq!(r, log_density(&original, "hutchinson-rademacher"));
+    assert_ne!(r, g);
+
+    // log-prob's default trace is hutchinson: the bundle's noise too.
+    let theta = dir.path().join("gaussian-hutchinson.safetensors");
+    let lp = |extra: &[&str]| {
+        let out = dir.path().join("lp.safetensors");
+        let mut args = vec!["log-prob", gaussian.to_str().unwrap(), "--theta", theta.to_str().unwrap()];
+        args.extend(extra);
+        args.extend(["-q", "-o", out.to_str().unwrap()]);
+        let o = postflow(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        tensor(&out, "log_density")
+    };
+    assert_eq!(lp(&[]), lp(&["--trace", "hutchinson-gaussian"]));
+    assert_ne!(lp(&[]), lp(&["--trace", "hutchinson-rademacher"]));
+}

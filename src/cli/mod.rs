@@ -93,17 +93,28 @@ pub(crate) enum SolverArg {
 /// Log-density modes of `sample`.
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub(crate) enum TraceArg {
+    /// No log-densities.
     None,
+    /// Hutchinson estimate with the bundle's probe noise (flow.hutchinson.noise).
     Hutchinson,
+    /// Hutchinson estimate with Rademacher (±1) probes.
+    HutchinsonRademacher,
+    /// Hutchinson estimate with Gaussian probes.
     HutchinsonGaussian,
+    /// Exact trace of the Jacobian.
     Exact,
 }
 
 /// Log-density modes of `log-prob`: the log-density is what it computes, so no `none`.
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum LogProbTraceArg {
+    /// Hutchinson estimate with the bundle's probe noise (flow.hutchinson.noise).
     Hutchinson,
+    /// Hutchinson estimate with Rademacher (±1) probes.
+    HutchinsonRademacher,
+    /// Hutchinson estimate with Gaussian probes.
     HutchinsonGaussian,
+    /// Exact trace of the Jacobian.
     Exact,
 }
 
@@ -111,6 +122,7 @@ impl From<LogProbTraceArg> for TraceArg {
     fn from(t: LogProbTraceArg) -> TraceArg {
         match t {
             LogProbTraceArg::Hutchinson => TraceArg::Hutchinson,
+            LogProbTraceArg::HutchinsonRademacher => TraceArg::HutchinsonRademacher,
             LogProbTraceArg::HutchinsonGaussian => TraceArg::HutchinsonGaussian,
             LogProbTraceArg::Exact => TraceArg::Exact,
         }
@@ -167,16 +179,18 @@ impl SolverArgs {
     }
 }
 
-/// The trace mode from flags; `probes` defaults to the bundle's.
+/// The trace mode from flags; `probes`, and the noise of plain `hutchinson`, default to
+/// the bundle's (flow.hutchinson).
 pub(crate) fn trace_mode(model: &Model, trace: TraceArg, probes: Option<u32>) -> TraceMode {
-    let default_probes = match model.default_hutchinson() {
-        TraceMode::Hutchinson { probes, .. } => probes,
-        _ => 1,
+    let (default_probes, default_noise) = match model.default_hutchinson() {
+        TraceMode::Hutchinson { probes, noise } => (probes, noise),
+        _ => (1, ProbeNoise::Rademacher),
     };
     let probes = probes.unwrap_or(default_probes);
     match trace {
         TraceArg::None => TraceMode::None,
-        TraceArg::Hutchinson => TraceMode::Hutchinson { probes, noise: ProbeNoise::Rademacher },
+        TraceArg::Hutchinson => TraceMode::Hutchinson { probes, noise: default_noise },
+        TraceArg::HutchinsonRademacher => TraceMode::Hutchinson { probes, noise: ProbeNoise::Rademacher },
         TraceArg::HutchinsonGaussian => TraceMode::Hutchinson { probes, noise: ProbeNoise::Gaussian },
         TraceArg::Exact => TraceMode::Exact,
     }
