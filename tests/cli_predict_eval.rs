@@ -64,6 +64,21 @@ fn write_npy(path: &Path, descr: &str, shape: (usize, usize), data: &[u8]) {
     std::fs::write(path, out).unwrap();
 }
 
+/// A copy of fixture `name` under `dir` with its manifest changed by `edit`.
+fn copy_fixture(name: &str, dir: &Path, edit: impl FnOnce(&mut Value)) -> PathBuf {
+    let bundle = dir.join(name);
+    std::fs::create_dir(&bundle).unwrap();
+    for entry in std::fs::read_dir(common::fixture(name)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), bundle.join(entry.file_name())).unwrap();
+    }
+    let manifest = bundle.join("postflow.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    bundle
+}
+
 const INPUTS: [[f32; 2]; 4] = [[0.5, 1.0], [-1.25, 2.0], [3.0, -0.75], [0.0, 0.0]];
 
 // ------------------------------------------------------------------------ info
@@ -85,6 +100,8 @@ fn info_text_and_json() {
     assert_eq!(v["hutchinson"]["probes"], 1);
     assert_eq!(v["tensors"]["posterior_samples"], 16);
     assert_eq!(v["tensors"]["eval_inputs"], 32);
+    assert_eq!(v["tensors"]["anchors"], 0);
+    assert_eq!(v["default_start_time"], 0.0);
     assert_eq!(v["provenance"]["seed"], 1001);
     assert_eq!(v["reference_metrics"]["methods"]["hmc"]["accuracy"], 0.4375);
 
@@ -100,9 +117,20 @@ fn info_text_and_json() {
         "seed: 1001",
         "reference metrics",
         "0.4375",
+        "0 anchor draws",
+        "start time   0 by default",
     ] {
         assert!(text.contains(fragment), "info lacks {fragment:?}:\n{text}");
     }
+    // An anchored bundle: its anchor count and default start time (flow.default_start_time).
+    let anchored = common::fixture("affine_anchored");
+    let model = common::open("affine_anchored");
+    let v = json(&["info", path_str(&anchored), "--json"]);
+    assert_eq!(v["tensors"]["anchors"], model.anchor_count());
+    assert_eq!(v["default_start_time"], 0.5);
+    let text = ok(&["info", path_str(&anchored)]);
+    let anchors = format!("{} anchor draws", model.anchor_count());
+    assert!(text.contains(&anchors) && text.contains("start time   0.5 by default"), "{text}");
 
     let reg = json(&["info", path_str(&common::fixture("affine_hetero")), "--json"]);
     assert_eq!(reg["task"]["noise"]["kind"], "heteroscedastic");
@@ -262,6 +290,9 @@ fn bad_input_files_give_one_line_errors() {
     npy("empty.npy", "<f4", (0, 2), &[], &["no inputs"]);
     npy("int.npy", "<i8", (1, 2), &[0; 16], &["\"<i8\" is not supported"]);
     npy("short.npy", "<f8", (2, 2), &[0; 16], &["needs 32"]);
+    // A crafted shape whose byte count wraps around 2^64 (to 0, or to the 8 bytes present).
+    npy("wrap0.npy", "<f4", (1 << 61, 2), &[], &["needs more than 2^64"]);
+    npy("wrap8.npy", "<f8", ((1 << 61) + 1, 1), &[0; 8], &["needs more than 2^64"]);
     let garbage = dir.path().join("garbage.npy");
     std::fs::write(&garbage, b"not an npy file at all").unwrap();
     assert_one_line_error(&postflow(&["predict", b, "-i", path_str(&garbage), "-q"]), &["garbage.npy", "magic"]);
@@ -280,6 +311,100 @@ fn bad_input_files_give_one_line_errors() {
     let o = postflow(&["predict", b, "-i", path_str(&good), "-n", "3", "--samples", path_str(&reg_samples)]);
     assert_eq!(o.status.code(), Some(2));
     assert_one_line_error(&o, &["--samples"]);
+}
+
+/// An absurd `-n` is a one-line error (exit 1) in `predict` and `eval`, not a panic or an abort.
+#[test]
+fn a_huge_sample_count_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.csv");
+    std::fs::write(&input, "1,2\n").unwrap();
+    let bundle = common::fixture("affine_cls");
+    let b = path_str(&bundle);
+    let huge = "18446744073709551615";
+    for args in [vec!["predict", b, "-i", path_str(&input), "-n", huge, "-q"], vec!["eval", b, "-n", huge, "-q"]] {
+        let o = postflow(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert_one_line_error(&o, &["do not fit in memory"]);
+    }
+}
+
+/// Without -n, `predict` and `eval` draw the manifest's `reference_metrics.flow_samples`; a
+/// count that is not an integer in 1..=1e6 is refused naming that field (not "-n").
+#[test]
+fn a_bad_recorded_flow_samples_names_the_manifest_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.csv");
+    std::fs::write(&input, "1,2\n").unwrap();
+    let bad = [
+        serde_json::json!(0),
+        serde_json::json!(1_000_000_000_000_000_000u64),
+        serde_json::json!(1_000_001),
+        serde_json::json!(-3),
+        serde_json::json!(2.5),
+        serde_json::json!("400"),
+    ];
+    for (i, count) in bad.into_iter().enumerate() {
+        let sub = dir.path().join(i.to_string());
+        std::fs::create_dir(&sub).unwrap();
+        let bundle = copy_fixture("affine_cls", &sub, |v| v["reference_metrics"]["flow_samples"] = count.clone());
+        let b = path_str(&bundle);
+        for args in [vec!["predict", b, "-i", path_str(&input), "-q"], vec!["eval", b, "-q"]] {
+            let o = postflow(&args);
+            assert_eq!(o.status.code(), Some(1), "{count}: {}", stderr(&o));
+            assert_one_line_error(&o, &["manifest reference_metrics.flow_samples", &format!("= {count}:")]);
+            assert!(!stderr(&o).contains("-n must be"), "{}", stderr(&o));
+        }
+        // An explicit -n does not need the manifest's count.
+        ok(&["predict", b, "-i", path_str(&input), "-n", "4", "-q"]);
+    }
+    let bundle = copy_fixture("affine_cls", dir.path(), |v| v["reference_metrics"]["flow_samples"] = 7.into());
+    let r = json(&["eval", path_str(&bundle), "--json", "-q"]);
+    assert_eq!(r["flow"]["samples"], 7);
+}
+
+/// Run postflow with stdout a pipe whose reader is already gone (`postflow … | true`).
+#[cfg(unix)]
+fn postflow_into_closed_pipe(args: &[&str]) -> Output {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    Command::new(env!("CARGO_BIN_EXE_postflow"))
+        .args(args)
+        .stdout(std::process::Stdio::from(write))
+        .output()
+        .expect("run postflow")
+}
+
+/// A reader that stops early (`| head`, `| true`) is no error: exit 0, nothing on stderr;
+/// a stdout that cannot be written (`> /dev/full`) is a one-line error.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_pipe_is_not_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.csv");
+    std::fs::write(&input, "1,2\n").unwrap();
+    let bundle = common::fixture("affine_cls");
+    let b = path_str(&bundle);
+    let runs: [&[&str]; 5] = [
+        &["info", b],
+        &["info", b, "--json"],
+        &["eval", b, "-n", "20", "-q"],
+        &["eval", b, "-n", "20", "-q", "--json"],
+        &["predict", b, "-i", path_str(&input), "-n", "4", "-q"],
+    ];
+    for args in runs {
+        let o = postflow_into_closed_pipe(args);
+        assert!(o.status.success() && o.stderr.is_empty(), "{args:?}: {:?} {}", o.status, stderr(&o));
+    }
+    if Path::new("/dev/full").exists() {
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_postflow")).args(["info", b]).stdout(full).output().unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        assert_one_line_error(&o, &["stdout"]);
+    }
 }
 
 // ------------------------------------------------------------------------ eval
@@ -475,6 +600,55 @@ fn eval_settings_table_and_plot() {
     );
 }
 
+/// Output paths are checked before any sampling: a missing directory or a directory as
+/// the output is reported first (here ahead of the flow's refusal of --start-time 0.5).
+#[test]
+fn output_paths_are_checked_before_sampling() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("x.csv");
+    std::fs::write(&input, "1,2\n").unwrap();
+    let theta = dir.path().join("theta.safetensors");
+    let bundle = common::fixture("affine_cls");
+    let b = path_str(&bundle);
+    ok(&["sample", b, "-n", "3", "-q", "-o", path_str(&theta)]);
+    let missing = "/no/such/dir/out";
+    let here = path_str(dir.path());
+    let late = ["--start-time", "0.5"]; // refused by the flow (no anchors), after the path check
+    for (out, fragment) in [(missing, "/no/such/dir: No such file"), (here, "is a directory")] {
+        let runs: [Vec<&str>; 4] = [
+            vec!["sample", b, "-n", "3", "-q", "-o", out],
+            vec!["log-prob", b, "--theta", path_str(&theta), "-q", "-o", out],
+            vec!["predict", b, "-i", path_str(&input), "-n", "3", "-q", "-o", out],
+            vec!["eval", b, "-n", "3", "-q", "--plot", out],
+        ];
+        for mut args in runs {
+            args.extend(late);
+            let o = postflow(&args);
+            assert_one_line_error(&o, &[&format!("output {out}"), fragment]);
+            assert!(o.stdout.is_empty(), "{args:?}");
+        }
+    }
+}
+
+/// A plot that cannot be written (here past a file-size limit, `ulimit -f`) fails the run
+/// only after the report is printed.
+#[cfg(unix)]
+#[test]
+fn eval_prints_the_report_when_the_plot_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("p.svg");
+    let bundle = common::fixture("affine_cls");
+    let o = Command::new("sh")
+        .args(["-c", "trap '' XFSZ; ulimit -f 1 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_postflow")])
+        .args(["eval", path_str(&bundle), "-n", "40", "-q", "--plot", path_str(&svg)])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert_one_line_error(&o, &["p.svg", "File too large"]);
+    assert!(stdout(&o).contains("flow BMA") && stdout(&o).contains("accuracy"), "report: {}", stdout(&o));
+    assert!(!svg.exists());
+}
+
 /// `eval` at start time 1 with as many samples as anchors is the model average of the
 /// stored draws themselves; `--sweep` reports every start time; bad start times are errors.
 #[test]
@@ -521,6 +695,12 @@ fn eval_start_times_and_sweep() {
     assert_eq!(rows[1]["tv"], r["methods"]["flow"]["tv"]);
     let text = ok(&["eval", b, "-q", "-n", "40", "--sweep"]);
     assert!(text.contains("t0 = 0.5 *") && text.contains("mem.ratio") && text.contains("epi.ood"), "{text}");
+    assert!(text.contains("* the start time used above"), "{text}");
+    // A start time off the sweep marks no row, and then has no legend either.
+    let text = ok(&["eval", b, "-q", "-n", "20", "--sweep", "--start-time", "0.3"]);
+    assert!(text.contains("start-time sweep"), "{text}");
+    assert!(!text.lines().any(|l| l.starts_with("t0 = ") && l.contains(" *")), "{text}");
+    assert!(!text.contains("the start time used above"), "{text}");
 
     // Without anchors the sweep has the plain flow only, and t0 > 0 is refused.
     let plain = common::fixture("affine_cls");
@@ -552,19 +732,12 @@ fn eval_start_times_and_sweep() {
 #[test]
 fn eval_sweep_follows_the_manifest_sweep() {
     let dir = tempfile::tempdir().unwrap();
-    let bundle = dir.path().join("affine_anchored");
-    std::fs::create_dir(&bundle).unwrap();
-    for entry in std::fs::read_dir(common::fixture("affine_anchored")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), bundle.join(entry.file_name())).unwrap();
-    }
-    let manifest = bundle.join("postflow.json");
-    let mut v: Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-    v["reference_metrics"]["start_time_sweep"] = serde_json::json!([
-        {"start_time": 0.85}, {"start_time": 0.0}, {"start_time": "0.3"}, {"start_time": 2.0},
-        {"start_time": -0.5}, {"nll": 1.0}, {"start_time": 0.85}
-    ]);
-    std::fs::write(&manifest, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let bundle = copy_fixture("affine_anchored", dir.path(), |v| {
+        v["reference_metrics"]["start_time_sweep"] = serde_json::json!([
+            {"start_time": 0.85}, {"start_time": 0.0}, {"start_time": "0.3"}, {"start_time": 2.0},
+            {"start_time": -0.5}, {"nll": 1.0}, {"start_time": 0.85}
+        ]);
+    });
     let r = json(&["eval", path_str(&bundle), "--json", "-q", "-n", "20", "--sweep"]);
     let times: Vec<f64> =
         r["sweep"].as_array().unwrap().iter().map(|row| row["start_time"].as_f64().unwrap()).collect();

@@ -7,7 +7,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::{Error, Result};
 
-/// Write named f32 tensors (name, shape, values) to a safetensors file.
+/// Write named f32 tensors (name, shape, values) to a safetensors file (replaced whole or not at all).
 pub fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<()> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
@@ -25,7 +25,7 @@ pub fn write_f32(path: &Path, tensors: &[(&str, Vec<usize>, &[f32])]) -> Result<
         .collect::<Result<_>>()?;
     let out = safetensors::serialize(views, None::<HashMap<String, String>>)
         .map_err(|e| Error::invalid(format!("could not serialize {}: {e}", path.display())))?;
-    std::fs::write(path, out).map_err(|e| Error::io(path, &e))
+    super::output::write_file(path, &out)
 }
 
 /// Read a 2-D f32 tensor `name` (or the only tensor when `name` is `None`).

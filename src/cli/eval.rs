@@ -15,8 +15,8 @@ use clap::Args;
 use ndarray::{Array2, ArrayView2, Axis};
 use serde_json::{json, Map, Value};
 
-use super::predict::{draw, recorded_flow_samples, DEFAULT_SAMPLES};
-use super::{plot, ModelArgs, SolverArg};
+use super::predict::{draw, sample_count};
+use super::{output, plot, ModelArgs, SolverArg};
 use crate::bundle::{EvalTargets, Task};
 use crate::metrics::{nll_from_logits, ClassificationMetrics, RegressionMetrics};
 use crate::{spread, Error, Model, PredictOptions, Prediction, Result, SampleOptions, SolverKind};
@@ -52,28 +52,28 @@ pub struct EvalArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Flow samples (default: the manifest's reference_metrics.flow_samples, else 400).
-    #[arg(short = 'n', long = "num-samples")]
+    #[arg(short = 'n', long = "num-samples", allow_negative_numbers = true)]
     n: Option<usize>,
     /// Random seed (default: the manifest's reference_metrics.seed, else 0).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     seed: Option<u64>,
     /// ODE solver (default: reference_metrics.solver.method, else the bundle's).
     #[arg(long, value_enum)]
     solver: Option<SolverArg>,
     /// Steps of a fixed-step solver (default: reference_metrics.solver.steps, else the bundle's).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     steps: Option<u32>,
     /// Relative tolerance (dopri5).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     rtol: Option<f64>,
     /// Absolute tolerance (dopri5).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     atol: Option<f64>,
     /// Samples per ONNX Runtime call (0: default).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     batch: usize,
     /// Start time t0 in [0, 1] (default: the bundle's flow.default_start_time, else 0).
-    #[arg(long, value_name = "T0")]
+    #[arg(long, value_name = "T0", allow_hyphen_values = true)]
     start_time: Option<f64>,
     /// Also evaluate every start time of the manifest's reference_metrics.start_time_sweep
     /// (without one: 0, 0.5, 0.8, 0.9, 0.95, 1; only 0 without anchors), beside its rows.
@@ -192,9 +192,12 @@ fn run_sweep(
 }
 
 pub fn run_eval(args: &EvalArgs) -> Result<()> {
+    if let Some(path) = &args.plot {
+        output::check_path(path)?;
+    }
     let model = args.model.open()?;
     let rm = model.manifest().reference_metrics.clone();
-    let n = args.n.or_else(|| recorded_flow_samples(&model)).unwrap_or(DEFAULT_SAMPLES);
+    let n = sample_count(&model, args.n)?;
     let seed = args.seed.or_else(|| rm.get("seed").and_then(Value::as_u64)).unwrap_or(0);
     let recorded_solver = rm.get("solver");
     let solver = match args.solver {
@@ -281,6 +284,13 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
         "reference_metrics": rm,
     });
 
+    // The report first: a plot that cannot be written must not discard minutes of work.
+    let text = if args.json {
+        serde_json::to_string_pretty(&report).map_err(|e| Error::invalid(e.to_string()))? + "\n"
+    } else {
+        eval_text(&model, &report)
+    };
+    output::print_stdout(&text)?;
     if let Some(path) = &args.plot {
         let name = &model.manifest().name;
         let series = [("flow BMA", &flow), ("HMC BMA", &hmc), ("MAP", &map)];
@@ -306,15 +316,6 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
                 plot::coverage(path, name, y, &mean_var)?;
             }
         }
-    }
-
-    if args.json {
-        let text = serde_json::to_string_pretty(&report).map_err(|e| Error::invalid(e.to_string()))?;
-        println!("{text}");
-    } else {
-        print!("{}", eval_text(&model, &report));
-    }
-    if let Some(path) = &args.plot {
         if !args.model.quiet {
             eprintln!("wrote {}", path.display());
         }
@@ -400,9 +401,12 @@ fn eval_text(model: &Model, r: &Value) -> String {
         let _ =
             writeln!(o, "\nstart-time sweep (this runtime; manifest rows from reference_metrics.start_time_sweep):");
         let mut sweep_rows = Vec::new();
+        let mut marked = false;
         for row in rows {
             let t = row["start_time"].as_f64().unwrap_or(f64::NAN);
-            let mark = if (t - t0).abs() < 1e-12 { " *" } else { "" };
+            let is_t0 = (t - t0).abs() < 1e-12;
+            marked |= is_t0;
+            let mark = if is_t0 { " *" } else { "" };
             sweep_rows.push((format!("t0 = {t}{mark}"), row.clone()));
             if let Some(m) = manifest_sweep.and_then(|rows| sweep_row(rows, t)) {
                 sweep_rows.push(("  manifest".to_string(), m.clone()));
@@ -416,7 +420,10 @@ fn eval_text(model: &Model, r: &Value) -> String {
         };
         let columns: Vec<(&str, &str)> = columns.into_iter().chain(SPREAD_COLUMNS).collect();
         o.push_str(&table(&columns, &sweep_rows));
-        let _ = writeln!(o, "* the start time used above");
+        // A start time off the sweep marks no row, so there is nothing to explain.
+        if marked {
+            let _ = writeln!(o, "* the start time used above");
+        }
     }
     let rm = &r["reference_metrics"];
     if let (Some(_), Some(fs)) = (recorded, rm.get("flow_samples")) {

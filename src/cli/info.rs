@@ -27,8 +27,7 @@ pub fn run_info(args: &InfoArgs) -> Result<()> {
     } else {
         info_text(&bundle, &v)
     };
-    print!("{text}");
-    Ok(())
+    super::output::print_stdout(&text)
 }
 
 fn task_json(task: &Task) -> Value {
@@ -80,13 +79,25 @@ fn info_json(bundle: &Bundle) -> Value {
         "tensors": {
             "file": m.tensors,
             "posterior_samples": bundle.tensors.posterior_theta.nrows(),
+            "anchors": anchor_count(bundle),
             "eval_inputs": bundle.tensors.eval_x.nrows(),
         },
+        "default_start_time": default_start_time(m),
         "default_solver": m.flow.default_solver,
         "hutchinson": m.flow.hutchinson,
         "provenance": m.provenance,
         "reference_metrics": m.reference_metrics,
     })
+}
+
+/// Stored anchor draws (`flow.anchors`), 0 without.
+fn anchor_count(bundle: &Bundle) -> usize {
+    bundle.tensors.anchors.as_ref().map_or(0, |a| a.nrows())
+}
+
+/// The start time sampling uses when none is given (as `Model::default_start_time`).
+fn default_start_time(m: &Manifest) -> f64 {
+    m.flow.default_start_time.unwrap_or(0.0)
 }
 
 /// `flow.geometry` and what it makes of the weights: how many unit spheres (one per
@@ -211,13 +222,25 @@ fn info_text(bundle: &Bundle, v: &Value) -> String {
             spec.outputs.join(", ")
         );
     }
+    let anchors = anchor_count(bundle);
     let _ = writeln!(
         o,
-        "tensors      {}: posterior.theta {} samples, eval split {} inputs",
+        "tensors      {}: posterior.theta {} samples, {anchors} anchor draws, eval split {} inputs",
         m.tensors,
         bundle.tensors.posterior_theta.nrows(),
         bundle.tensors.eval_x.nrows()
     );
+    let t0 = default_start_time(m);
+    let what = if anchors == 0 {
+        "fresh flow samples (no anchor draws to start from)".to_string()
+    } else if t0 == 0.0 {
+        "fresh flow samples; --start-time in (0, 1] starts around the anchor draws".to_string()
+    } else if t0 == 1.0 {
+        format!("the {anchors} stored anchor draws themselves")
+    } else {
+        format!("flow samples started around the {anchors} anchor draws")
+    };
+    let _ = writeln!(o, "start time   {t0} by default: {what}");
     let s = &m.flow.default_solver;
     let mut solver = format!("{}, {} steps", s.method, s.steps);
     if let Some(r) = s.rtol {

@@ -135,9 +135,11 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<Array2<f32>, String> {
         other => return Err(format!("dtype {other:?} is not supported (use float32 or float64)")),
     };
     let data = &bytes[end..];
-    let count = n.checked_mul(d).ok_or("array too large")?;
-    if data.len() != count * size {
-        return Err(format!("holds {} data bytes, shape {shape:?} of {descr} needs {}", data.len(), count * size));
+    // A crafted header may claim any shape: the byte count must not wrap.
+    let needed = n.checked_mul(d).and_then(|c| c.checked_mul(size));
+    if needed != Some(data.len()) {
+        let needs = needed.map_or_else(|| "more than 2^64".to_string(), |b| b.to_string());
+        return Err(format!("holds {} data bytes, shape {shape:?} of {descr} needs {needs}", data.len()));
     }
     if n == 0 || d == 0 {
         return Err(format!("array has shape {shape:?}: no inputs"));
@@ -151,10 +153,11 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<Array2<f32>, String> {
             (_, false) => f64::from_be_bytes(b.try_into().expect("8 bytes")),
         })
         .collect();
+    let bad_shape = |e: ndarray::ShapeError| format!("shape {shape:?}: {e}");
     let x = if fortran {
-        Array2::from_shape_vec((d, n), values).expect("shape").reversed_axes().as_standard_layout().to_owned()
+        Array2::from_shape_vec((d, n), values).map_err(bad_shape)?.reversed_axes().as_standard_layout().to_owned()
     } else {
-        Array2::from_shape_vec((n, d), values).expect("shape")
+        Array2::from_shape_vec((n, d), values).map_err(bad_shape)?
     };
     if let Some(((r, c), v)) = x.indexed_iter().find(|(_, v)| !(**v as f32).is_finite()) {
         return Err(format!("row {}, column {}: {v} is not finite (NaN, Inf or beyond f32)", r + 1, c + 1));
@@ -242,5 +245,11 @@ mod tests {
         assert!(parse_npy(&npy("<f4", false, "(2,)", &[0; 8])).unwrap_err().contains("2-D"));
         assert!(parse_npy(&npy("<f4", false, "(2, 2)", &[0; 8])).unwrap_err().contains("needs 16"));
         assert!(parse_npy(b"hello world").unwrap_err().contains("magic"));
+        // Shapes whose byte count wraps around 2^64 (to 0 or to the bytes present).
+        let e = parse_npy(&npy("<f4", false, "(4611686018427387904, 1)", &[])).unwrap_err();
+        assert!(e.contains("needs more than 2^64"), "{e}");
+        let e = parse_npy(&npy("<f8", true, "(2305843009213693953, 1)", &[0; 8])).unwrap_err();
+        assert!(e.contains("needs more than 2^64"), "{e}");
+        assert!(parse_npy(&npy("<f4", false, "(18446744073709551615, 2)", &[])).unwrap_err().contains("2^64"));
     }
 }

@@ -1,9 +1,14 @@
 //! The `postflow` command line: `info`, `sample`, `log-prob`, `predict`, `eval`.
-//! Errors print one `error: …` line on stderr and exit with status 1.
+//! Errors print one `error: …` line on stderr and exit with status 1; usage errors (clap's
+//! message, condensed to one line) exit with status 2, and no command at all shows the help.
+//! Numeric options take a value that starts with '-' (`allow_negative_numbers`; for floats
+//! `allow_hyphen_values`, as clap does not see `-1e-3` as a number), so `--start-time -0.5`
+//! gets its range error instead of clap reading `-0` as a flag.
 mod arrays;
 mod eval;
 mod info;
 mod input;
+mod output;
 mod plot;
 mod predict;
 mod progress;
@@ -11,6 +16,7 @@ mod sample;
 
 use std::path::PathBuf;
 
+use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{Model, ModelOptions, ProbeNoise, Result, SampleOptions, SolverKind, TraceMode};
@@ -49,10 +55,10 @@ pub(crate) struct ModelArgs {
     #[arg(long, value_name = "PATH")]
     pub onnxruntime: Option<PathBuf>,
     /// Run on CUDA device ID (needs the `cuda` feature and a CUDA build of ONNX Runtime).
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", allow_negative_numbers = true)]
     pub cuda: Option<i32>,
     /// Intra-op threads per ONNX Runtime session (0: ONNX Runtime's default).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub threads: usize,
     /// Let ONNX Runtime's worker threads spin between runs (faster in a process that only
     /// samples; off by default so idle pools leave the cores to other work).
@@ -84,40 +90,71 @@ pub(crate) enum SolverArg {
     Dopri5,
 }
 
+/// Log-density modes of `sample`.
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub(crate) enum TraceArg {
+    /// No log-densities.
     None,
+    /// Hutchinson estimate with the bundle's probe noise (flow.hutchinson.noise).
     Hutchinson,
+    /// Hutchinson estimate with Rademacher (±1) probes.
+    HutchinsonRademacher,
+    /// Hutchinson estimate with Gaussian probes.
     HutchinsonGaussian,
+    /// Exact trace of the Jacobian.
     Exact,
+}
+
+/// Log-density modes of `log-prob`: the log-density is what it computes, so no `none`.
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum LogProbTraceArg {
+    /// Hutchinson estimate with the bundle's probe noise (flow.hutchinson.noise).
+    Hutchinson,
+    /// Hutchinson estimate with Rademacher (±1) probes.
+    HutchinsonRademacher,
+    /// Hutchinson estimate with Gaussian probes.
+    HutchinsonGaussian,
+    /// Exact trace of the Jacobian.
+    Exact,
+}
+
+impl From<LogProbTraceArg> for TraceArg {
+    fn from(t: LogProbTraceArg) -> TraceArg {
+        match t {
+            LogProbTraceArg::Hutchinson => TraceArg::Hutchinson,
+            LogProbTraceArg::HutchinsonRademacher => TraceArg::HutchinsonRademacher,
+            LogProbTraceArg::HutchinsonGaussian => TraceArg::HutchinsonGaussian,
+            LogProbTraceArg::Exact => TraceArg::Exact,
+        }
+    }
 }
 
 /// Solver and trace flags; unset ones take the bundle's defaults.
 #[derive(Args, Clone)]
 pub(crate) struct SolverArgs {
     /// Random seed.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// ODE solver (default: the bundle's).
     #[arg(long, value_enum)]
     pub solver: Option<SolverArg>,
     /// Steps of a fixed-step solver (default: the bundle's).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub steps: Option<u32>,
     /// Relative tolerance (dopri5).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub rtol: Option<f64>,
     /// Absolute tolerance (dopri5).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub atol: Option<f64>,
     /// Samples per ONNX Runtime call (0: default).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub batch: usize,
     /// Start time t0 in [0, 1] (default: the bundle's). 0 integrates the flow from N(0, I);
     /// between 0 and 1 it starts at t0·a + (1 − t0)·z around a stored draw a (on the spheres
     /// of a sphere_product bundle, slerp(z, a; t0)); 1 returns the stored posterior draws
     /// themselves (close to 1: near-copies of them).
-    #[arg(long, value_name = "T0")]
+    #[arg(long, value_name = "T0", allow_hyphen_values = true)]
     pub start_time: Option<f64>,
 }
 
@@ -142,18 +179,58 @@ impl SolverArgs {
     }
 }
 
-/// The trace mode from flags; `probes` defaults to the bundle's.
+/// The trace mode from flags; `probes`, and the noise of plain `hutchinson`, default to
+/// the bundle's (flow.hutchinson).
 pub(crate) fn trace_mode(model: &Model, trace: TraceArg, probes: Option<u32>) -> TraceMode {
-    let default_probes = match model.default_hutchinson() {
-        TraceMode::Hutchinson { probes, .. } => probes,
-        _ => 1,
+    let (default_probes, default_noise) = match model.default_hutchinson() {
+        TraceMode::Hutchinson { probes, noise } => (probes, noise),
+        _ => (1, ProbeNoise::Rademacher),
     };
     let probes = probes.unwrap_or(default_probes);
     match trace {
         TraceArg::None => TraceMode::None,
-        TraceArg::Hutchinson => TraceMode::Hutchinson { probes, noise: ProbeNoise::Rademacher },
+        TraceArg::Hutchinson => TraceMode::Hutchinson { probes, noise: default_noise },
+        TraceArg::HutchinsonRademacher => TraceMode::Hutchinson { probes, noise: ProbeNoise::Rademacher },
         TraceArg::HutchinsonGaussian => TraceMode::Hutchinson { probes, noise: ProbeNoise::Gaussian },
         TraceArg::Exact => TraceMode::Exact,
+    }
+}
+
+/// Clap's usage error as one line, all of its content kept (which arguments are missing,
+/// the possible values, the tips) but the usage synopsis and the pointer to --help.
+fn usage_error_line(rendered: &str) -> String {
+    let mut paragraphs: Vec<String> = Vec::new();
+    let mut current: Vec<&str> = Vec::new();
+    for line in rendered.lines().map(str::trim) {
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if line.is_empty() {
+            paragraphs.extend(join_paragraph(&current));
+            current.clear();
+        } else {
+            current.push(line);
+        }
+    }
+    paragraphs.extend(join_paragraph(&current));
+    let text = paragraphs.join("; ");
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    if text.is_empty() {
+        "invalid arguments".to_string()
+    } else {
+        text.to_string()
+    }
+}
+
+/// "head:" followed by items as "head: a, b"; other lines joined by spaces.
+fn join_paragraph(lines: &[&str]) -> Option<String> {
+    let (head, items) = lines.split_first()?;
+    if items.is_empty() {
+        Some(head.to_string())
+    } else if head.ends_with(':') {
+        Some(format!("{head} {}", items.join(", ")))
+    } else {
+        Some(format!("{head} {}", items.join(" ")))
     }
 }
 
@@ -161,14 +238,18 @@ pub(crate) fn trace_mode(model: &Model, trace: TraceArg, probes: Option<u32>) ->
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
             e.exit()
         }
         Err(e) => {
-            // Usage errors too are one line; `--help` has the details.
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
-            eprintln!("error: {first} (see --help)");
+            eprintln!("error: {} (see --help)", usage_error_line(&e.render().to_string()));
             return 2;
         }
     };

@@ -51,19 +51,22 @@ pub(super) fn coverage(
     save(path, &title, "nominal level", "observed coverage", &curves)
 }
 
+/// Draw the plot in memory, then write it whole (an existing file survives a failed write).
 fn save(path: &Path, title: &str, x_desc: &str, y_desc: &str, curves: &[Curve]) -> Result<()> {
-    draw(path, title, x_desc, y_desc, curves)
-        .map_err(|e| Error::invalid(format!("{}: could not write the plot: {e}", path.display())))
+    let mut svg = String::new();
+    draw(&mut svg, title, x_desc, y_desc, curves)
+        .map_err(|e| Error::invalid(format!("{}: could not draw the plot: {e}", path.display())))?;
+    super::output::write_file(path, svg.as_bytes())
 }
 
 fn draw(
-    path: &Path,
+    svg: &mut String,
     title: &str,
     x_desc: &str,
     y_desc: &str,
     curves: &[Curve],
 ) -> std::result::Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (640, 560)).into_drawing_area();
+    let root = SVGBackend::with_string(svg, (640, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 22))

@@ -7,7 +7,7 @@ use clap::Args;
 use ndarray::{s, Array2, ArrayView1};
 use serde_json::{json, Value};
 
-use super::{arrays, input, progress, ModelArgs, SolverArgs};
+use super::{arrays, input, output, progress, ModelArgs, SolverArgs};
 use crate::bundle::Task;
 use crate::{Error, Model, OdeStats, PredictOptions, Prediction, Result, SampleOptions, TraceMode};
 
@@ -22,7 +22,7 @@ pub struct PredictArgs {
     #[arg(short, long, value_name = "FILE")]
     input: PathBuf,
     /// Flow samples to draw (default: the manifest's reference_metrics.flow_samples, else 400).
-    #[arg(short = 'n', long = "num-samples", conflicts_with = "samples")]
+    #[arg(short = 'n', long = "num-samples", conflicts_with = "samples", allow_negative_numbers = true)]
     n: Option<usize>,
     /// Use these weight samples [S, D] (safetensors) instead of drawing.
     #[arg(long, value_name = "FILE")]
@@ -54,7 +54,7 @@ pub(super) fn draw(model: &Model, n: usize, base: &SampleOptions, quiet: bool) -
         return Err(Error::invalid("-n must be at least 1"));
     }
     let step = if base.batch_size > 0 { base.batch_size } else { crate::sampler::DEFAULT_BATCH };
-    let mut theta = Array2::<f32>::zeros((n, model.weight_dim()));
+    let mut theta = crate::sampler::zeroed_samples(n, model.weight_dim())?;
     let mut stats = OdeStats::default();
     let bar = progress::bar(n as u64, "sampling", quiet);
     let started = std::time::Instant::now();
@@ -71,9 +71,30 @@ pub(super) fn draw(model: &Model, n: usize, base: &SampleOptions, quiet: bool) -
     Ok(Drawn { theta, seconds, stats })
 }
 
-/// The manifest's `reference_metrics.flow_samples`, if recorded.
-pub(super) fn recorded_flow_samples(model: &Model) -> Option<usize> {
-    model.manifest().reference_metrics.get("flow_samples")?.as_u64().map(|n| n as usize)
+/// Most flow samples a manifest's `reference_metrics.flow_samples` may ask for by default.
+pub const MAX_RECORDED_SAMPLES: usize = 1_000_000;
+
+/// Flow samples to draw: `-n` when given, else the manifest's
+/// `reference_metrics.flow_samples`, else [`DEFAULT_SAMPLES`].
+pub(super) fn sample_count(model: &Model, n: Option<usize>) -> Result<usize> {
+    if let Some(n) = n {
+        return Ok(n);
+    }
+    // The manifest is input like any other: an absurd or malformed count is refused with
+    // its field named (the user passed no -n to blame).
+    match model.manifest().reference_metrics.get("flow_samples") {
+        None => Ok(DEFAULT_SAMPLES),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|n| (1..=MAX_RECORDED_SAMPLES).contains(n))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "manifest reference_metrics.flow_samples = {v}: must be an integer in 1..={MAX_RECORDED_SAMPLES} \
+                     (or choose with -n)"
+                ))
+            }),
+    }
 }
 
 /// Class names from the manifest, or "0" … "C-1".
@@ -87,6 +108,9 @@ pub(super) fn class_names(model: &Model) -> Vec<String> {
 }
 
 pub fn run_predict(args: &PredictArgs) -> Result<()> {
+    if let Some(path) = &args.output {
+        output::check_path(path)?;
+    }
     let model = args.model.open()?;
     let x = input::read_inputs(&args.input, model.input_dim())?;
     let (theta, source) = match &args.samples {
@@ -106,7 +130,7 @@ pub fn run_predict(args: &PredictArgs) -> Result<()> {
             (theta, json!({"file": path.display().to_string()}))
         }
         None => {
-            let n = args.n.or_else(|| recorded_flow_samples(&model)).unwrap_or(DEFAULT_SAMPLES);
+            let n = sample_count(&model, args.n)?;
             let options = args.solver.options(TraceMode::None);
             let drawn = draw(&model, n, &options, args.model.quiet)?;
             (drawn.theta, json!({"flow": {"seed": args.solver.seed}}))
@@ -125,17 +149,12 @@ pub fn run_predict(args: &PredictArgs) -> Result<()> {
     };
     match &args.output {
         Some(path) => {
-            std::fs::write(path, text).map_err(|e| Error::io(path, &e))?;
+            output::write_file(path, text.as_bytes())?;
             if !args.model.quiet {
                 eprintln!("wrote {} predictions ({} weight samples) to {}", x.nrows(), theta.nrows(), path.display());
             }
         }
-        None => {
-            use std::io::Write;
-            let mut out = std::io::stdout().lock();
-            // A closed pipe (`| head`) is not an error worth a message.
-            let _ = out.write_all(text.as_bytes()).and_then(|_| out.flush());
-        }
+        None => output::print_stdout(&text)?,
     }
     Ok(())
 }

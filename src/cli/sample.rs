@@ -2,9 +2,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use ndarray::{s, Array2};
+use ndarray::s;
 
-use super::{arrays, progress, trace_mode, ModelArgs, SolverArgs, TraceArg};
+use super::{arrays, output, progress, trace_mode, LogProbTraceArg, ModelArgs, SolverArgs, TraceArg};
 use crate::{Error, OdeStats, Result, SampleOptions, TraceMode};
 
 #[derive(Args)]
@@ -12,7 +12,7 @@ pub struct SampleArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Number of samples.
-    #[arg(short = 'n', long = "num-samples")]
+    #[arg(short = 'n', long = "num-samples", allow_negative_numbers = true)]
     n: usize,
     #[command(flatten)]
     solver: SolverArgs,
@@ -20,7 +20,7 @@ pub struct SampleArgs {
     #[arg(long, value_enum, default_value = "none")]
     trace: TraceArg,
     /// Hutchinson probes per sample (default: the bundle's).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     probes: Option<u32>,
     /// Output safetensors file: theta [N,D], log_density [N], log_density_stderr [N].
     #[arg(short, long)]
@@ -41,9 +41,9 @@ pub struct LogProbArgs {
     solver: SolverArgs,
     /// Log-density mode.
     #[arg(long, value_enum, default_value = "hutchinson")]
-    trace: TraceArg,
+    trace: LogProbTraceArg,
     /// Hutchinson probes per sample (default: the bundle's).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     probes: Option<u32>,
     /// On a sphere_product bundle, renormalize each hidden unit's (w, b) onto its unit sphere
     /// first; without it, weights off the slice (|‖(w, b)‖ − 1| > 1e-4) are refused.
@@ -67,13 +67,16 @@ pub fn run_sample(args: &SampleArgs) -> Result<()> {
     if args.n == 0 {
         return Err(Error::invalid("-n must be at least 1"));
     }
+    output::check_path(&args.output)?;
     let model = args.model.open()?;
     let trace = trace_mode(&model, args.trace, args.probes);
     let base = args.solver.options(trace);
     let d = model.weight_dim();
-    let mut theta = Array2::<f32>::zeros((args.n, d));
-    let mut logd = Vec::with_capacity(args.n);
-    let mut stderr = Vec::with_capacity(args.n);
+    // An absurd -n is an error here, not an allocator abort; the log-densities (n values,
+    // fewer than theta's n·D) grow as the batches come.
+    let mut theta = crate::sampler::zeroed_samples(args.n, d)?;
+    let mut logd = Vec::new();
+    let mut stderr = Vec::new();
     let bar = progress::bar(args.n as u64, "sampling", args.model.quiet);
     let started = std::time::Instant::now();
     let mut stats = OdeStats::default();
@@ -112,12 +115,13 @@ pub fn run_sample(args: &SampleArgs) -> Result<()> {
 }
 
 pub fn run_log_prob(args: &LogProbArgs) -> Result<()> {
+    output::check_path(&args.output)?;
     let theta = arrays::read_matrix(&args.theta, args.tensor.as_deref())?;
     if theta.nrows() == 0 {
         return Err(Error::invalid(format!("{}: no weight samples", args.theta.display())));
     }
     let model = args.model.open()?;
-    let trace = trace_mode(&model, args.trace, args.probes);
+    let trace = trace_mode(&model, args.trace.into(), args.probes);
     let base = SampleOptions { project_to_slice: args.project, ..args.solver.options(trace) };
     let n = theta.nrows();
     let mut logd = Vec::with_capacity(n);
