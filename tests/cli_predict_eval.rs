@@ -214,6 +214,7 @@ fn predict_csv_npy_and_samples_agree_with_the_library() {
         assert!(same(pr["probs"][1].as_f64().unwrap(), p.probs[[n, 1]]));
         assert!(same(pr["entropy"]["epistemic"].as_f64().unwrap(), p.epistemic[n]));
         assert_eq!(pr["predicted"].as_u64().unwrap() as f64, rows[n][2]);
+        assert_eq!(pr["predicted_class"], format!("{}", rows[n][2])); // affine_cls's classes are "0", "1"
     }
 
     // --samples with the weights `postflow sample` wrote gives the same prediction; -o writes a file.
@@ -742,4 +743,19 @@ fn eval_sweep_follows_the_manifest_sweep() {
     let times: Vec<f64> =
         r["sweep"].as_array().unwrap().iter().map(|row| row["start_time"].as_f64().unwrap()).collect();
     assert_eq!(times, [0.0, 0.85]);
+}
+
+/// Manifest strings reach the terminal as plain text: a bundle cannot forge `info` lines
+/// or send escape sequences.
+#[test]
+fn info_shows_control_characters_in_manifest_strings_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = copy_fixture("affine_cls", dir.path(), |v| {
+        v["name"] = "evil\u{1b}[2J\nsolver       forged".into();
+        v["provenance"] = serde_json::json!({"note": "a\rb"});
+    });
+    let text = ok(&["info", bundle.to_str().unwrap()]);
+    assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text:?}");
+    assert!(text.contains("name         evil\\u{1b}[2J\\nsolver       forged"), "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("solver")).count(), 1, "{text}");
 }

@@ -138,13 +138,19 @@ fn flatten(prefix: &str, v: &Value, out: &mut Vec<(String, String)>) {
     }
 }
 
+/// A manifest string as one line of plain text: control characters (newlines, terminal
+/// escape sequences) are shown escaped, so a bundle cannot forge lines or drive the terminal.
+fn plain(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+}
+
 fn info_text(bundle: &Bundle, v: &Value) -> String {
     let m = &bundle.manifest;
     let mut o = String::new();
     let _ = writeln!(o, "bundle       {}", bundle.dir.display());
-    let _ = writeln!(o, "name         {}", m.name);
+    let _ = writeln!(o, "name         {}", plain(&m.name));
     if !m.description.is_empty() {
-        let _ = writeln!(o, "description  {}", m.description);
+        let _ = writeln!(o, "description  {}", plain(&m.description));
     }
     let task = match &m.task {
         Task::Classification { classes, .. } => {
@@ -152,7 +158,7 @@ fn info_text(bundle: &Bundle, v: &Value) -> String {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|n| n.as_str().unwrap_or("").to_string())
+                .map(|n| plain(n.as_str().unwrap_or("")))
                 .collect();
             format!("classification, {classes} classes ({})", names.join(", "))
         }
@@ -174,7 +180,7 @@ fn info_text(bundle: &Bundle, v: &Value) -> String {
         m.task.net_outputs()
     );
     if let Some(names) = &m.input.feature_names {
-        let shown: Vec<&str> = names.iter().take(8).map(String::as_str).collect();
+        let shown: Vec<String> = names.iter().take(8).map(|n| plain(n)).collect();
         let more = if names.len() > 8 { format!(", … ({} more)", names.len() - 8) } else { String::new() };
         let _ = writeln!(o, "features     {}{more}", shown.join(", "));
     }
@@ -226,7 +232,7 @@ fn info_text(bundle: &Bundle, v: &Value) -> String {
     let _ = writeln!(
         o,
         "tensors      {}: posterior.theta {} samples, {anchors} anchor draws, eval split {} inputs",
-        m.tensors,
+        plain(&m.tensors),
         bundle.tensors.posterior_theta.nrows(),
         bundle.tensors.eval_x.nrows()
     );
@@ -256,7 +262,7 @@ fn info_text(bundle: &Bundle, v: &Value) -> String {
     if !prov.is_empty() {
         let _ = writeln!(o, "provenance");
         for (k, v) in prov {
-            let _ = writeln!(o, "  {k}: {v}");
+            let _ = writeln!(o, "  {}: {}", plain(&k), plain(&v));
         }
     }
     if let Some(methods) = m.reference_metrics.get("methods").and_then(Value::as_object) {

@@ -179,7 +179,7 @@ fn csv_cell(s: &str) -> String {
     }
 }
 
-/// Per input: classification `p_<class>…, predicted, total/aleatoric/epistemic entropy`;
+/// Per input: classification `p_<class>…, predicted (the class name), total/aleatoric/epistemic entropy`;
 /// regression `mean, total_var, aleatoric_var, epistemic_var` (suffixed `_j` when k > 1).
 pub fn to_csv(model: &Model, prediction: &Prediction) -> String {
     let mut out = String::new();
@@ -194,7 +194,7 @@ pub fn to_csv(model: &Model, prediction: &Prediction) -> String {
                     out,
                     "{},{},{},{},{}",
                     probs.join(","),
-                    top_class(row),
+                    csv_cell(&names[top_class(row)]), // the class's name, as in the p_<class> header
                     p.total[n],
                     p.aleatoric[n],
                     p.epistemic[n]
@@ -234,12 +234,14 @@ pub fn to_csv(model: &Model, prediction: &Prediction) -> String {
 pub fn to_json(model: &Model, prediction: &Prediction) -> Value {
     match prediction {
         Prediction::Classification(p) => {
+            let names = class_names(model);
             let predictions: Vec<Value> = (0..p.probs.nrows())
                 .map(|n| {
                     let row = p.probs.row(n);
                     json!({
                         "probs": row.to_vec(),
                         "predicted": top_class(row),
+                        "predicted_class": names[top_class(row)],
                         "entropy": {"total": p.total[n], "aleatoric": p.aleatoric[n], "epistemic": p.epistemic[n]},
                     })
                 })

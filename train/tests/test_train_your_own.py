@@ -195,7 +195,8 @@ def check_outputs(tmp_path, runs, outputs):
     for (i, p, k, mi), row in zip(got, cli):
         assert abs(sum(p) - 1) < 1e-3 and all(0 <= v <= 1 for v in p)
         assert max(abs(p[0] - float(row["p_no"])), abs(p[1] - float(row["p_yes"]))) < 1e-4, (p, row)
-        assert k == int(row["predicted"]) and abs(mi - float(row["epistemic_entropy"])) < 1e-4
+        assert ["no", "yes"][k] == row["predicted"]  # the CLI names the predicted class
+        assert abs(mi - float(row["epistemic_entropy"])) < 1e-4
     # f1 = +3, -3, then f2 = +3, -3: yes, no, no, yes (the page's logit 3 f1 - 2 f2 + 1.5 f3 f4)
     assert [k for _, _, k, _ in got] == [1, 0, 0, 1], c_out
     assert got[0][1][1] > 0.7 and got[1][1][1] < 0.3 and got[2][1][1] < 0.3 and got[3][1][1] > 0.7, c_out
