@@ -20,12 +20,11 @@ the bundle stage's honest comparison (train/baselines.py): TV, NLL, ECE against 
 chain, memorization ratio, epistemic ratios."""
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
-from . import diagnose_fidelity as dfid
+from . import diagnose_fidelity as dfid, start_sweep
 from .. import baselines, evaluate
 
 WEIGHTS = (0.5,)
@@ -66,11 +65,7 @@ def main(argv=None):
     train_x = ((train - mean) / scale).astype(np.float32)
     thetas = combinations(train, a.n, np.random.default_rng(a.seed))
     rows = baselines.score(ctx, thetas, train_x, evaluate.ood_inputs(cfg, st["data"]))
-    res = {"work": str(work), "n": a.n, "seed": a.seed, "rows": rows}
-    print(json.dumps(res, indent=1))
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
-    return res
+    return start_sweep.report({"work": str(work), "n": a.n, "seed": a.seed, "rows": rows}, a.json)
 
 
 if __name__ == "__main__":
