@@ -349,7 +349,7 @@ fn c_abi_refuses_requests_that_would_abort_or_overflow() {
         epistemic_len: 1,
         ess: 0.0,
     };
-    let mut theta = vec![0f32; 26];
+    let mut theta = [0f32; 26];
     theta[5] = f32::INFINITY;
     // SAFETY: buffers of the stated lengths.
     let st = unsafe { pf_predict(model, x.as_ptr(), 1, 1, theta.as_ptr(), 2, 26, null(), &mut pred) };

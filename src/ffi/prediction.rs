@@ -86,7 +86,7 @@ impl PredictionOut {
         // The results are f64; one beyond f32's range would arrive as ±inf: refuse before writing anything.
         let names = ["mean", "total", "aleatoric", "epistemic"];
         for (a, name) in arrays.iter().zip(names) {
-            if let Some(v) = a.iter().find(|v| !(v.abs() <= f64::from(f32::MAX))) {
+            if let Some(v) = a.iter().find(|v| !v.is_finite() || v.abs() > f64::from(f32::MAX)) {
                 return Err(Error::numeric(format!("prediction {name} value {v:e} does not fit in a float")));
             }
         }
