@@ -48,3 +48,22 @@ def test_draw_combinations_keep_or_shrink_the_draws_spread_as_documented():
     close(np.cov(rows["convex, w = 0.5"], rowvar=False), 0.5 * cov, 0.03)
     close(np.cov(rows["difference, γ = 0.5"], rowvar=False), 1.5 * cov, 0.03)
     assert all(r.shape == (n, d) and r.dtype == np.float32 for r in rows.values())
+
+
+def test_unit_crossover_moves_whole_units_between_draws():
+    """Each hidden unit's incoming row, bias and outgoing column come together from one draw."""
+    from train import mlp
+    from train.diagnostics.draw_combinations import unit_crossover
+
+    sizes = [3, 4, 2]
+    d = mlp.layout(sizes)[1]
+    n = 50
+    a, b = np.zeros((n, d)), np.ones((n, d))
+    out = unit_crossover(a, b, sizes, 0.5, np.random.default_rng(0))
+    (w1, b1), (w2, b2) = mlp.unflatten(out, sizes)
+    assert np.all(b2 == 0)  # the output layer's bias belongs to no hidden unit
+    for j in range(4):
+        from_b = b1[:, j] == 1
+        assert np.all(w1[:, j, :] == from_b[:, None]) and np.all(w2[:, :, j] == from_b[:, None])
+    assert 0 < b1.mean() < 1  # some units moved, not all
+    assert np.all(unit_crossover(a, b, sizes, 0.0, np.random.default_rng(0)) == 0)
