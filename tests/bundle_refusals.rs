@@ -508,4 +508,5 @@ fn misspelt_manifest_fields_are_refused() {
     );
     manifest_case(|m| m["descripton"] = "x".into(), ErrorKind::Bundle, &["unknown field `descripton`"]);
     manifest_case(|m| m["graphs"]["net"]["fille"] = "net.onnx".into(), ErrorKind::Bundle, &["unknown field `fille`"]);
+    manifest_case(|m| m["task"]["class_nams"] = serde_json::json!(["a", "b"]), ErrorKind::Bundle, &["class_nams"]);
 }

@@ -35,7 +35,7 @@ fn default_tensors_file() -> String {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Task {
     Classification {
         classes: usize,
@@ -49,7 +49,7 @@ pub enum Task {
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Noise {
     Homoscedastic { sigma: f64 },
     Heteroscedastic,
