@@ -64,8 +64,18 @@ pub fn median(values: &[f64]) -> f64 {
 pub struct HeldOut {
     /// Median nearest-anchor distance of the held-out draws; `None` without anchors.
     nearest_anchor_median: Option<f64>,
-    epistemic_eval: f64,
+    /// The held-out chain's mean epistemic uncertainty; `None` where it has none to compare
+    /// with (one draw, or identical draws), which leaves the ratio undefined.
+    epistemic_eval: Option<f64>,
     epistemic_ood: Option<f64>,
+}
+
+/// Below this the held-out chain's epistemic uncertainty is taken as zero (a ratio
+/// against it would be rounding noise blown up, e.g. 3e16).
+const NO_EPISTEMIC: f64 = 1e-12;
+
+fn positive(v: f64) -> Option<f64> {
+    (v > NO_EPISTEMIC).then_some(v)
 }
 
 impl HeldOut {
@@ -77,8 +87,8 @@ impl HeldOut {
         let epistemic_ood = t.ood_x.as_ref().map(|ood| mean_epistemic(model, ood.view(), held)).transpose()?;
         Ok(HeldOut {
             nearest_anchor_median,
-            epistemic_eval: mean_epistemic(model, t.eval_x.view(), held)?,
-            epistemic_ood,
+            epistemic_eval: positive(mean_epistemic(model, t.eval_x.view(), held)?),
+            epistemic_ood: epistemic_ood.and_then(positive),
         })
     }
 
@@ -89,12 +99,17 @@ impl HeldOut {
         Some(samples / self.nearest_anchor_median?)
     }
 
-    /// The epistemic ratio of `theta` on the eval inputs.
-    pub fn epistemic_ratio_eval(&self, model: &Model, theta: ArrayView2<f32>) -> Result<f64> {
-        Ok(mean_epistemic(model, model.tensors().eval_x.view(), theta)? / self.epistemic_eval)
+    /// The epistemic ratio of `theta` on the eval inputs, or `None` when the held-out chain
+    /// has no epistemic uncertainty to compare with.
+    pub fn epistemic_ratio_eval(&self, model: &Model, theta: ArrayView2<f32>) -> Result<Option<f64>> {
+        match self.epistemic_eval {
+            Some(held) => Ok(Some(mean_epistemic(model, model.tensors().eval_x.view(), theta)? / held)),
+            None => Ok(None),
+        }
     }
 
-    /// The epistemic ratio of `theta` on `eval.ood_x`, or `None` when the bundle has none.
+    /// The epistemic ratio of `theta` on `eval.ood_x`, or `None` when the bundle has none
+    /// (or the held-out chain has no epistemic uncertainty there).
     pub fn epistemic_ratio_ood(&self, model: &Model, theta: ArrayView2<f32>) -> Result<Option<f64>> {
         match (&model.tensors().ood_x, self.epistemic_ood) {
             (Some(ood), Some(held)) => Ok(Some(mean_epistemic(model, ood.view(), theta)? / held)),

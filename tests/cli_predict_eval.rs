@@ -759,3 +759,31 @@ fn info_shows_control_characters_in_manifest_strings_escaped() {
     assert!(text.contains("name         evil\\u{1b}[2J\\nsolver       forged"), "{text}");
     assert_eq!(text.lines().filter(|l| l.starts_with("solver")).count(), 1, "{text}");
 }
+
+/// A held-out chain of one draw has no epistemic uncertainty: the ratios against it are
+/// undefined and shown as "—", not as rounding noise blown up (3e16 before).
+#[test]
+fn epistemic_ratios_against_a_single_held_out_draw_are_undefined() {
+    use safetensors::{tensor::TensorView, SafeTensors};
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = copy_fixture("affine_cls", dir.path(), |_| {});
+    let path = bundle.join("tensors.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let table = SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, TensorView<'_>)> = Vec::new();
+    for (name, view) in table.tensors() {
+        let view = if name == "posterior.theta" {
+            let d = view.shape()[1];
+            TensorView::new(view.dtype(), vec![1, d], &view.data()[..4 * d]).unwrap()
+        } else {
+            view
+        };
+        tensors.push((name.to_string(), view));
+    }
+    let out = safetensors::serialize(tensors, None::<std::collections::HashMap<String, String>>).unwrap();
+    std::fs::write(&path, out).unwrap();
+    let text = ok(&["eval", bundle.to_str().unwrap(), "-n", "16", "-q"]);
+    let flow_spread = text.lines().filter(|l| l.starts_with("flow BMA")).nth(1).expect("spread table row");
+    // affine_cls has no anchors and no OOD inputs: mem.ratio and epi.ood are "—" anyway; epi.eval is now too.
+    assert_eq!(flow_spread.matches('—').count(), 3, "{text}");
+}

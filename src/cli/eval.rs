@@ -40,7 +40,10 @@ fn spread_of(model: &Model, held: &spread::HeldOut, theta: ArrayView2<f32>) -> R
     if let Some(r) = held.memorization_ratio(model, theta) {
         m.insert("memorization_ratio".into(), json!(r));
     }
-    m.insert("epistemic_ratio_eval".into(), json!(held.epistemic_ratio_eval(model, theta)?));
+    // A held-out chain without spread (one draw) leaves the epistemic ratios undefined: "—".
+    if let Some(r) = held.epistemic_ratio_eval(model, theta)? {
+        m.insert("epistemic_ratio_eval".into(), json!(r));
+    }
     if let Some(r) = held.epistemic_ratio_ood(model, theta)? {
         m.insert("epistemic_ratio_ood".into(), json!(r));
     }
