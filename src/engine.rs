@@ -7,7 +7,7 @@
 //! `run` only. (`docs/performance.md` compares pool sizes under 4 threads.)
 use std::ffi::{c_char, CString};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock, TryLockError};
 
 use ort::session::Session;
 use ort::value::{TensorElementType, TensorRef, TensorRefMut, ValueType};
@@ -54,11 +54,13 @@ impl SessionPool {
     fn acquire(&self, config: &SessionConfig) -> Result<MutexGuard<'_, Session>> {
         for slot in self.slots.iter() {
             match slot.get() {
-                Some(m) => {
-                    if let Ok(guard) = m.try_lock() {
-                        return Ok(guard);
-                    }
-                }
+                Some(m) => match m.try_lock() {
+                    Ok(guard) => return Ok(guard),
+                    // A run that panicked poisoned the lock, not the session: reuse it rather
+                    // than count it busy forever.
+                    Err(TryLockError::Poisoned(p)) => return Ok(p.into_inner()),
+                    Err(TryLockError::WouldBlock) => {}
+                },
                 None => {
                     // Every session is busy: add one if nobody else is doing so.
                     if let Ok(_creating) = self.creating.try_lock() {
