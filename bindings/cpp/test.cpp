@@ -2,6 +2,7 @@
 #include "postflow.hpp"
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -83,9 +84,14 @@ int main() {
     expect_error([&] { anchored.sample(2, at); }, PF_ERR_INVALID_ARGUMENT, "no density");
 
     std::vector<float> x = {0.5f, -1.0f, 1.5f, 0.25f};
+    // The log-weights path, fed with the flow's own log q only because it is at hand and uneven:
+    // these are not importance weights (those are log p - log q, p the target posterior).
     postflow::Prediction p = cls.predict(x, 2, s.theta, 6, &s.log_density);
-    CHECK(p.mean.size() == 4 && p.total.size() == 2 && p.ess > 1.0 && p.ess <= 6.0);
+    CHECK(p.mean.size() == 4 && p.total.size() == 2 && p.ess > 1.0 && p.ess < 6.0);
     CHECK(std::fabs(p.mean[0] + p.mean[1] - 1.0f) < 1e-5f);
+    const std::vector<float> equal(6, -3.0f);  // equal log-weights: the unweighted average
+    postflow::Prediction pe = cls.predict(x, 2, s.theta, 6, &equal);
+    CHECK(pe.mean == cls.predict(x, 2, s.theta, 6).mean && std::fabs(pe.ess - 6.0) < 1e-9);
     postflow::Prediction q = cls.sample_predict(8, x, 2, o);
     CHECK(q.mean.size() == 4 && std::fabs(q.ess - 8.0) < 1e-9);
 
@@ -95,12 +101,32 @@ int main() {
     postflow::SampleOptions none;
     expect_error([&] { cls.log_prob(s.theta, 6, none); }, PF_ERR_INVALID_ARGUMENT, "PF_TRACE_NONE");
 
-    // Moves transfer ownership; the moved-from object frees nothing.
+    // Absurd sizes are postflow::Error, raised before the wrapper sizes any buffer from them
+    // (not std::bad_alloc / std::length_error, nor a wrapped product).
+    const std::size_t wraps = SIZE_MAX / 17 + 2;        // n x 17 overflows size_t
+    const std::size_t too_big = SIZE_MAX / 17 / 2;      // n x 17 floats exceed PTRDIFF_MAX bytes
+    expect_error([&] { cls.sample(wraps, o); }, PF_ERR_INVALID_ARGUMENT, "n_samples x weight_dim");
+    expect_error([&] { cls.sample(too_big, o); }, PF_ERR_INVALID_ARGUMENT, "is too large");
+    expect_error([&] { cls.sample(too_big, none); }, PF_ERR_INVALID_ARGUMENT, "is too large");
+    const std::size_t huge = std::size_t(1) << 40;
+    expect_error([&] { cls.predict(x, huge, s.theta, 6); }, PF_ERR_INVALID_ARGUMENT, "x_len is 4");
+    expect_error([&] { cls.predict(x, SIZE_MAX, s.theta, 6); }, PF_ERR_INVALID_ARGUMENT, "is too large");
+    expect_error([&] { cls.sample_predict(8, x, huge, o); }, PF_ERR_INVALID_ARGUMENT, "x_len is 4");
+    expect_error([&] { cls.log_prob(se.theta, huge, ex); }, PF_ERR_INVALID_ARGUMENT, "theta_len is 102");
+    expect_error([&] { cls.log_prob(se.theta, wraps, ex); }, PF_ERR_INVALID_ARGUMENT, "is too large");
+
+    // Moves transfer ownership; the moved-from object frees nothing and reports no dimensions.
     postflow::Model moved(std::move(cls));
-    CHECK(cls.get() == nullptr && moved.get() != nullptr);
+    CHECK(cls.get() == nullptr && moved.get() != nullptr && moved.weight_dim() == 17);
+    CHECK(cls.weight_dim() == 0 && cls.input_dim() == 0 && cls.output_dim() == 0 && cls.uncertainty_dim() == 0);
+    CHECK(cls.info().struct_size == 0);
+    expect_error([&] { cls.sample(2, o); }, PF_ERR_INVALID_ARGUMENT, "moved from");
+    expect_error([&] { cls.predict(x, 2, s.theta, 6); }, PF_ERR_INVALID_ARGUMENT, "moved from");
     postflow::Model reg(fixture("affine_reg"));
+    CHECK(reg.weight_dim() == 13);
     reg = std::move(moved);
-    CHECK(reg.is_classification());
+    CHECK(reg.is_classification() && reg.weight_dim() == 17);
+    CHECK(moved.get() == nullptr && moved.weight_dim() == 0 && moved.input_dim() == 0);
 
     // One model, several threads.
     std::vector<postflow::Samples> results(4);

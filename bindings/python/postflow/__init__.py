@@ -25,22 +25,29 @@ caller names a library (``Model(onnxruntime_path=...)``, ``$POSTFLOW_ORT_LIB`` o
 the wheel, the runtime's own search applies (the variables, a checkout's ``.ort/``,
 the system loader).
 
-Arrays are numpy ``float32`` (inputs are converted, C-contiguous); every failure raises
-a subclass of :class:`Error` carrying ``status`` and the C message. A :class:`Model`
-may be shared by threads: the calls release the GIL.
+Arrays are numpy ``float32`` (inputs are converted, C-contiguous and aligned); every
+failure raises a subclass of :class:`Error` carrying ``status`` and the C message, and
+integers out of range of their C field are refused, never wrapped. A :class:`Model`
+may be shared by threads: the calls release the GIL, and :meth:`Model.close` waits for
+calls in progress.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import enum
 import importlib.util
 import json
+import numbers
+import operator
 import os
 import re
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, Iterator, List, Optional, SupportsIndex, Tuple, Type, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -96,6 +103,11 @@ class Error(Exception):
         self.message = message
         super().__init__(f"{self.status_name}: {message}")
 
+    def __reduce__(self) -> Tuple[Any, ...]:
+        # args holds only the formatted text, which __init__ cannot take back: pickle and
+        # copy rebuild from (status, message) instead, keeping any attributes or notes.
+        return type(self), (self.status, self.message), dict(self.__dict__)
+
 
 class InvalidArgumentError(Error, ValueError):
     """An argument or option was rejected (``PF_ERR_INVALID_ARGUMENT``)."""
@@ -130,6 +142,9 @@ class LibraryError(Error, OSError):
 
     def __init__(self, message: str):
         super().__init__(ERR_IO, message)
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        return type(self), (self.message,), dict(self.__dict__)  # this __init__ takes the message only
 
 
 _ERRORS: Dict[int, Type[Error]] = {
@@ -296,13 +311,49 @@ def version() -> str:
     return v.decode()
 
 
+def _int(value: Any, name: str, bits: int = 32, signed: bool = False) -> int:
+    """``value`` for a C integer field of ``bits`` bits, checked: ctypes would silently wrap it."""
+    # bool is an int subclass, but True as a seed or a count is a mistake, not 1.
+    if isinstance(value, (bool, np.bool_)):
+        raise InvalidArgumentError(ERR_INVALID_ARGUMENT, f"{name} must be an integer, got {value!r}")
+    try:
+        v = operator.index(value)  # ints and numpy integers; refuses floats (3.0 included)
+    except TypeError:
+        raise InvalidArgumentError(ERR_INVALID_ARGUMENT,
+                                   f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    if not lo <= v <= hi:
+        kind = f"{'' if signed else 'u'}int{bits}_t"
+        raise InvalidArgumentError(ERR_INVALID_ARGUMENT, f"{name} is {v}, outside the {kind} range [{lo}, {hi}]")
+    return v
+
+
+def _real(value: Any, name: str) -> float:
+    """``value`` for a C double field; anything but a real number (bool included) is refused."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise InvalidArgumentError(ERR_INVALID_ARGUMENT, f"{name} must be a real number, got {value!r}")
+    return float(value)  # NaN and out-of-range values are the library's to refuse, with its message
+
+
+def _path(value: Any, name: str) -> bytes:
+    """A path for a C string: ctypes would cut it silently at a NUL byte."""
+    try:
+        encoded = os.fsencode(value)
+    except TypeError:
+        raise InvalidArgumentError(ERR_INVALID_ARGUMENT,
+                                   f"{name} must be a path, got {type(value).__name__} {value!r}") from None
+    if b"\0" in encoded:
+        raise InvalidArgumentError(ERR_INVALID_ARGUMENT, f"{name} contains a NUL byte: {value!r}")
+    return encoded
+
+
 def _enum(value: Union[str, int], table: Dict[str, int], what: str) -> int:
     if isinstance(value, str):
         try:
             return table[value]
         except KeyError:
             raise InvalidArgumentError(ERR_INVALID_ARGUMENT, f"unknown {what} {value!r} (expected one of {sorted(table)})")
-    return int(value)  # passed through: the library validates integers
+    return _int(value, what)  # an integer in range of the field; the library refuses unknown values
 
 
 def _ptr(a: Optional[np.ndarray]) -> Any:
@@ -310,7 +361,13 @@ def _ptr(a: Optional[np.ndarray]) -> Any:
 
 
 def _as_f32(a: npt.ArrayLike, name: str, ndim: int) -> F32Array:
-    arr = np.ascontiguousarray(a, dtype=np.float32)
+    # The C API reads native float32, C-contiguous and aligned (it refuses unaligned pointers):
+    # np.require copies only what lacks one of those (strided, Fortran, float64, big-endian,
+    # unaligned buffers); "E" makes it a base ndarray. Unlike ascontiguousarray, it keeps 0-d as 0-d.
+    try:
+        arr = np.require(a, np.float32, ["C", "A", "E"])
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(ERR_INVALID_ARGUMENT, f"{name} is not convertible to a float32 array: {e}") from None
     if arr.ndim != ndim:
         raise InvalidArgumentError(ERR_INVALID_ARGUMENT, f"{name} must have {ndim} dimensions, got shape {arr.shape}")
     return arr
@@ -382,6 +439,9 @@ class Model:
     library (default: :func:`onnxruntime_library`). ``intra_op_threads`` (0: ONNX
     Runtime's default), ``max_sessions`` (0: the default pool) and ``allow_spinning``
     tune the sessions; ``device`` is "cpu" or "cuda" (with ``device_id``).
+
+    Threads may share a model. :meth:`close` refuses calls that start after it, waits
+    for the calls in progress to return, then frees the model once.
     """
 
     def __init__(self, bundle_dir: PathLike, device: Union[str, int] = "cpu", device_id: int = 0,
@@ -389,19 +449,24 @@ class Model:
                  allow_spinning: bool = False):
         lib = _lib()
         self._handle: Optional[ctypes.c_void_p] = None
-        self.bundle_dir = Path(os.fspath(bundle_dir))
+        # Guards _handle, _closing and _calls (the C calls in progress, made without the GIL).
+        self._lock = threading.Condition()
+        self._calls = 0
+        self._closing = False
+        path = _path(bundle_dir, "bundle_dir")
+        self.bundle_dir = Path(os.fsdecode(path))
         opts = _ModelOptions()
         _check(lib.pf_model_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
         opts.device = _enum(device, DEVICES, "device")
-        opts.device_id = device_id
-        opts.intra_op_threads = intra_op_threads
-        ort = os.fspath(onnxruntime_path) if onnxruntime_path is not None else onnxruntime_library()
-        opts.onnxruntime_path = os.fsencode(ort) if ort else None
-        opts.max_sessions = max_sessions
+        opts.device_id = _int(device_id, "device_id", 32, signed=True)
+        opts.intra_op_threads = _int(intra_op_threads, "intra_op_threads")
+        ort = onnxruntime_path if onnxruntime_path is not None else onnxruntime_library()
+        opts.onnxruntime_path = _path(ort, "onnxruntime_path") if ort else None
+        opts.max_sessions = _int(max_sessions, "max_sessions")
         # Off by default: idle spinning pools would take cores from the host process.
         opts.flags = MODEL_FLAG_ALLOW_SPINNING if allow_spinning else 0
         handle = ctypes.c_void_p()
-        _check(lib.pf_model_load(os.fsencode(self.bundle_dir), ctypes.byref(opts), ctypes.byref(handle)))
+        _check(lib.pf_model_load(path, ctypes.byref(opts), ctypes.byref(handle)))
         self._handle = handle
         info = _ModelInfo(struct_size=ctypes.sizeof(_ModelInfo))
         _check(lib.pf_model_get_info(handle, ctypes.byref(info)))
@@ -424,10 +489,24 @@ class Model:
                 f"input_dim={self.input_dim}, output_dim={self.output_dim}{state})")
 
     def close(self) -> None:
-        """Free the model (idempotent); the object is unusable afterwards."""
-        if self._handle is not None:
-            _lib().pf_model_free(self._handle)
-            self._handle = None
+        """Free the model (idempotent, thread-safe); the object is unusable afterwards.
+
+        Calls that start after ``close`` raise :class:`InvalidArgumentError`; calls already
+        in progress in other threads finish first (``close`` waits for them), so the model
+        is never freed under a running call, and never twice.
+        """
+        with self._lock:
+            self._closing = True
+            self._lock.wait_for(lambda: self._calls == 0)
+            # Freed under the lock: a concurrent close() returns only once the model is gone.
+            handle, self._handle = self._handle, None
+            if handle is not None:
+                _lib().pf_model_free(handle)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Tuple[Any, ...]:
+        # A copy would share the C handle, and the first close() would free it under the other.
+        raise UnsupportedError(ERR_UNSUPPORTED, "a postflow.Model cannot be copied or pickled (it owns the loaded "
+                                                "C model): share the object between threads, or load the bundle again")
 
     def __enter__(self) -> "Model":
         return self
@@ -436,17 +515,43 @@ class Model:
         self.close()
 
     def __del__(self) -> None:
+        # No call can be in progress (each holds a reference to the model), so nothing to wait
+        # for; never block here. getattr: __init__ may have failed before setting the fields.
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            self._handle = None
+            try:
+                _lib().pf_model_free(handle)
+            except Exception:
+                pass
+
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[ctypes.c_void_p]:
+        """The handle for one C call, counted so that :meth:`close` waits until it returns."""
+        with self._lock:
+            if self._closing or self._handle is None:
+                raise InvalidArgumentError(ERR_INVALID_ARGUMENT, "the model is closed")
+            self._calls += 1
+            handle = self._handle
         try:
-            self.close()
-        except Exception:
-            pass
+            yield handle
+        finally:
+            with self._lock:
+                self._calls -= 1
+                if self._calls == 0:
+                    self._lock.notify_all()
 
     @property
     def handle(self) -> ctypes.c_void_p:
-        """The ``pf_model *`` handle; raises :class:`InvalidArgumentError` once closed."""
-        if self._handle is None:
-            raise InvalidArgumentError(ERR_INVALID_ARGUMENT, "the model is closed")
-        return self._handle
+        """The ``pf_model *`` handle; raises :class:`InvalidArgumentError` once closed.
+
+        A C call made with it directly is not waited for by :meth:`close`: do not close
+        the model while such a call may be running.
+        """
+        with self._lock:
+            if self._closing or self._handle is None:
+                raise InvalidArgumentError(ERR_INVALID_ARGUMENT, "the model is closed")
+            return self._handle
 
     @staticmethod
     def _options(seed: int = 0, solver: Union[str, int] = "default", steps: int = 0, rtol: float = 0.0,
@@ -455,21 +560,23 @@ class Model:
                  struct_size: Optional[int] = None) -> _SampleOptions:
         o = _SampleOptions()
         _check(_lib().pf_sample_options_init(ctypes.byref(o), ctypes.sizeof(o)))
-        o.seed = seed
+        o.seed = _int(seed, "seed", 64)
         o.solver = _enum(solver, SOLVERS, "solver")
-        o.steps = steps
-        o.rtol = rtol
-        o.atol = atol
+        o.steps = _int(steps, "steps")
+        o.rtol = _real(rtol, "rtol")
+        o.atol = _real(atol, "atol")
         o.trace = _enum(trace, TRACES, "trace")
-        o.probes = probes
-        o.max_steps = max_steps
-        o.batch_size = batch_size
+        o.probes = _int(probes, "probes")
+        o.max_steps = _int(max_steps, "max_steps")
+        o.batch_size = _int(batch_size, "batch_size")
         # None: the bundle's default start time (0, the plain flow, for bundles without anchors).
-        o.start_time = START_TIME_BUNDLE if start_time is None else float(start_time)
+        o.start_time = START_TIME_BUNDLE if start_time is None else _real(start_time, "start_time")
         # sphere_product bundles: log_prob renormalizes each unit's (w, b) instead of refusing it.
-        o.project_to_slice = 1 if project_to_slice else 0
+        # An integer other than 0 or 1 goes through for the library to refuse, not read as True.
+        o.project_to_slice = (int(project_to_slice) if isinstance(project_to_slice, (bool, np.bool_))
+                              else _int(project_to_slice, "project_to_slice"))
         if struct_size is not None:
-            o.struct_size = struct_size
+            o.struct_size = _int(struct_size, "struct_size")
         return o
 
     def sample(self, n: int, **options: Any) -> Samples:
@@ -477,24 +584,38 @@ class Model:
 
         Options (``pf_sample_options``): ``seed``, ``solver`` (a :data:`SOLVERS` name),
         ``steps``, ``rtol``, ``atol``, ``max_steps``, ``start_time`` (None: the bundle's),
-        ``trace`` (a :data:`TRACES` name; anything but "none" adds log-densities) and ``probes``.
-        Sample ``i`` depends only on ``(seed, i)``.
+        ``trace`` (a :data:`TRACES` name; anything but "none" adds log-densities), ``probes``
+        and ``batch_size`` (samples integrated together per ONNX Runtime call, 0: 128; trades
+        memory for speed, never changes results). ``project_to_slice`` is accepted and
+        ignored here (it is :meth:`log_prob`'s). Sample ``i`` depends only on ``(seed, i)``.
+        Integers must fit their C fields (``seed`` a uint64, the others uint32): out-of-range
+        values, floats and bools raise :class:`InvalidArgumentError`.
         """
+        n = _int(n, "n", 8 * ctypes.sizeof(ctypes.c_size_t))
         o = self._options(**options)
-        theta = np.empty((n, self.weight_dim), dtype=np.float32)
+        if n * self.weight_dim * 4 > sys.maxsize:  # the C API's own limit; numpy would fail less clearly
+            raise InvalidArgumentError(ERR_INVALID_ARGUMENT, f"n x weight_dim = {n} x {self.weight_dim} is too large")
         with_density = o.trace != TRACES["none"]
-        logd = np.empty(n, dtype=np.float32) if with_density else None
-        se = np.empty(n, dtype=np.float32) if with_density else None
-        _check(_lib().pf_sample(self.handle, ctypes.byref(o), n, _ptr(theta), theta.size, _ptr(logd), n if with_density else 0,
-                                _ptr(se), n if with_density else 0))
+        try:
+            theta = np.empty((n, self.weight_dim), dtype=np.float32)
+            logd = np.empty(n, dtype=np.float32) if with_density else None
+            se = np.empty(n, dtype=np.float32) if with_density else None
+        except MemoryError:
+            raise InvalidArgumentError(ERR_INVALID_ARGUMENT,
+                                       f"n is {n}: cannot allocate {n} x {self.weight_dim} float32 samples") from None
+        with self._call() as handle:
+            _check(_lib().pf_sample(handle, ctypes.byref(o), n, _ptr(theta), theta.size, _ptr(logd),
+                                    n if with_density else 0, _ptr(se), n if with_density else 0))
         return Samples(theta, logd, se)
 
     def log_prob(self, theta: npt.ArrayLike, **options: Any) -> Tuple[F32Array, F32Array]:
         """Log-densities of the rows of ``theta`` ``[n, D]``: ``(log_density, stderr)``, each ``[n]``.
 
-        Takes :meth:`sample`'s options; ``trace`` defaults to "exact". On a ``sphere_product``
+        Takes :meth:`sample`'s options (``batch_size`` included: rows per ONNX Runtime call,
+        0: 128, never changes results); ``trace`` defaults to "exact". On a ``sphere_product``
         bundle, rows with a hidden unit's (w, b) off its unit sphere are refused unless
-        ``project_to_slice=True`` renormalizes them first.
+        ``project_to_slice=True`` renormalizes each unit onto its sphere first (a unit of
+        norm 0 stays an error); other bundles ignore ``project_to_slice``.
         """
         options.setdefault("trace", "exact")
         o = self._options(**options)
@@ -502,7 +623,8 @@ class Model:
         n = t.shape[0]
         logd = np.empty(n, dtype=np.float32)
         se = np.empty(n, dtype=np.float32)
-        _check(_lib().pf_log_prob(self.handle, ctypes.byref(o), _ptr(t), n, t.size, _ptr(logd), n, _ptr(se), n))
+        with self._call() as handle:
+            _check(_lib().pf_log_prob(handle, ctypes.byref(o), _ptr(t), n, t.size, _ptr(logd), n, _ptr(se), n))
         return logd, se
 
     def _prediction(self, n_inputs: int) -> Tuple[_Prediction, F32Array, List[F32Array]]:
@@ -529,16 +651,21 @@ class Model:
                 raise InvalidArgumentError(ERR_INVALID_ARGUMENT,
                                            f"log_weights has {lw.shape[0]} entries, theta has {t.shape[0]} rows")
         p, mean, us = self._prediction(xa.shape[0])
-        _check(_lib().pf_predict(self.handle, _ptr(xa), xa.shape[0], xa.size, _ptr(t), t.shape[0], t.size, _ptr(lw),
-                                 ctypes.byref(p)))
+        with self._call() as handle:
+            _check(_lib().pf_predict(handle, _ptr(xa), xa.shape[0], xa.size, _ptr(t), t.shape[0], t.size, _ptr(lw),
+                                     ctypes.byref(p)))
         return Prediction(mean, us[0], us[1], us[2], p.ess)
 
     def sample_predict(self, n: int, x: npt.ArrayLike, **options: Any) -> Prediction:
-        """Draw ``n`` samples (:meth:`sample`'s options) and average their predictions at ``x``."""
+        """Draw ``n`` samples (:meth:`sample`'s options, ``batch_size`` included) and average
+        their predictions at ``x``."""
+        n = _int(n, "n", 8 * ctypes.sizeof(ctypes.c_size_t))
         o = self._options(**options)
         xa = _as_f32(x, "x", 2)
         p, mean, us = self._prediction(xa.shape[0])
-        _check(_lib().pf_sample_predict(self.handle, ctypes.byref(o), n, _ptr(xa), xa.shape[0], xa.size, ctypes.byref(p)))
+        with self._call() as handle:
+            _check(_lib().pf_sample_predict(handle, ctypes.byref(o), n, _ptr(xa), xa.shape[0], xa.size,
+                                            ctypes.byref(p)))
         return Prediction(mean, us[0], us[1], us[2], p.ess)
 
 

@@ -1,6 +1,9 @@
 """Tests of the ctypes binding, mirroring tests/c/test_postflow.c."""
+import copy
 import inspect
 import os
+import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -309,3 +312,202 @@ def test_sphere_product_log_prob_projects_on_request():
             m.log_prob(off)
         logd, _ = m.log_prob(off, project_to_slice=True)
         assert np.allclose(logd, s.log_density, atol=1e-3)
+
+
+class _BlockingLib:
+    """The real library, with pf_sample held until released and pf_model_free counted
+    (and passed on once only, so that a double free is counted instead of crashing)."""
+
+    def __init__(self, real, hold_free=0.0):
+        self.real, self.hold_free = real, hold_free
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.events = []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def pf_sample(self, *args):
+        self.entered.set()
+        self.release.wait(10)
+        self.events.append("sample returned")
+        return postflow.OK
+
+    def pf_model_free(self, handle):
+        self.events.append("free")
+        if self.hold_free:
+            threading.Event().wait(self.hold_free)  # widens the window a second close() would race into
+        if self.events.count("free") == 1:
+            self.real.pf_model_free(handle)
+
+
+def test_close_waits_for_a_call_in_progress(monkeypatch):
+    m = postflow.Model(FIXTURES / "affine_cls")
+    lib = _BlockingLib(postflow._lib())
+    monkeypatch.setattr(postflow, "_LIB", lib)
+    worker = threading.Thread(target=m.sample, args=(2,))
+    worker.start()
+    assert lib.entered.wait(10)
+    closer = threading.Thread(target=m.close)
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive(), "close() returned while a call was still running in C"
+    with pytest.raises(postflow.InvalidArgumentError, match="closed"):
+        m.sample(2)  # refused once closing has begun
+    with pytest.raises(postflow.InvalidArgumentError, match="closed"):
+        m.handle
+    lib.release.set()
+    worker.join(10)
+    closer.join(10)
+    assert lib.events == ["sample returned", "free"]
+    assert repr(m).endswith("closed)")
+
+
+def test_concurrent_closes_free_once(monkeypatch):
+    m = postflow.Model(FIXTURES / "affine_cls")
+    lib = _BlockingLib(postflow._lib(), hold_free=0.2)
+    monkeypatch.setattr(postflow, "_LIB", lib)
+    barrier = threading.Barrier(3)
+
+    def close():
+        barrier.wait()
+        m.close()
+
+    threads = [threading.Thread(target=close) for _ in range(3)]
+    [t.start() for t in threads]
+    [t.join(10) for t in threads]
+    assert lib.events == ["free"]
+    m.close()
+    assert lib.events == ["free"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seed=2**64), "seed is 18446744073709551616, outside the uint64_t range"),
+        (dict(seed=-1), "seed is -1, outside the uint64_t range"),
+        (dict(steps=2**32 + 5), "steps is 4294967301, outside the uint32_t range"),
+        (dict(steps=-1), "steps is -1"),
+        (dict(trace="hutchinson", probes=2**32 + 1), "probes is 4294967297"),
+        (dict(max_steps=2**32), "max_steps is 4294967296"),
+        (dict(batch_size=-1), "batch_size is -1"),
+        (dict(trace=-1), "trace is -1"),
+        (dict(solver=2**32), "solver is 4294967296"),
+        (dict(struct_size=-8), "struct_size is -8"),
+        (dict(seed=5.0), "seed must be an integer, got float 5.0"),
+        (dict(steps=True), "steps must be an integer, got True"),
+        (dict(seed="1"), "seed must be an integer"),
+        (dict(rtol="1e-3"), "rtol must be a real number"),
+        (dict(start_time=True), "start_time must be a real number"),
+        (dict(project_to_slice=-1), "project_to_slice is -1"),
+    ],
+)
+def test_sample_options_out_of_range_are_refused_not_wrapped(cls, kwargs, message):
+    with pytest.raises(postflow.InvalidArgumentError, match="^PF_ERR_INVALID_ARGUMENT: ") as e:
+        cls.sample(2, **kwargs)
+    assert message in e.value.message, e.value.message
+
+
+def test_sample_counts_are_checked(cls):
+    for n, message in [(-1, "n is -1, outside the uint64_t range"), (2**64, "n is 18446744073709551616"),
+                       (3.0, "n must be an integer, got float 3.0"), (True, "n must be an integer, got True"),
+                       (np.float64(2), "n must be an integer"), (2**62, "n x weight_dim = 4611686018427387904 x 17 is too large")]:
+        with pytest.raises(postflow.InvalidArgumentError) as e:
+            cls.sample(n)
+        assert message in e.value.message, (n, e.value.message)
+        if n != 2**62:  # sample_predict allocates nothing per sample: the library would start drawing
+            with pytest.raises(postflow.InvalidArgumentError) as e:
+                cls.sample_predict(n, CLS_X)
+            assert message in e.value.message, (n, e.value.message)
+    assert cls.sample(np.int64(3), seed=np.uint64(7)).theta.shape == (3, 17)  # numpy integers are integers
+    np.testing.assert_array_equal(cls.sample(2, seed=2**64 - 1).theta, cls.sample(2, seed=np.uint64(2**64 - 1)).theta)
+    # bools stay bools where the option is one
+    np.testing.assert_array_equal(cls.log_prob(cls.sample(2, seed=1).theta, project_to_slice=True)[0],
+                                  cls.log_prob(cls.sample(2, seed=1).theta, project_to_slice=np.True_)[0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(device_id=2**31), "device_id is 2147483648, outside the int32_t range [-2147483648, 2147483647]"),
+        (dict(device_id=1.0), "device_id must be an integer"),
+        (dict(intra_op_threads=-1), "intra_op_threads is -1, outside the uint32_t range"),
+        (dict(max_sessions=2**32 + 1), "max_sessions is 4294967297"),
+        (dict(device=-1), "device is -1"),
+    ],
+)
+def test_model_options_out_of_range_are_refused_not_wrapped(kwargs, message):
+    with pytest.raises(postflow.InvalidArgumentError) as e:
+        postflow.Model(FIXTURES / "affine_cls", **kwargs)
+    assert message in e.value.message, e.value.message
+
+
+def test_nul_bytes_in_paths_are_refused(cls):
+    # ctypes would pass the path cut at the NUL: "affine_cls\0junk" would load affine_cls.
+    with pytest.raises(postflow.InvalidArgumentError, match="bundle_dir contains a NUL byte"):
+        postflow.Model(str(FIXTURES / "affine_cls") + "\0junk")
+    with pytest.raises(postflow.InvalidArgumentError, match="onnxruntime_path contains a NUL byte"):
+        postflow.Model(FIXTURES / "affine_cls", onnxruntime_path=os.environ.get("POSTFLOW_ORT_LIB", "/x") + "\0junk")
+    with pytest.raises(postflow.InvalidArgumentError, match="bundle_dir must be a path"):
+        postflow.Model(42)
+
+
+def _unaligned(a):
+    buf = np.zeros(a.nbytes + 1, np.uint8)
+    out = np.frombuffer(buf.data, dtype=a.dtype, offset=1, count=a.size).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+def test_inputs_of_any_layout_are_converted(cls):
+    theta = cls.sample(5, seed=8, trace="exact").theta
+    want = cls.predict(CLS_X, theta)
+    want_lp = cls.log_prob(theta)[0]
+    ux, ut = _unaligned(CLS_X), _unaligned(theta)
+    assert not ux.flags.aligned and ux.flags.c_contiguous and not ut.flags.aligned
+    wide = np.zeros((4, 4), np.float32)
+    wide[:, ::2] = CLS_X
+    readonly = CLS_X.copy()
+    readonly.flags.writeable = False
+    for x in [ux, np.asfortranarray(CLS_X), wide[:, ::2], CLS_X[::-1][::-1], CLS_X[::-1].copy()[::-1],
+              CLS_X.astype(np.float64), CLS_X.astype(">f4"), readonly, CLS_X.tolist()]:
+        np.testing.assert_array_equal(cls.predict(x, theta).mean, want.mean)
+    np.testing.assert_array_equal(cls.predict(np.rint(CLS_X).astype(np.int64), theta).mean,
+                                  cls.predict(np.rint(CLS_X), theta).mean)
+    np.testing.assert_array_equal(cls.log_prob(ut)[0], want_lp)
+    np.testing.assert_array_equal(cls.predict(CLS_X, ut, log_weights=_unaligned(np.zeros(5, np.float32))).mean,
+                                  want.mean)
+    for bad, shape in [(np.float32(1.0), "()"), (CLS_X[0], "(2,)"), (CLS_X[None], "(1, 4, 2)")]:
+        with pytest.raises(postflow.InvalidArgumentError, match=f"x must have 2 dimensions, got shape {re.escape(shape)}"):
+            cls.predict(bad, theta)
+    with pytest.raises(postflow.InvalidArgumentError, match="x is not convertible to a float32 array"):
+        cls.predict([[1.0, 2.0], [3.0]], theta)
+
+
+def test_errors_pickle_and_copy():
+    errors = [postflow.Error(postflow.ERR_BUNDLE, "b"), postflow.InvalidArgumentError(postflow.ERR_INVALID_ARGUMENT, "x"),
+              postflow.NumericError(postflow.ERR_NUMERIC, "nan"), postflow.Error(99, "newer"),
+              postflow.LibraryError("cannot load")]
+    errors[0].add_note("a note")
+    for e in errors:
+        for clone in (pickle.loads(pickle.dumps(e)), copy.deepcopy(e), copy.copy(e)):
+            assert type(clone) is type(e)
+            assert (clone.status, clone.status_name, clone.message, str(clone)) == (e.status, e.status_name, e.message, str(e))
+            assert getattr(clone, "__notes__", None) == getattr(e, "__notes__", None)
+    assert pickle.loads(pickle.dumps(errors[0])).status is postflow.Status.ERR_BUNDLE
+
+
+def test_batch_size_and_project_to_slice_are_documented():
+    readme = (Path(postflow.__file__).parent.parent / "README.md")
+    for doc in [postflow.Model.sample.__doc__, postflow.Model.log_prob.__doc__]:
+        assert "batch_size" in doc and "project_to_slice" in doc, doc
+    if readme.is_file():  # a checkout; an installed wheel has no README next to the package
+        text = readme.read_text()
+        assert "batch_size=" in text and "project_to_slice=" in text
+
+
+def test_a_model_cannot_be_copied(cls):
+    # A copy would share the C handle: closing one would free it under the other (a segfault).
+    for clone in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(postflow.UnsupportedError, match="cannot be copied or pickled"):
+            clone(cls)
+    assert cls.sample(1).theta.shape == (1, 17)
