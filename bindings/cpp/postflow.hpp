@@ -166,7 +166,10 @@ public:
     }
 
     /// log q(theta) of n_samples rows (theta.size() must be n_samples x weight_dim).
-    std::vector<float> log_prob(const std::vector<float> &theta, std::size_t n_samples, const SampleOptions &options) const {
+    /// With `stderr_out`, also the standard error of each Hutchinson estimate (zeros with
+    /// one probe or the exact trace).
+    std::vector<float> log_prob(const std::vector<float> &theta, std::size_t n_samples, const SampleOptions &options,
+                                std::vector<float> *stderr_out = nullptr) const {
         require_model();
         // theta's length bounds n_samples before the output is sized from it.
         if (detail::checked_mul(n_samples, info_.weight_dim, "n_samples x weight_dim") != theta.size()) {
@@ -175,9 +178,12 @@ public:
                             std::to_string(info_.weight_dim) + " needs exactly " +
                             std::to_string(n_samples * info_.weight_dim));
         }
-        std::vector<float> out;
+        std::vector<float> out, se;
         detail::allocate(out, n_samples, "log_density");
-        detail::check(pf_log_prob(handle_, &options, theta.data(), n_samples, theta.size(), out.data(), out.size(), nullptr, 0));
+        if (stderr_out) detail::allocate(se, n_samples, "stderr");
+        detail::check(pf_log_prob(handle_, &options, theta.data(), n_samples, theta.size(), out.data(), out.size(),
+                                  stderr_out ? se.data() : nullptr, se.size()));
+        if (stderr_out) *stderr_out = std::move(se);  // written only on success, as the C API does
         return out;
     }
 

@@ -68,6 +68,13 @@ int main() {
     std::vector<float> lp = cls.log_prob(se.theta, 6, ex);
     CHECK(lp.size() == 6 && se.theta == s.theta);
     for (std::size_t i = 0; i < 6; i++) CHECK(std::fabs(lp[i] - se.log_density[i]) < 1e-2f);
+    // Standard errors: those of pf_log_prob for the same probes, zeros for the exact trace.
+    std::vector<float> lp_se(3, -1.0f);
+    CHECK(cls.log_prob(se.theta, 6, ex, &lp_se) == lp && lp_se == std::vector<float>(6, 0.0f));
+    std::vector<float> c_lp(6), c_se(6);
+    CHECK(pf_log_prob(cls.get(), &o, s.theta.data(), 6, s.theta.size(), c_lp.data(), 6, c_se.data(), 6) == PF_OK);
+    CHECK(cls.log_prob(s.theta, 6, o, &lp_se) == c_lp && lp_se == c_se);
+    CHECK(c_se[0] > 0.0f);  // four Rademacher probes: a nonzero spread
 
     // Start time: the bundle's default unless set; 1 returns the stored draws (no density).
     postflow::Model anchored(fixture("affine_anchored"));
