@@ -684,7 +684,7 @@ fn eval_start_times_and_sweep() {
     assert_eq!(r["flow"]["start_time"], model.default_start_time());
     let rows = r["sweep"].as_array().unwrap();
     let times: Vec<f64> = rows.iter().map(|row| row["start_time"].as_f64().unwrap()).collect();
-    assert_eq!(times, [0.0, 0.5, 0.8, 0.9, 0.95, 1.0]);
+    assert_eq!(times, [0.0, 0.5, 0.8, 0.85, 0.9, 0.95, 1.0]);
     for row in rows {
         for key in
             ["tv", "nll", "ece", "agreement", "memorization_ratio", "epistemic_ratio_eval", "epistemic_ratio_ood"]

@@ -5,7 +5,7 @@ from . import sphere
 CLS_COLS = ["accuracy", "nll", "ece", "brier", "agreement", "tv"]
 REG_COLS = ["rmse", "nll", "coverage90"]
 METHOD_NOTES = {
-    "flow": "flow BMA (JAX sampler, default solver)",
+    "flow": "flow BMA, fresh samples (t₀ = 0; JAX sampler, the evaluation solver)",
     "hmc": "HMC BMA, held-out chain (`eval.hmc_*`)",
     "map": "MAP net (`reference.theta`)",
     "ensemble": "deep ensemble of the chains' start nets",

@@ -1,5 +1,5 @@
 """Evaluation on the eval split of every posterior approximation, side by side:
-flow BMA (JAX sampler, the runtime's default solver), HMC BMA (held-out chain), the MAP net,
+flow BMA (fresh samples, t₀ = 0; JAX sampler, the evaluation solver), HMC BMA (held-out chain), the MAP net,
 a deep ensemble (the chains' start nets), and Gaussian noise around the MAP with the
 posterior's per-coordinate sd. All predictions go through the exported net.onnx, and the
 HMC/MAP numbers are computed from exactly the float32 arrays written to the bundle."""

@@ -25,7 +25,7 @@ use crate::{spread, Error, Model, PredictOptions, Prediction, Result, SampleOpti
 pub const JACKKNIFE_GROUPS: usize = 10;
 
 /// Start times of `--sweep` for a bundle whose manifest records no sweep of its own.
-pub const SWEEP_START_TIMES: [f64; 6] = [0.0, 0.5, 0.8, 0.9, 0.95, 1.0];
+pub const SWEEP_START_TIMES: [f64; 7] = [0.0, 0.5, 0.8, 0.85, 0.9, 0.95, 1.0];
 /// Most rows `--sweep` takes from a manifest's sweep (each row draws `n` samples).
 const MAX_SWEEP_ROWS: usize = 32;
 
@@ -79,7 +79,7 @@ pub struct EvalArgs {
     #[arg(long, value_name = "T0", allow_hyphen_values = true)]
     start_time: Option<f64>,
     /// Also evaluate every start time of the manifest's reference_metrics.start_time_sweep
-    /// (without one: 0, 0.5, 0.8, 0.9, 0.95, 1; only 0 without anchors), beside its rows.
+    /// (without one: 0, 0.5, 0.8, 0.85, 0.9, 0.95, 1; only 0 without anchors), beside its rows.
     #[arg(long)]
     sweep: bool,
     /// Machine-readable JSON instead of the table.
