@@ -10,9 +10,9 @@
 
 /** Version of this header (the library's run-time version is pf_version()). */
 #define PF_VERSION_MAJOR 0
-#define PF_VERSION_MINOR 3
+#define PF_VERSION_MINOR 4
 #define PF_VERSION_PATCH 0
-#define PF_VERSION_STRING "0.3.0"
+#define PF_VERSION_STRING "0.4.0"
 
 /**
  * `pf_model_options.flags`: let ONNX Runtime's worker threads spin (busy-wait) between runs.
@@ -249,6 +249,25 @@ typedef struct {
      * classification, `output_dim` (variances) for regression.
      */
     size_t uncertainty_dim;
+    /**
+     * The start time that `PF_START_TIME_BUNDLE` selects: 0 (fresh flow samples) when the
+     * bundle stores no draws; 1 returns the stored draws themselves, which have no
+     * log-density. (Added in 0.4.)
+     */
+    double default_start_time;
+    /**
+     * Stored draws (anchors) the bundle carries; start times above 0 need them. (Added in 0.4.)
+     */
+    size_t anchor_count;
+    /**
+     * The bundle's own Hutchinson estimator: `PF_TRACE_HUTCHINSON` (Rademacher probes) or
+     * `PF_TRACE_HUTCHINSON_GAUSSIAN`. (Added in 0.4.)
+     */
+    pf_trace hutchinson_trace;
+    /**
+     * Its probes per sample, what `probes = 0` takes. (Added in 0.4.)
+     */
+    uint32_t hutchinson_probes;
 } pf_model_info;
 
 /**
@@ -350,7 +369,7 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * The library's version, e.g. "0.3.0" (static storage; never free it). Compare
+ * The library's version, e.g. "0.4.0" (static storage; never free it). Compare
  * with the header's `PF_VERSION_MAJOR/MINOR/PATCH` to detect a mismatch.
  */
 const char *pf_version(void);
@@ -394,7 +413,8 @@ pf_status pf_model_load(const char *bundle_dir, const pf_model_options *options,
 void pf_model_free(pf_model *model);
 
 /**
- * Describe a model: task and dimensions. Set `out->struct_size = sizeof(pf_model_info)`
+ * Describe a model: task, dimensions, and what sampling does by default (start time,
+ * stored draws, Hutchinson estimator). Set `out->struct_size = sizeof(pf_model_info)`
  * first; fields beyond `struct_size` are not written. Errors: NULL `model`/`out`
  * or a bad struct_size (PF_ERR_INVALID_ARGUMENT). Thread-safe.
  *

@@ -83,7 +83,7 @@ inline void check_x(const char *fn, std::size_t x_len, std::size_t n_inputs, std
 }
 }  // namespace detail
 
-/// Library version at run time (e.g. "0.3.0").
+/// Library version at run time (e.g. "0.4.0").
 inline std::string version() { return pf_version(); }
 
 /// pf_model_options with the defaults filled in.
@@ -146,6 +146,10 @@ public:
     std::size_t input_dim() const noexcept { return info_.input_dim; }
     std::size_t output_dim() const noexcept { return info_.output_dim; }
     std::size_t uncertainty_dim() const noexcept { return info_.uncertainty_dim; }
+    /// The start time PF_START_TIME_BUNDLE selects (0: fresh flow samples; 1: the stored draws).
+    double default_start_time() const noexcept { return info_.default_start_time; }
+    /// Stored draws the bundle carries (start times above 0 need them).
+    std::size_t anchor_count() const noexcept { return info_.anchor_count; }
     bool is_classification() const noexcept { return info_.task == PF_TASK_CLASSIFICATION; }
 
     /// Draw n samples; log-densities (and standard errors) when options.trace != PF_TRACE_NONE.

@@ -78,6 +78,8 @@ int main() {
 
     // Start time: the bundle's default unless set; 1 returns the stored draws (no density).
     postflow::Model anchored(fixture("affine_anchored"));
+    CHECK(anchored.default_start_time() == 0.5 && anchored.anchor_count() == 24);
+    CHECK(cls.default_start_time() == 0.0 && cls.anchor_count() == 0);
     postflow::SampleOptions at;
     CHECK(at.start_time == PF_START_TIME_BUNDLE);
     at.seed = 9;

@@ -22,7 +22,7 @@ int main(int argc, char **argv) {
     pf_status st = pf_model_load(argv[1], NULL, &model); /* NULL options: CPU, defaults */
     if (st != PF_OK) return fail("pf_model_load", st);
 
-    pf_model_info info = {sizeof info, 0, 0, 0, 0, 0};
+    pf_model_info info = {.struct_size = sizeof info};
     pf_model_get_info(model, &info);
     printf("postflow %s: %s, %zu inputs, %zu outputs, %zu weights\n", pf_version(),
            info.task == PF_TASK_CLASSIFICATION ? "classification" : "regression", info.input_dim, info.output_dim,

@@ -109,7 +109,7 @@ pub type pf_task_u32 = u32;
 
 static VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
 
-/// The library's version, e.g. "0.3.0" (static storage; never free it). Compare
+/// The library's version, e.g. "0.4.0" (static storage; never free it). Compare
 /// with the header's `PF_VERSION_MAJOR/MINOR/PATCH` to detect a mismatch.
 #[no_mangle]
 pub extern "C" fn pf_version() -> *const c_char {
@@ -174,7 +174,9 @@ mod tests {
         assert_eq!(size_of::<pf_model_options>(), 40);
         assert_eq!(offset_of!(pf_model_options, flags), 32);
         assert_eq!(MODEL_INFO_MIN, 32);
-        assert_eq!(size_of::<pf_model_info>(), 40);
+        assert_eq!(size_of::<pf_model_info>(), 64);
+        assert_eq!(offset_of!(pf_model_info, default_start_time), 40);
+        assert_eq!(offset_of!(pf_model_info, hutchinson_probes), 60);
         assert_eq!(offset_of!(pf_sample_options, seed), 8);
         assert_eq!(SAMPLE_OPTIONS_MIN, 48);
         assert_eq!(size_of::<pf_sample_options>(), 72);

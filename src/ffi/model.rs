@@ -24,6 +24,17 @@ pub struct pf_model_info {
     /// Columns `U` of the uncertainty outputs of `pf_prediction`: 1 (entropies) for
     /// classification, `output_dim` (variances) for regression.
     pub uncertainty_dim: usize,
+    /// The start time that `PF_START_TIME_BUNDLE` selects: 0 (fresh flow samples) when the
+    /// bundle stores no draws; 1 returns the stored draws themselves, which have no
+    /// log-density. (Added in 0.4.)
+    pub default_start_time: f64,
+    /// Stored draws (anchors) the bundle carries; start times above 0 need them. (Added in 0.4.)
+    pub anchor_count: usize,
+    /// The bundle's own Hutchinson estimator: `PF_TRACE_HUTCHINSON` (Rademacher probes) or
+    /// `PF_TRACE_HUTCHINSON_GAUSSIAN`. (Added in 0.4.)
+    pub hutchinson_trace: pf_trace_u32,
+    /// Its probes per sample, what `probes = 0` takes. (Added in 0.4.)
+    pub hutchinson_probes: u32,
 }
 
 // The oldest layout a caller may pass; later fields are not written when struct_size stops short.
@@ -90,7 +101,8 @@ pub(super) unsafe fn model_ref<'a>(p: *const pf_model) -> Result<&'a Model> {
     Ok(unsafe { &(*p).model })
 }
 
-/// Describe a model: task and dimensions. Set `out->struct_size = sizeof(pf_model_info)`
+/// Describe a model: task, dimensions, and what sampling does by default (start time,
+/// stored draws, Hutchinson estimator). Set `out->struct_size = sizeof(pf_model_info)`
 /// first; fields beyond `struct_size` are not written. Errors: NULL `model`/`out`
 /// or a bad struct_size (PF_ERR_INVALID_ARGUMENT). Thread-safe.
 ///
@@ -113,6 +125,17 @@ pub unsafe extern "C" fn pf_model_get_info(model: *const pf_model, out: *mut pf_
         put_field!(out, size, pf_model_info, output_dim: usize = task.prediction_outputs());
         put_field!(out, size, pf_model_info, weight_dim: usize = m.weight_dim());
         put_field!(out, size, pf_model_info, uncertainty_dim: usize = u);
+        put_field!(out, size, pf_model_info, default_start_time: f64 = m.default_start_time());
+        put_field!(out, size, pf_model_info, anchor_count: usize = m.anchor_count());
+        let (trace, probes) = match m.default_hutchinson() {
+            TraceMode::Hutchinson { probes, noise: ProbeNoise::Gaussian } => {
+                (pf_trace::PF_TRACE_HUTCHINSON_GAUSSIAN, probes)
+            }
+            TraceMode::Hutchinson { probes, .. } => (pf_trace::PF_TRACE_HUTCHINSON, probes),
+            _ => (pf_trace::PF_TRACE_HUTCHINSON, 1),
+        };
+        put_field!(out, size, pf_model_info, hutchinson_trace: u32 = trace as u32);
+        put_field!(out, size, pf_model_info, hutchinson_probes: u32 = probes);
         Ok(())
     })
 }

@@ -238,6 +238,15 @@ static void test_info(pf_model *cls, pf_model *reg, pf_model *het) {
           "reg info");
     EXPECT_OK(pf_model_get_info(het, &info));
     CHECK(info.task == PF_TASK_REGRESSION && info.weight_dim == 18 && info.output_dim == 1, "het info");
+    /* What sampling does by default (0.4): no stored draws, fresh samples, the bundle's probes. */
+    CHECK(info.default_start_time == 0.0 && info.anchor_count == 0, "het default start");
+    CHECK(info.hutchinson_trace == PF_TRACE_HUTCHINSON && info.hutchinson_probes >= 1, "het hutchinson");
+
+    /* A 0.3 caller: struct_size stops at uncertainty_dim; nothing after it is written. */
+    memset(&info, 0xAB, sizeof info);
+    info.struct_size = 40;
+    EXPECT_OK(pf_model_get_info(cls, &info));
+    CHECK(info.uncertainty_dim == 1 && info.anchor_count == (size_t)0xABABABABABABABABull, "0.3 layout");
 
     /* An older caller: struct_size covers up to weight_dim only. */
     memset(&info, 0xAB, sizeof info);
@@ -518,6 +527,9 @@ static void test_anchored(void) {
     pf_model_info info;
     info.struct_size = sizeof info;
     EXPECT_OK(pf_model_get_info(m, &info));
+    /* The fixture stores 24 draws and starts at 0.5 by default (tests/fixtures/bundles/README.md). */
+    CHECK(info.anchor_count == 24 && info.default_start_time == 0.5, "anchored info %zu %g", info.anchor_count,
+          info.default_start_time);
     size_t d = info.weight_dim, n = 5;
     float *theta = (float *)malloc(n * d * sizeof(float));
     float logd[5];

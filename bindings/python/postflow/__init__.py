@@ -167,7 +167,9 @@ MODEL_FLAG_ALLOW_SPINNING = 1
 
 class _ModelInfo(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("task", ctypes.c_uint32), ("input_dim", ctypes.c_size_t),
-                ("output_dim", ctypes.c_size_t), ("weight_dim", ctypes.c_size_t), ("uncertainty_dim", ctypes.c_size_t)]
+                ("output_dim", ctypes.c_size_t), ("weight_dim", ctypes.c_size_t), ("uncertainty_dim", ctypes.c_size_t),
+                ("default_start_time", ctypes.c_double), ("anchor_count", ctypes.c_size_t),
+                ("hutchinson_trace", ctypes.c_uint32), ("hutchinson_probes", ctypes.c_uint32)]
 
 
 class _SampleOptions(ctypes.Structure):
@@ -306,7 +308,7 @@ def _check(status: int) -> None:
 
 
 def version() -> str:
-    """The loaded libpostflow's version string, e.g. "0.3.0"."""
+    """The loaded libpostflow's version string, e.g. "0.4.0"."""
     v: bytes = _lib().pf_version()
     return v.decode()
 
@@ -480,6 +482,14 @@ class Model:
         self.weight_dim: int = info.weight_dim
         #: Columns of the uncertainty arrays of a :class:`Prediction`.
         self.uncertainty_dim: int = info.uncertainty_dim
+        #: The start time ``start_time=None`` selects: 0 gives fresh flow samples, 1 the stored
+        #: draws themselves (no log-density), in between samples started around stored draws.
+        self.default_start_time: float = info.default_start_time
+        #: Stored draws (anchors) the bundle carries; start times above 0 need them.
+        self.anchor_count: int = info.anchor_count
+        #: The bundle's own Hutchinson estimator, a :data:`TRACES` name, and its probe count.
+        self.hutchinson_trace: str = {v: k for k, v in TRACES.items()}[info.hutchinson_trace]
+        self.hutchinson_probes: int = info.hutchinson_probes
         #: The manifest's ``name`` (the folder's name if it has none).
         self.name: str = _bundle_name(self.bundle_dir)
 

@@ -1,6 +1,7 @@
 """Tests of the ctypes binding, mirroring tests/c/test_postflow.c."""
 import copy
 import inspect
+import json
 import os
 import pickle
 import re
@@ -46,16 +47,29 @@ def reference():
 
 
 def test_version_and_library():
-    assert postflow.version() == "0.3.0"
+    assert postflow.version() == "0.4.0"
     lib = Path(postflow.library_path())
     assert lib.name in ("libpostflow.so", "libpostflow.abi3.so")
     if INSTALLED:  # the wheel's own copy, not the checkout's
         assert lib.parent == Path(postflow.__file__).parent and lib.name == "libpostflow.abi3.so"
 
 
-def test_info(cls, reg):
+def test_info(cls, reg, tmp_path):
     assert (cls.task, cls.input_dim, cls.output_dim, cls.weight_dim, cls.uncertainty_dim) == ("classification", 2, 2, 17, 1)
     assert (reg.task, reg.input_dim, reg.output_dim, reg.weight_dim, reg.uncertainty_dim) == ("regression", 1, 1, 13, 1)
+    # What sampling does by default: fresh samples without stored draws; the bundle's estimator.
+    assert (cls.default_start_time, cls.anchor_count) == (0.0, 0)
+    assert cls.hutchinson_trace in ("hutchinson", "hutchinson-gaussian") and cls.hutchinson_probes >= 1
+    with postflow.Model(FIXTURES / "affine_anchored") as anchored:  # 24 stored draws, default t0 0.5
+        assert (anchored.default_start_time, anchored.anchor_count) == (0.5, 24)
+    # A bundle whose estimator is Gaussian says so.
+    gauss = tmp_path / "gauss"
+    shutil.copytree(FIXTURES / "affine_cls", gauss)
+    manifest = json.loads((gauss / "postflow.json").read_text())
+    manifest["flow"]["hutchinson"] = {"probes": 3, "noise": "gaussian"}
+    (gauss / "postflow.json").write_text(json.dumps(manifest))
+    with postflow.Model(gauss) as g:
+        assert (g.hutchinson_trace, g.hutchinson_probes) == ("hutchinson-gaussian", 3)
 
 
 def test_load_errors(tmp_path):
