@@ -12,14 +12,16 @@ import numpy as np
 from . import mlp
 
 
-def canonicalize(theta, sizes, eps=1e-12):
+def canonicalize(theta, sizes):
     """θ [..., D] -> canonical θ [..., D] (numpy, float64 internally)."""
     theta = np.asarray(theta, np.float64)
     params = [(w.copy(), b.copy()) for w, b in mlp.unflatten(theta, sizes)]
     for l in range(len(params) - 1):
         w, b = params[l]
         norm = np.sqrt(np.sum(w**2, axis=-1) + b**2)  # [..., out]
-        dead = norm <= eps
+        # only an exactly zero unit is dead: a tiny nonzero one still computes relu(w·x + b), which
+        # its outgoing weights may scale back up (a threshold would change the function)
+        dead = norm == 0.0
         norm = np.where(dead, 1.0, norm)
         # a dead unit (zero incoming weights and bias) outputs relu(0) = 0 for every input; so does
         # the unit-norm (0, …, 0, −1), which puts it on the slice without changing the function

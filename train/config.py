@@ -258,6 +258,9 @@ def _check(cfg: dict):
                           "or \"builtin:gap1d\")")
     if not 0.0 < cfg["data"]["eval_fraction"] < 1.0:
         raise ConfigError(f"data.eval_fraction = {cfg['data']['eval_fraction']}: must be between 0 and 1")
+    if cfg["flow"]["time_freqs"] < 2 or cfg["flow"]["time_freqs"] % 2:
+        raise ConfigError(f"flow.time_freqs = {cfg['flow']['time_freqs']}: must be an even number >= 2 "
+                          "(a sine and a cosine per frequency)")
     if cfg["posterior"]["chains"] < 2:
         raise ConfigError(f"posterior.chains = {cfg['posterior']['chains']}: must be at least 2 "
                           "(the last chain is held out)")

@@ -165,7 +165,8 @@ def sample(vfield, key, n, mean, scale, method="rk4", steps=20, trace=None, prob
         base = (mixture_log_density(x_start, anchors, t0) if trace is not None
                 else jnp.zeros(n, x0.dtype))
     x1, int_tr = integrate(vfield, x_start, method, steps, trace, eps, start_time=t0)
-    logq = base - int_tr - jnp.sum(jnp.log(scale))
+    # Without a trace there is no density: zeros, as documented (not a base term missing its trace).
+    logq = base - int_tr - jnp.sum(jnp.log(scale)) if trace is not None else jnp.zeros(n, x1.dtype)
     return mean + scale * x1, logq
 
 

@@ -189,3 +189,15 @@ def test_default_start_time_rule_with_the_ece_clause():
     t0, why = evaluate.choose_start_time(rows, hmc, True, ece=True)
     assert t0 == 0.9 and "ece 0.0700 > HMC 0.0500 + 0.01" in why
     assert "ece <= HMC ece + 0.01" in evaluate.start_time_rule(True, ece=True)
+
+
+@pytest.mark.parametrize("t0", [0.0, 0.5])
+def test_without_a_trace_the_log_densities_are_zeros(t0):
+    """trace=None computes no density: the second output is zeros (as documented), not a base
+    term without its trace integral."""
+    d = 3
+    anchors = np.ones((4, d), np.float32)
+    vfield = lambda t, x: jnp.zeros_like(x)  # noqa: E731
+    _, logq = sampler.sample(vfield, jax.random.PRNGKey(0), 5, np.zeros(d), 2.0 * np.ones(d), trace=None,
+                             start_time=t0, anchors=anchors)
+    np.testing.assert_array_equal(np.asarray(logq), 0.0)

@@ -90,6 +90,7 @@ def test_values_of_the_right_type_load(tmp_path):
     (BASE + "[flow]\nweight_dtype = \"bf16\"\n",
      'flow.weight_dtype = "bf16": expected one of "f16", "f32" (did you mean "f16"?)'),
     (BASE + "[posterior]\nchains = 1\n", "posterior.chains = 1: must be at least 2 (the last chain is held out)"),
+    (BASE + "[flow]\ntime_freqs = 7\n", "flow.time_freqs = 7: must be an even number >= 2 (a sine and a cosine per frequency)"),
     (BASE.replace("\n", "\neval_fraction = 1.5\n", 1), "data.eval_fraction = 1.5: must be between 0 and 1"),
     ("seed = 0\n", 'data.source is required ([data] source = "csv:PATH", "npz:PATH", "sklearn:NAME" '
                    'or "builtin:gap1d")'),

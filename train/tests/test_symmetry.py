@@ -81,15 +81,17 @@ def test_rescaled_copy_canonicalizes_to_the_same_point():
 
 def test_a_dead_unit_canonicalizes_onto_its_sphere_with_the_same_function():
     """A unit with zero incoming weights and bias (outputs 0 everywhere) becomes (0, …, 0, −1):
-    unit norm like every other hidden unit, and the net computes the same function."""
+    unit norm like every other hidden unit, and the net computes the same function. A tiny but
+    nonzero unit is alive: it is rescaled like any other (its outgoing weights may be huge)."""
     theta = random_net(5)
     params = [(w.copy(), b.copy()) for w, b in mlp.unflatten(theta, SIZES)]
+    params[0][0][2], params[0][1][2] = 1e-15, 1e-15  # layer 1, unit 2: tiny, alive
+    params[1][0][:, 2] = 1e15  # ... and what it feeds amplifies it back to order 1
     params[1][0][4], params[1][1][4] = 0.0, 0.0  # layer 2, unit 4: dead
-    params[0][0][2], params[0][1][2] = 1e-15, -1e-15  # layer 1, unit 2: dead to rounding
     theta = mlp.flatten(params)
     c = mlp.unflatten(canon.canonicalize(theta, SIZES), SIZES)
     np.testing.assert_array_equal(c[1][0][4], 0.0)
-    assert c[1][1][4] == -1.0 and c[0][1][2] == -1.0
+    assert c[1][1][4] == -1.0 and c[0][1][2] > 0  # the tiny unit keeps its direction
     for w, b in c[:-1]:
         np.testing.assert_allclose(np.sum(w**2, 1) + b**2, 1.0, rtol=1e-12)
     x = np.random.default_rng(6).standard_normal((50, SIZES[0]))
