@@ -2,6 +2,7 @@
 //! ONNX Runtime, with log-densities, and average the network's predictions.
 //!
 //! Start with [`Model::open`], then [`Model::sample`] or [`Model::log_prob`].
+mod alloc;
 pub mod bma;
 pub mod bundle;
 pub mod cli;

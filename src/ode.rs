@@ -169,14 +169,10 @@ pub struct Workspace {
 impl Workspace {
     /// Size every buffer; an error, not an abort, when memory runs out.
     fn prepare(&mut self, stages: usize, nx: usize, na: usize) -> Result<()> {
-        fn fit<T: Copy + Default>(v: &mut Vec<T>, len: usize) -> Result<()> {
-            if len > v.len() {
-                v.try_reserve_exact(len - v.len()).map_err(|_| {
-                    Error::invalid(format!("the solver's working memory ({len} values per stage) does not fit"))
-                })?;
-            }
-            v.resize(len, T::default());
-            Ok(())
+        fn fit<T: Clone + Default>(v: &mut Vec<T>, len: usize) -> Result<()> {
+            let too_big =
+                || Error::invalid(format!("the solver's working memory ({len} values per stage) does not fit"));
+            crate::alloc::resize(v, len, too_big)
         }
         self.kx.resize_with(stages, Vec::new);
         self.ka.resize_with(stages, Vec::new);

@@ -108,11 +108,7 @@ impl Model {
         let x = x.as_standard_layout();
         let theta = theta.as_standard_layout();
         let too_big = || Error::invalid(format!("outputs of {s} weight samples at {n} inputs do not fit in memory"));
-        let len = s.checked_mul(n).and_then(|v| v.checked_mul(c)).filter(|l| *l <= isize::MAX as usize / 4);
-        let len = len.ok_or_else(too_big)?;
-        let mut buf = Vec::new();
-        buf.try_reserve_exact(len).map_err(|_| too_big())?;
-        buf.resize(len, 0f32);
+        let buf = crate::alloc::zeroed(&[s, n, c], too_big)?;
         let mut out = ndarray::Array3::from_shape_vec((s, n, c), buf).expect("s·n·c elements");
         self.engine().net(x.as_slice().unwrap(), n, theta.as_slice().unwrap(), s, out.as_slice_mut().unwrap())?;
         Ok(out)

@@ -11,8 +11,8 @@ use ndarray::{Array2, ArrayView2};
 use crate::engine::Engine;
 use crate::geometry::{Geometry, SLICE_TOLERANCE};
 use crate::ode::{self, OdeStats, SolverConfig, SolverKind, VectorField, Workspace};
-use crate::rng;
 use crate::trace::TraceMode;
+use crate::{alloc, rng};
 use crate::{Error, Result};
 
 /// Options for `sample` and `log_prob`. `None` fields take the bundle's defaults.
@@ -137,11 +137,7 @@ impl FlowContext<'_> {
                 return Err(Error::invalid(format!("{name} {v} exceeds the limit of {MAX_STEPS}")));
             }
         }
-        if let TraceMode::Hutchinson { probes, .. } = o.trace {
-            if probes == 0 || probes > MAX_PROBES {
-                return Err(Error::invalid(format!("probes must be in [1, {MAX_PROBES}], got {probes}")));
-            }
-        }
+        check_probes(o.trace)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -422,6 +418,16 @@ fn mixture_logpdf(x: &[f32], anchors: &Array2<f32>, t0: f64) -> f64 {
     lse - (anchors.nrows() as f64).ln() - 0.5 * d * (2.0 * PI * sigma * sigma).ln()
 }
 
+/// A Hutchinson request's probe count is within `[1, MAX_PROBES]`.
+pub(crate) fn check_probes(trace: TraceMode) -> Result<()> {
+    match trace {
+        TraceMode::Hutchinson { probes, .. } if probes == 0 || probes > MAX_PROBES => {
+            Err(Error::invalid(format!("probes must be in [1, {MAX_PROBES}], got {probes}")))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Samples per batch: `asked` (0: `DEFAULT_BATCH`), made smaller when a batch's working
 /// memory would exceed `BATCH_BYTES` (never below one sample).
 fn batch_len(asked: usize, dim: usize, trace: TraceMode) -> usize {
@@ -455,30 +461,17 @@ struct BatchWork {
 impl BatchWork {
     /// Size the buffers for a batch of `b`; an error, not an abort, when memory runs out.
     fn prepare(&mut self, b: usize, d: usize, accs: usize, trace: TraceMode) -> Result<()> {
-        resize_fallible(&mut self.x, b * d)?;
+        let too_big = || Error::invalid(format!("a batch of {b} samples of D = {d} weights does not fit in memory"));
+        alloc::resize(&mut self.x, b * d, too_big)?;
         self.acc.clear();
-        resize_fallible(&mut self.acc, b * accs)?;
+        alloc::resize(&mut self.acc, b * accs, too_big)?;
         self.base_logp.resize(b, 0.0);
         if let TraceMode::Hutchinson { probes, .. } = trace {
-            let len = (b * d).checked_mul(probes as usize).ok_or_else(|| out_of_memory(b, d))?;
-            resize_fallible(&mut self.eps, len)?;
+            let len = (b * d).checked_mul(probes as usize).ok_or_else(too_big)?;
+            alloc::resize(&mut self.eps, len, too_big)?;
         }
         Ok(())
     }
-}
-
-fn out_of_memory(b: usize, d: usize) -> Error {
-    Error::invalid(format!("a batch of {b} samples of D = {d} weights does not fit in memory"))
-}
-
-/// `buf.resize(len, 0)`, reserving first so that a failed allocation is an error.
-fn resize_fallible<T: Copy + Default>(buf: &mut Vec<T>, len: usize) -> Result<()> {
-    if len > buf.len() {
-        buf.try_reserve_exact(len - buf.len())
-            .map_err(|_| Error::invalid(format!("{len} values of working memory do not fit in memory")))?;
-    }
-    buf.resize(len, T::default());
-    Ok(())
 }
 
 /// The flow's velocity plus, per trace mode, the integrands of the log-density.
@@ -579,11 +572,8 @@ impl VectorField for FlowField<'_> {
 /// `[n, D]` zeros, or an error when `n·D` overflows or cannot be allocated (instead of
 /// the allocator aborting the process on an absurd `n`).
 pub(crate) fn zeroed_samples(n: usize, d: usize) -> Result<Array2<f32>> {
-    let too_many = || Error::invalid(format!("{n} samples of D = {d} weights do not fit in memory"));
-    let len = n.checked_mul(d).filter(|l| *l <= isize::MAX as usize / 4).ok_or_else(too_many)?;
-    let mut buf = Vec::new();
-    buf.try_reserve_exact(len).map_err(|_| too_many())?;
-    buf.resize(len, 0f32);
+    let buf =
+        alloc::zeroed(&[n, d], || Error::invalid(format!("{n} samples of D = {d} weights do not fit in memory")))?;
     Ok(Array2::from_shape_vec((n, d), buf).expect("n·D elements"))
 }
 

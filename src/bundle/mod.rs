@@ -74,10 +74,9 @@ impl Bundle {
 
         let tensors_path = files::resolve_in_bundle(dir, &manifest.tensors, "tensors")?;
         let tensor_bytes = files::read_limited(&tensors_path, limits.max_tensors_bytes, "tensors")?;
-        let tensors = BundleTensors::parse(&tensor_bytes, &manifest)?;
+        // The geometry comes out of the tensors' checks, built once they have confirmed D.
+        let (tensors, geometry) = BundleTensors::parse_with_geometry(&tensor_bytes, &manifest)?;
         drop(tensor_bytes);
-        // Built once the tensors file has confirmed the manifest's dimensions.
-        let geometry = Geometry::from_manifest(&manifest)?;
 
         let read_graph = |field: &str, file: &str| -> Result<Vec<u8>> {
             let path = files::resolve_in_bundle(dir, file, field)?;

@@ -131,6 +131,12 @@ fn check_sphere_whitening(geometry: &Geometry, mean: &[f32], scale: &[f32]) -> R
 impl BundleTensors {
     /// Parse and check the tensors file against a (validated) manifest.
     pub fn parse(bytes: &[u8], manifest: &Manifest) -> Result<Self> {
+        Ok(Self::parse_with_geometry(bytes, manifest)?.0)
+    }
+
+    /// `parse`, also returning the manifest's geometry, which the checks build once the
+    /// whitening tensors have confirmed `D` (so the caller need not build it again).
+    pub(crate) fn parse_with_geometry(bytes: &[u8], manifest: &Manifest) -> Result<(Self, Geometry)> {
         let table = Table(
             SafeTensors::deserialize(bytes)
                 .map_err(|e| Error::bundle(format!("tensors file: not valid safetensors: {e}")))?,
@@ -241,7 +247,7 @@ impl BundleTensors {
             }
             None => None,
         };
-        Ok(BundleTensors {
+        let tensors = BundleTensors {
             whiten_mean,
             whiten_scale,
             sum_log_scale,
@@ -251,6 +257,7 @@ impl BundleTensors {
             eval,
             ood_x,
             anchors,
-        })
+        };
+        Ok((tensors, geometry))
     }
 }

@@ -199,14 +199,7 @@ pub unsafe extern "C" fn pf_sample_predict(
         let mut o = unsafe { read_sample_options(options, m)? };
         // The average uses uniform weights, so log-densities would be wasted work; a trace
         // request is still checked, as pf_sample would check it.
-        if let TraceMode::Hutchinson { probes, .. } = o.trace {
-            if probes == 0 || probes > crate::sampler::MAX_PROBES {
-                return Err(Error::invalid(format!(
-                    "probes must be in [1, {}], got {probes}",
-                    crate::sampler::MAX_PROBES
-                )));
-            }
-        }
+        crate::sampler::check_probes(o.trace)?;
         o.trace = TraceMode::None;
         if n_samples == 0 {
             return Err(Error::invalid("n_samples is 0, need at least 1"));
