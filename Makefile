@@ -39,6 +39,7 @@ test-python:
 # Regenerate the committed closed-form fixture bundles.
 fixtures: setup
 	$(PY) tests/fixtures/make_fixtures.py
+	$(PY) tests/fixtures/make_refine_fixture.py
 
 # ---- C API (issue 5): header, install, example ------------------------------
 .PHONY: header install example-c

@@ -1,4 +1,5 @@
-//! ONNX Runtime sessions for a bundle's three graphs.
+//! ONNX Runtime sessions for a bundle's graphs (flow, flow_jvp, net, and the
+//! posterior's log-density for refinement).
 //!
 //! `Session::run` needs `&mut Session`, yet a loaded model is shared by many
 //! threads. Each graph therefore has a small pool of sessions, each behind its
@@ -125,6 +126,8 @@ pub struct Engine {
     flow: SessionPool,
     flow_jvp: SessionPool,
     net: SessionPool,
+    /// `refine.graph` (format version 3): fixed I/O names, see `POSTERIOR_IO`.
+    posterior: Option<SessionPool>,
     names: GraphNames,
     flow_c: CNames<2, 1>,
     jvp_c: CNames<3, 2>,
@@ -143,6 +146,9 @@ struct GraphNames {
     net_in: [String; 2],
     net_out: String,
 }
+
+/// The refinement graph's input and outputs (docs/bundle-format.md, "Refinement").
+pub const POSTERIOR_IO: (&str, [&str; 2]) = ("theta", ["log_density", "grad"]);
 
 /// Expected dims of a graph input or output: `None` = a batch dimension (must be dynamic).
 type DimSpec = [Option<usize>];
@@ -187,6 +193,17 @@ impl Engine {
         check_io(&net, "net", true, &[(&names.net_in[0], &[None, Some(d_in)]), (&names.net_in[1], &[None, Some(d)])])?;
         check_io(&net, "net", false, &[(&names.net_out, &[None, None, Some(c)])])?;
         let max = config.max_sessions.max(1);
+        let posterior = match graphs.posterior {
+            Some(bytes) => {
+                let session = build_session(&config, &bytes, "posterior")?;
+                let theta = POSTERIOR_IO.0.to_string();
+                let [logp, grad] = POSTERIOR_IO.1.map(String::from);
+                check_io(&session, "posterior", true, &[(&theta, &[None, Some(d)])])?;
+                check_io(&session, "posterior", false, &[(&logp, &[None]), (&grad, &[None, Some(d)])])?;
+                Some(SessionPool::new("posterior", bytes, session, max))
+            }
+            None => None,
+        };
         let flow_c = CNames::new(&names.flow_in, std::slice::from_ref(&names.flow_out))?;
         let jvp_c = CNames::new(&names.jvp_in, &names.jvp_out)?;
         Ok(Engine {
@@ -195,6 +212,7 @@ impl Engine {
             flow: SessionPool::new("flow", graphs.flow, flow, max),
             flow_jvp: SessionPool::new("flow_jvp", graphs.flow_jvp, jvp, max),
             net: SessionPool::new("net", graphs.net, net, max),
+            posterior,
             config,
             names,
             dim: d,
@@ -259,6 +277,20 @@ impl Engine {
             self.names.net_in[1].as_str() => TensorRef::from_array_view(([s, self.dim], theta))?,
         ])?;
         copy_output(&outputs, &self.names.net_out, "net", &[s, n, self.outputs], out)
+    }
+}
+
+impl Engine {
+    /// The posterior's `log_density` (`s`) and `grad` (`s·D`) at `s` weight vectors `theta`.
+    pub fn log_posterior(&self, theta: &[f32], s: usize, logp_out: &mut [f32], grad_out: &mut [f32]) -> Result<()> {
+        let pool = self.posterior.as_ref().ok_or_else(|| Error::invalid("this bundle has no refinement graph"))?;
+        debug_assert_eq!(theta.len(), s * self.dim);
+        let mut session = pool.acquire(&self.config)?;
+        let outputs = session.run(ort::inputs![
+            POSTERIOR_IO.0 => TensorRef::from_array_view(([s, self.dim], theta))?,
+        ])?;
+        copy_output(&outputs, POSTERIOR_IO.1[0], "posterior", &[s], logp_out)?;
+        copy_output(&outputs, POSTERIOR_IO.1[1], "posterior", &[s, self.dim], grad_out)
     }
 }
 

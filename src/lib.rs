@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod model;
 pub mod ode;
 pub mod predict;
+pub mod refine;
 pub mod rng;
 pub mod runtime;
 pub mod sampler;

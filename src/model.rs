@@ -8,6 +8,7 @@ use crate::bundle::{Bundle, BundleTensors, Limits, Manifest};
 use crate::engine::{Device, Engine, SessionConfig};
 use crate::geometry::Geometry;
 use crate::ode::{SolverConfig, SolverKind};
+use crate::refine::Refiner;
 use crate::sampler::{FlowContext, LogDensities, SampleOptions, Samples};
 use crate::trace::{ProbeNoise, TraceMode};
 use crate::{Error, Result};
@@ -160,7 +161,19 @@ impl Model {
             anchors: self.tensors.anchors.as_ref(),
             default_start_time: self.default_start_time(),
             geometry: &self.geometry,
+            refiner: self.refiner(),
         }
+    }
+
+    /// The bundle's HMC refinement and its default transitions (format version 3).
+    fn refiner(&self) -> Option<(Refiner<'_>, u32)> {
+        let (spec, tensors) = (self.manifest.refine.as_ref()?, self.tensors.refine.as_ref()?);
+        Some((Refiner::new(&self.engine, spec, tensors, &self.manifest.network.layers), spec.default_transitions))
+    }
+
+    /// HMC transitions that sampling without log-densities runs by default (0 without refinement).
+    pub fn default_refine_transitions(&self) -> u32 {
+        self.manifest.refine.as_ref().map_or(0, |r| r.default_transitions)
     }
 
     /// Draw `n` posterior weight samples (and their log-densities when `options.trace` asks).

@@ -2,7 +2,8 @@
 //! from the seed, so sample `i` is the same whatever the batch size, chunking
 //! or thread count. A stream first yields the sample's start point (with a start time
 //! `0 < t₀ < 1`, an anchor index, then D standard normals; otherwise the D normals of
-//! `x₀`), then its Hutchinson probes (K·D values).
+//! `x₀`), then its Hutchinson probes (K·D values). Refinement draws from a second stream
+//! per sample (`refine_stream`).
 use rand::{RngCore, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use rand_xoshiro::{SplitMix64, Xoshiro256PlusPlus};
@@ -16,6 +17,12 @@ pub fn sample_stream(seed: u64, index: u64) -> Xoshiro256PlusPlus {
     let key = mixer.next_u64() ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     let mut mixer = SplitMix64::seed_from_u64(key);
     Xoshiro256PlusPlus::seed_from_u64(mixer.next_u64())
+}
+
+/// The refinement stream of sample `index` (its HMC momenta and accept draws): a stream
+/// apart from the sample's own, so refining never changes the sample it starts from.
+pub fn refine_stream(seed: u64, index: u64) -> Xoshiro256PlusPlus {
+    sample_stream(seed ^ 0x5EED_0F4E_F14E_u64, index)
 }
 
 /// A uniform index in `[0, n)` (n ≥ 1), unbiased (Lemire's method via `rand`).

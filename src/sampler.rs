@@ -11,6 +11,7 @@ use ndarray::{Array2, ArrayView2};
 use crate::engine::Engine;
 use crate::geometry::{Geometry, SLICE_TOLERANCE};
 use crate::ode::{self, OdeStats, SolverConfig, SolverKind, VectorField, Workspace};
+use crate::refine::{RefineStats, Refiner};
 use crate::trace::TraceMode;
 use crate::{alloc, rng};
 use crate::{Error, Result};
@@ -41,6 +42,10 @@ pub struct SampleOptions {
     /// `log_prob` on a `sphere_product` bundle: put rows whose units are off the slice
     /// (`|‖(w, b)‖ − 1| > 1e-4`) onto it by renormalizing each unit, instead of refusing them.
     pub project_to_slice: bool,
+    /// HMC transitions on the posterior after drawing (bundles with `refine`, format version 3);
+    /// `None` takes the bundle's `refine.default_transitions` when no log-density is asked for
+    /// and none otherwise (refined samples have no density). See `crate::refine`.
+    pub refine_transitions: Option<u32>,
 }
 
 impl Default for SampleOptions {
@@ -58,6 +63,7 @@ impl Default for SampleOptions {
             exact_chunk_bytes: 64 << 20,
             start_time: None,
             project_to_slice: false,
+            refine_transitions: None,
         }
     }
 }
@@ -82,6 +88,8 @@ pub struct Samples {
     /// Standard error of each Hutchinson estimate (only with more than one probe).
     pub log_density_stderr: Option<Vec<f32>>,
     pub stats: OdeStats,
+    /// Refinement's transitions and acceptance, when samples were refined.
+    pub refine: Option<RefineStats>,
 }
 
 /// Log-densities of given weights.
@@ -105,6 +113,8 @@ pub struct FlowContext<'a> {
     pub default_start_time: f64,
     /// Which coordinates form unit spheres; whitening is the identity on them.
     pub geometry: &'a Geometry,
+    /// The bundle's HMC refinement and its default transitions (format version 3).
+    pub refiner: Option<(Refiner<'a>, u32)>,
 }
 
 /// Where sampling starts: the base `N(0, I)` at 0, a Gaussian mixture around the
@@ -159,17 +169,60 @@ impl FlowContext<'_> {
         Ok(if t0 == 1.0 { Start::Anchors(anchors) } else { Start::Mixture { t0, anchors } })
     }
 
+    /// The refinement transitions a `sample` call runs: the request, or the bundle's default
+    /// when no log-density is asked for; refined samples have no density.
+    fn refine_transitions(&self, o: &SampleOptions) -> Result<u32> {
+        let default = self.refiner.as_ref().map_or(0, |(_, k)| *k);
+        match o.refine_transitions {
+            None if o.trace == TraceMode::None => Ok(default),
+            None | Some(0) => Ok(0),
+            Some(k) if k > crate::bundle::MAX_TRANSITIONS => Err(Error::invalid(format!(
+                "refine_transitions {k} exceeds the limit of {}",
+                crate::bundle::MAX_TRANSITIONS
+            ))),
+            Some(_) if self.refiner.is_none() => Err(Error::invalid(
+                "refine_transitions > 0 needs a bundle with refinement (format version 3, a refine table), \
+                 and this bundle has none",
+            )),
+            Some(_) if o.trace != TraceMode::None => Err(Error::invalid(
+                "refined samples have no density: use trace none with refine_transitions > 0, or refine_transitions 0",
+            )),
+            Some(k) => Ok(k),
+        }
+    }
+
     fn batch_size(&self, o: &SampleOptions) -> usize {
         batch_len(o.batch_size, self.dim, o.trace)
     }
 
-    /// Draw `n` samples.
+    /// Draw `n` samples, then refine them when asked (or by the bundle's default).
     pub fn sample(&self, n: usize, o: &SampleOptions) -> Result<Samples> {
         let start_at = self.start(o)?;
         let solver = self.solver(o)?; // checked at t₀ = 1 too: a bad request is refused whatever the start
-        if let Start::Anchors(anchors) = start_at {
-            return self.stored_draws(anchors, n, o);
+        let transitions = self.refine_transitions(o)?;
+        let mut anchor_of = Vec::new();
+        let mut samples = match start_at {
+            Start::Anchors(anchors) => self.stored_draws(anchors, n, o, &mut anchor_of)?,
+            _ => self.flow_samples(start_at, &solver, n, o, &mut anchor_of)?,
+        };
+        if let (Some((refiner, _)), true) = (&self.refiner, transitions > 0) {
+            let rows = samples.theta.as_slice_mut().expect("standard layout");
+            let batch = self.batch_size(o);
+            samples.refine = Some(refiner.refine(rows, &anchor_of, transitions, o.seed, o.first_index, batch)?);
+            check_finite_rows(samples.theta.view(), None, o.first_index, "refined weights")?;
         }
+        Ok(samples)
+    }
+
+    /// `n` samples of the flow from `start_at`; `anchor_of` receives each one's anchor.
+    fn flow_samples(
+        &self,
+        start_at: Start<'_>,
+        solver: &SolverConfig,
+        n: usize,
+        o: &SampleOptions,
+        anchor_of: &mut Vec<Option<usize>>,
+    ) -> Result<Samples> {
         let d = self.dim;
         let t_start = start_at.time();
         let accs = o.trace.accumulators();
@@ -186,13 +239,13 @@ impl FlowContext<'_> {
             for j in 0..b {
                 let mut stream = rng::sample_stream(o.seed, o.first_index + (start + j) as u64);
                 let x0 = &mut work.x[j * d..(j + 1) * d];
-                start_at.draw(self.geometry, &mut stream, x0);
+                anchor_of.push(start_at.draw(self.geometry, &mut stream, x0));
                 if accs > 0 {
                     work.base_logp[j] = start_at.log_density(self.geometry, x0);
                 }
                 draw_probes(&mut stream, o.trace, &mut work.eps, j, d);
             }
-            stats += self.integrate(&solver, o, &mut work, b, t_start, 1.0)?;
+            stats += self.integrate(solver, o, &mut work, b, t_start, 1.0)?;
             // θ = mean + scale ⊙ x₁; log q = log p_{t₀}(x_{t₀}) − ∫ tr J − Σ log scale.
             let rows = theta.as_slice_mut().expect("standard layout");
             for j in 0..b {
@@ -215,6 +268,7 @@ impl FlowContext<'_> {
             log_density: (accs > 0).then_some(logd),
             log_density_stderr: (accs > 1).then_some(stderr),
             stats,
+            refine: None,
         })
     }
 
@@ -260,7 +314,7 @@ impl FlowContext<'_> {
                 self.onto_slice(x1, o.first_index + (start + j) as u64, o.project_to_slice)?;
                 if let TraceMode::Hutchinson { .. } = o.trace {
                     let mut stream = rng::sample_stream(o.seed, o.first_index + (start + j) as u64);
-                    start_at.draw(self.geometry, &mut stream, &mut scratch); // the start point's draws
+                    let _ = start_at.draw(self.geometry, &mut stream, &mut scratch); // the start point's draws
                     draw_probes(&mut stream, o.trace, &mut work.eps, j, d);
                 }
             }
@@ -301,7 +355,13 @@ impl FlowContext<'_> {
 
     /// The anchors themselves, un-whitened, in a seeded order: a permutation drawn from
     /// `seed`, read from position `first_index` and cycled when more are asked than stored.
-    fn stored_draws(&self, anchors: &Array2<f32>, n: usize, o: &SampleOptions) -> Result<Samples> {
+    fn stored_draws(
+        &self,
+        anchors: &Array2<f32>,
+        n: usize,
+        o: &SampleOptions,
+        anchor_of: &mut Vec<Option<usize>>,
+    ) -> Result<Samples> {
         if o.trace != TraceMode::None {
             return Err(Error::invalid(
                 "start_time 1 returns the stored draws, which have no density: use trace none, or a start_time below 1",
@@ -314,12 +374,13 @@ impl FlowContext<'_> {
         let rows = theta.as_slice_mut().expect("standard layout");
         for j in 0..n {
             let pick = order[((o.first_index + j as u64) % count as u64) as usize];
+            anchor_of.push(Some(pick));
             let a = anchors.row(pick);
             for (i, (out, x)) in rows[j * d..(j + 1) * d].iter_mut().zip(a.iter()).enumerate() {
                 *out = self.whiten_mean[i] + self.whiten_scale[i] * x;
             }
         }
-        Ok(Samples { theta, log_density: None, log_density_stderr: None, stats: OdeStats::default() })
+        Ok(Samples { theta, log_density: None, log_density_stderr: None, stats: OdeStats::default(), refine: None })
     }
 
     fn integrate(
@@ -364,7 +425,8 @@ impl Start<'_> {
     /// `0 < t₀ < 1` first an anchor index, then `z`, giving `t₀·a + (1 − t₀)·z`.
     /// On a sphere bundle the base normalizes each sphere block of `z` (uniform on the sphere),
     /// and between 0 and 1 each sphere block moves along the great circle from `z` toward `a`.
-    fn draw<R: rand::RngCore>(&self, geometry: &Geometry, stream: &mut R, x: &mut [f32]) {
+    /// Returns the anchor drawn around (`None` from the base).
+    fn draw<R: rand::RngCore>(&self, geometry: &Geometry, stream: &mut R, x: &mut [f32]) -> Option<usize> {
         match self {
             Start::Base | Start::Anchors(_) if !geometry.is_euclidean() => geometry.draw_base(stream, x),
             Start::Base | Start::Anchors(_) => rng::fill_standard_normal(stream, x),
@@ -372,6 +434,7 @@ impl Start<'_> {
                 let pick = rng::index(stream, anchors.nrows());
                 geometry.draw_base(stream, x);
                 geometry.geodesic_start(x, anchors.row(pick).as_slice().expect("standard layout"), *t0);
+                return Some(pick);
             }
             Start::Mixture { t0, anchors } => {
                 let pick = rng::index(stream, anchors.nrows());
@@ -380,8 +443,10 @@ impl Start<'_> {
                 for (xv, av) in x.iter_mut().zip(anchors.row(pick).iter()) {
                     *xv = t0 * av + s * *xv;
                 }
+                return Some(pick);
             }
         }
+        None
     }
 
     /// Log-density of the start distribution at `x`: `log N(x; 0, I)`, or the mixture

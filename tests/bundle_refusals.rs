@@ -85,7 +85,7 @@ fn manifest_case(f: impl FnOnce(&mut Value), kind: ErrorKind, fragments: &[&str]
 #[test]
 fn unknown_format_and_version() {
     manifest_case(|m| m["format"] = "onnx-bundle".into(), ErrorKind::Bundle, &["format", "onnx-bundle"]);
-    manifest_case(|m| m["format_version"] = 3.into(), ErrorKind::Bundle, &["format_version", "unsupported version 3"]);
+    manifest_case(|m| m["format_version"] = 4.into(), ErrorKind::Bundle, &["format_version", "unsupported version 4"]);
     manifest_case(
         |m| m["format_version"] = "1".into(),
         ErrorKind::Bundle,
@@ -509,4 +509,62 @@ fn misspelt_manifest_fields_are_refused() {
     manifest_case(|m| m["descripton"] = "x".into(), ErrorKind::Bundle, &["unknown field `descripton`"]);
     manifest_case(|m| m["graphs"]["net"]["fille"] = "net.onnx".into(), ErrorKind::Bundle, &["unknown field `fille`"]);
     manifest_case(|m| m["task"]["class_nams"] = serde_json::json!(["a", "b"]), ErrorKind::Bundle, &["class_nams"]);
+}
+
+fn refine_case(edit: impl FnOnce(&mut Value), edit_t: impl FnOnce(&mut Tensors), fragments: &[&str]) {
+    let c = copy_of("affine_refine");
+    edit_manifest(&c.path, edit);
+    edit_tensors(&c.path, edit_t);
+    assert_refused(&c.path, ErrorKind::Bundle, fragments);
+}
+
+/// Hostile refinement tables and tensors (format version 3): each refused at open, by name.
+#[test]
+fn refinement_of_wrong_version_ranges_tensors_or_graph() {
+    // `refine` and version 3 go together.
+    refine_case(|m| m["format_version"] = 2.into(), |_| {}, &["refine", "format_version 3"]);
+    refine_case(
+        |m| {
+            m.as_object_mut().unwrap().remove("refine");
+        },
+        |t| t.retain(|t| !t.0.starts_with("refine.")),
+        &["refine", "missing"],
+    );
+    // Ranges.
+    refine_case(|m| m["refine"]["leapfrog_steps"] = 0.into(), |_| {}, &["refine.leapfrog_steps", "[1, 1000]"]);
+    refine_case(|m| m["refine"]["leapfrog_steps"] = 1001.into(), |_| {}, &["refine.leapfrog_steps"]);
+    refine_case(|m| m["refine"]["step_size"] = (-0.1).into(), |_| {}, &["refine.step_size", "> 0"]);
+    refine_case(|m| m["refine"]["step_size"] = 0.0.into(), |_| {}, &["refine.step_size"]);
+    refine_case(|m| m["refine"]["default_transitions"] = 10_001.into(), |_| {}, &["refine.default_transitions"]);
+    refine_case(|m| m["refine"]["steps"] = 3.into(), |_| {}, &["unknown field", "steps"]);
+    // Tensors: missing, wrong shape, non-positive or non-finite, or present without the table.
+    refine_case(|_| {}, |t| t.retain(|t| t.0 != "refine.inverse_mass"), &["refine.inverse_mass", "missing"]);
+    refine_case(
+        |_| {},
+        |t| {
+            let i = t.iter().position(|t| t.0 == "refine.inverse_mass").unwrap();
+            t[i].2 = vec![16];
+            t[i].3.truncate(16 * 4);
+        },
+        &["refine.inverse_mass", "[16]", "[17]"],
+    );
+    for v in [0.0f32, -1.0] {
+        refine_case(|_| {}, |t| set_f32(t, "refine.inverse_mass", 5, v), &["refine.inverse_mass", "> 0", "index 5"]);
+    }
+    refine_case(|_| {}, |t| set_f32(t, "refine.inverse_mass", 2, f32::NAN), &["refine.inverse_mass", "non-finite"]);
+    let c = copy_of("affine_anchored");
+    let extra = std::fs::read(common::fixture("affine_refine").join("tensors.safetensors")).unwrap();
+    std::fs::write(c.path.join("tensors.safetensors"), extra).unwrap();
+    assert_refused(&c.path, ErrorKind::Bundle, &["refine.inverse_mass", "no refine entry"]);
+    // Unit norms on a bundle without anchors to rescale, or of the wrong width.
+    refine_case(
+        |_| {},
+        |t| t.push(("refine.anchor_unit_norms".into(), Dtype::F32, vec![24, 2], vec![0u8; 24 * 2 * 4])),
+        &["refine.anchor_unit_norms", "[24, 2]", "[24, 3]"],
+    );
+    // The graph: missing file, or one whose outputs are not log_density and grad.
+    refine_case(|m| m["refine"]["graph"] = "nowhere.onnx".into(), |_| {}, &["refine.graph"]);
+    let c = copy_of("affine_refine");
+    std::fs::copy(c.path.join("flow.onnx"), c.path.join("posterior.onnx")).unwrap();
+    assert_refused(&c.path, ErrorKind::Bundle, &["graph posterior"]);
 }

@@ -4,8 +4,9 @@ use serde::{Deserialize, Serialize};
 
 pub const FORMAT: &str = "postflow-bundle";
 /// Newest format version this runtime reads. Version 2 adds stored anchor draws
-/// (`flow.anchors`) and a default start time; version 1 bundles are read unchanged.
-pub const FORMAT_VERSION: u64 = 2;
+/// (`flow.anchors`) and a default start time; version 3 adds refinement (`refine`: the
+/// posterior's log-density graph for HMC transitions). Older versions are read unchanged.
+pub const FORMAT_VERSION: u64 = 3;
 /// Oldest format version this runtime reads.
 pub const MIN_FORMAT_VERSION: u64 = 1;
 
@@ -22,6 +23,9 @@ pub struct Manifest {
     pub network: Network,
     pub flow: FlowSpec,
     pub graphs: Graphs,
+    /// HMC refinement of drawn samples on the posterior itself (format version 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine: Option<RefineSpec>,
     #[serde(default = "default_tensors_file")]
     pub tensors: String,
     #[serde(default)]
@@ -166,6 +170,19 @@ pub struct DefaultSolver {
 pub struct HutchinsonSpec {
     pub probes: u32,
     pub noise: String,
+}
+
+/// Refinement (format version 3): `graph` maps original-scale weights `theta [S, D]` to the
+/// posterior's `log_density [S]` (up to a constant) and its `grad [S, D]`; each transition is
+/// one HMC step of `leapfrog_steps` leapfrog steps of size `step_size`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefineSpec {
+    pub graph: String,
+    pub leapfrog_steps: u32,
+    pub step_size: f64,
+    /// Transitions that sampling without log-densities runs when the caller does not choose.
+    pub default_transitions: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

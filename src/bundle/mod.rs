@@ -45,6 +45,8 @@ pub struct GraphBytes {
     pub flow: Vec<u8>,
     pub flow_jvp: Vec<u8>,
     pub net: Vec<u8>,
+    /// The posterior's log-density and gradient (`refine.graph`, format version 3).
+    pub posterior: Option<Vec<u8>>,
 }
 
 /// A validated bundle.
@@ -86,6 +88,10 @@ impl Bundle {
             flow: read_graph("graphs.flow.file", &manifest.graphs.flow.file)?,
             flow_jvp: read_graph("graphs.flow_jvp.file", &manifest.graphs.flow_jvp.file)?,
             net: read_graph("graphs.net.file", &manifest.graphs.net.file)?,
+            posterior: match &manifest.refine {
+                Some(r) => Some(read_graph("refine.graph", &r.graph)?),
+                None => None,
+            },
         };
         Ok(Bundle { dir: dir.to_path_buf(), manifest, tensors, graphs, geometry })
     }
@@ -212,6 +218,7 @@ fn validate_manifest(m: &Manifest, limits: &Limits) -> Result<()> {
     crate::trace::ProbeNoise::parse(&m.flow.hutchinson.noise)
         .map_err(|e| field_err("flow.hutchinson.noise", e.message()))?;
     validate_anchors(m)?;
+    validate_refine(m)?;
 
     let expected: [(&str, &manifest::GraphSpec, &[&str], &[&str]); 3] = [
         ("flow", &m.graphs.flow, &["t", "x"], &["v"]),
@@ -275,6 +282,43 @@ fn validate_anchors(m: &Manifest) -> Result<()> {
         if t0 > 0.0 && m.flow.anchors.is_none() {
             return Err(field_err("flow.default_start_time", format!("{t0} > 0 needs flow.anchors")));
         }
+    }
+    Ok(())
+}
+
+/// Largest accepted leapfrog steps per transition and transitions per sample.
+pub const MAX_LEAPFROG_STEPS: u32 = 1_000;
+pub const MAX_TRANSITIONS: u32 = 10_000;
+
+/// `refine` is format version 3 (a runtime that ignored it would sample differently), and
+/// version 3 means `refine`.
+fn validate_refine(m: &Manifest) -> Result<()> {
+    let Some(r) = &m.refine else {
+        if m.format_version >= 3 {
+            return Err(field_err("refine", "missing: format_version 3 is a bundle with refinement"));
+        }
+        return Ok(());
+    };
+    if m.format_version < 3 {
+        return Err(field_err("refine", "needs format_version 3 (older runtimes would ignore it)"));
+    }
+    if r.graph.is_empty() {
+        return Err(field_err("refine.graph", "empty file name"));
+    }
+    if !(1..=MAX_LEAPFROG_STEPS).contains(&r.leapfrog_steps) {
+        return Err(field_err(
+            "refine.leapfrog_steps",
+            format!("{} is outside [1, {MAX_LEAPFROG_STEPS}]", r.leapfrog_steps),
+        ));
+    }
+    if !(r.step_size.is_finite() && r.step_size > 0.0) {
+        return Err(field_err("refine.step_size", format!("{} must be finite and > 0", r.step_size)));
+    }
+    if r.default_transitions > MAX_TRANSITIONS {
+        return Err(field_err(
+            "refine.default_transitions",
+            format!("{} exceeds the limit of {MAX_TRANSITIONS}", r.default_transitions),
+        ));
     }
     Ok(())
 }

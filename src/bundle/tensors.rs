@@ -28,7 +28,22 @@ pub struct BundleTensors {
     pub ood_x: Option<Array2<f32>>,
     /// The flow's training draws in whitened coordinates `[n, D]` (`flow.anchors`), as f32.
     pub anchors: Option<Array2<f32>>,
+    /// Refinement's tensors (format version 3).
+    pub refine: Option<RefineTensors>,
 }
+
+/// `refine.inverse_mass` `[D]` (HMC's diagonal inverse mass) and, for canonical bundles,
+/// `refine.anchor_unit_norms` `[n_anchors, H]`: the norm of every hidden unit that
+/// canonicalization divided out of each stored anchor, so refinement runs at the scale
+/// the posterior was sampled at.
+#[derive(Debug, Clone)]
+pub struct RefineTensors {
+    pub inverse_mass: Vec<f32>,
+    pub anchor_unit_norms: Option<Array2<f32>>,
+}
+
+pub const INVERSE_MASS_TENSOR: &str = "refine.inverse_mass";
+pub const UNIT_NORMS_TENSOR: &str = "refine.anchor_unit_norms";
 
 /// Name of the anchors tensor the pipeline writes; present without a manifest entry it is refused.
 pub const ANCHORS_TENSOR: &str = "flow.anchors";
@@ -85,6 +100,31 @@ impl<'a> Table<'a> {
         expect_shape(name, &shape, &[want_rows, cols])?;
         Array2::from_shape_vec((shape[0], shape[1]), v).map_err(|e| Error::bundle(format!("tensor {name}: {e}")))
     }
+}
+
+fn refine_tensors(table: &Table<'_>, manifest: &Manifest, anchors: Option<&Array2<f32>>) -> Result<RefineTensors> {
+    let positive = |name: &str, values: &[f32]| -> Result<()> {
+        require_finite(name, values)?;
+        match values.iter().enumerate().find(|(_, v)| **v <= 0.0) {
+            Some((i, v)) => Err(Error::bundle(format!("tensor {name}: entries must be > 0, found {v} at index {i}"))),
+            None => Ok(()),
+        }
+    };
+    let inverse_mass = table.vector(INVERSE_MASS_TENSOR, manifest.network.dim)?;
+    positive(INVERSE_MASS_TENSOR, &inverse_mass)?;
+    let anchor_unit_norms = if table.has(UNIT_NORMS_TENSOR) {
+        let anchors = anchors.ok_or_else(|| {
+            Error::bundle(format!("tensor {UNIT_NORMS_TENSOR}: present, but the bundle has no flow.anchors to rescale"))
+        })?;
+        let layers = &manifest.network.layers;
+        let hidden: usize = layers[..layers.len() - 1].iter().map(|l| l.outputs).sum();
+        let norms = table.matrix(UNIT_NORMS_TENSOR, Some(anchors.nrows()), hidden)?;
+        positive(UNIT_NORMS_TENSOR, norms.as_slice().unwrap_or(&[]))?;
+        Some(norms)
+    } else {
+        None
+    };
+    Ok(RefineTensors { inverse_mass, anchor_unit_norms })
 }
 
 fn expect_shape(name: &str, got: &[usize], want: &[usize]) -> Result<()> {
@@ -247,6 +287,17 @@ impl BundleTensors {
             }
             None => None,
         };
+        let refine = match &manifest.refine {
+            Some(_) => Some(refine_tensors(&table, manifest, anchors.as_ref())?),
+            None => {
+                if let Some(name) = [INVERSE_MASS_TENSOR, UNIT_NORMS_TENSOR].into_iter().find(|n| table.has(n)) {
+                    return Err(Error::bundle(format!(
+                        "tensor {name}: present, but the manifest has no refine entry describing it"
+                    )));
+                }
+                None
+            }
+        };
         let tensors = BundleTensors {
             whiten_mean,
             whiten_scale,
@@ -257,6 +308,7 @@ impl BundleTensors {
             eval,
             ood_x,
             anchors,
+            refine,
         };
         Ok((tensors, geometry))
     }

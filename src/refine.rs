@@ -1,0 +1,407 @@
+//! Refinement: exact HMC transitions on the posterior itself, applied to drawn samples.
+//!
+//! A bundle of format version 3 carries the posterior's log-density `log p(θ)` (up to a
+//! constant) and its gradient as a graph, a diagonal inverse mass `m` (`refine.inverse_mass`),
+//! a step size `ε` and a leapfrog count `L`. Each drawn sample is moved by `K` transitions of
+//! Hamiltonian Monte Carlo, a kernel that leaves the posterior invariant: started at stored
+//! posterior draws it returns posterior draws that are no longer copies of them.
+//!
+//! One transition from `θ`:
+//!
+//! ```text
+//! p ~ N(0, diag(1/m))                            momentum
+//! H(θ, p) = −log p(θ) + ½ Σ_i m_i p_i²           energy
+//! L leapfrog steps:  p ← p + ½ε ∇log p(θ);  θ ← θ + ε m ⊙ p;  p ← p + ½ε ∇log p(θ)
+//! accept (θ', p') with probability min(1, exp(H(θ, p) − H(θ', p'))); a non-finite H' rejects
+//! ```
+//!
+//! Canonical bundles (`refine.anchor_unit_norms` present) store weights with every hidden
+//! unit's `(w, b)` scaled to norm 1, while the posterior is a density over the weights at the
+//! scale they were sampled at. A sample is therefore first given back the unit norms `n` of its
+//! anchor (the stored draw its start was drawn around; at start time 0 a uniformly chosen
+//! one), a function-preserving rescaling
+//!
+//! ```text
+//! W_l[j, :] ← n_{l,j} W_l[j, :],   b_l[j] ← n_{l,j} b_l[j],   W_{l+1}[:, j] ← W_{l+1}[:, j] / n_{l,j}
+//! ```
+//!
+//! and after the transitions it is canonicalized again, layer by layer: `n_{l,j} = ‖(W_l[j, :],
+//! b_l[j])‖` (after layer `l − 1` was canonicalized), the inverse of the map above; an exactly
+//! zero unit becomes `(0, …, 0, −1)`, which computes the same `relu(·) = 0`. Refined samples have
+//! no density. Each sample's randomness comes from its own stream (`rng::refine_stream`), so
+//! results never depend on batching.
+use ndarray::Array2;
+use rand::RngCore;
+
+use crate::bundle::manifest::{Layer, RefineSpec};
+use crate::bundle::tensors::RefineTensors;
+use crate::engine::Engine;
+use crate::{alloc, rng, Error, Result};
+
+/// Where a hidden layer's units live in θ: incoming rows `W[j, :]` (`inputs` wide), biases,
+/// and the next layer's columns `W_next[:, j]` (`next_outputs` rows of `units` entries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HiddenLayer {
+    pub weight: usize,
+    pub bias: usize,
+    pub inputs: usize,
+    pub units: usize,
+    pub next_weight: usize,
+    pub next_outputs: usize,
+}
+
+/// The hidden layers of a validated manifest's network, in order.
+pub fn hidden_layers(layers: &[Layer]) -> Vec<HiddenLayer> {
+    layers
+        .windows(2)
+        .map(|w| HiddenLayer {
+            weight: w[0].weight.offset,
+            bias: w[0].bias.offset,
+            inputs: w[0].inputs,
+            units: w[0].outputs,
+            next_weight: w[1].weight.offset,
+            next_outputs: w[1].outputs,
+        })
+        .collect()
+}
+
+/// Put every hidden unit of `theta` on its unit sphere, layer by layer (see the module docs).
+pub fn canonicalize(theta: &mut [f32], layers: &[HiddenLayer]) {
+    for l in layers {
+        for j in 0..l.units {
+            let row = l.weight + j * l.inputs..l.weight + (j + 1) * l.inputs;
+            let sq: f64 = theta[row.clone()].iter().map(|w| f64::from(*w).powi(2)).sum::<f64>()
+                + f64::from(theta[l.bias + j]).powi(2);
+            let norm = sq.sqrt();
+            if norm == 0.0 {
+                theta[l.bias + j] = -1.0; // a dead unit: (0, …, 0, −1) also computes relu(·) = 0
+                continue;
+            }
+            for w in &mut theta[row] {
+                *w = (f64::from(*w) / norm) as f32;
+            }
+            theta[l.bias + j] = (f64::from(theta[l.bias + j]) / norm) as f32;
+            for o in 0..l.next_outputs {
+                let i = l.next_weight + o * l.units + j;
+                theta[i] = (f64::from(theta[i]) * norm) as f32;
+            }
+        }
+    }
+}
+
+/// Give every hidden unit of canonical `theta` the norm `norms[k]` (units numbered through the
+/// layers in order), the inverse of `canonicalize` for the draw the norms came from.
+pub fn decanonicalize(theta: &mut [f32], norms: &[f32], layers: &[HiddenLayer]) {
+    let mut k = 0;
+    for l in layers {
+        for j in 0..l.units {
+            let n = f64::from(norms[k]);
+            k += 1;
+            for w in &mut theta[l.weight + j * l.inputs..l.weight + (j + 1) * l.inputs] {
+                *w = (f64::from(*w) * n) as f32;
+            }
+            theta[l.bias + j] = (f64::from(theta[l.bias + j]) * n) as f32;
+            for o in 0..l.next_outputs {
+                let i = l.next_weight + o * l.units + j;
+                theta[i] = (f64::from(theta[i]) / n) as f32;
+            }
+        }
+    }
+}
+
+/// Transitions run and accepted, over all samples of a call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RefineStats {
+    /// Transitions per sample.
+    pub transitions: u32,
+    pub proposed: u64,
+    pub accepted: u64,
+}
+
+impl RefineStats {
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.proposed == 0 {
+            return f64::NAN;
+        }
+        self.accepted as f64 / self.proposed as f64
+    }
+}
+
+/// The HMC kernel of a bundle (see the module docs).
+pub struct Refiner<'a> {
+    engine: &'a Engine,
+    dim: usize,
+    inverse_mass: &'a [f32],
+    step: f64,
+    leapfrog: u32,
+    layers: Vec<HiddenLayer>,
+    /// Per anchor, its unit norms (canonical bundles only).
+    norms: Option<&'a Array2<f32>>,
+}
+
+/// Buffers for one batch, reused across batches.
+#[derive(Default)]
+struct Work {
+    x: Vec<f32>,
+    grad: Vec<f32>,
+    logp: Vec<f32>,
+    x_new: Vec<f32>,
+    grad_new: Vec<f32>,
+    logp_new: Vec<f32>,
+    momentum: Vec<f32>,
+    energy: Vec<f64>,
+}
+
+impl<'a> Refiner<'a> {
+    pub fn new(engine: &'a Engine, spec: &RefineSpec, tensors: &'a RefineTensors, layers: &[Layer]) -> Self {
+        Refiner {
+            engine,
+            dim: tensors.inverse_mass.len(),
+            inverse_mass: &tensors.inverse_mass,
+            step: spec.step_size,
+            leapfrog: spec.leapfrog_steps,
+            layers: hidden_layers(layers),
+            norms: tensors.anchor_unit_norms.as_ref(),
+        }
+    }
+
+    /// Whether samples are rescaled from (and returned to) the canonical slice.
+    pub fn is_canonical(&self) -> bool {
+        self.norms.is_some()
+    }
+
+    /// Run `transitions` HMC transitions on every row of `theta` (`n·D`, changed in place).
+    /// `anchor_of[j]` is the anchor row `j` was drawn around (`None`: start time 0, an anchor
+    /// is chosen from the row's stream). Row `j` uses stream `first_index + j` of `seed`.
+    pub fn refine(
+        &self,
+        theta: &mut [f32],
+        anchor_of: &[Option<usize>],
+        transitions: u32,
+        seed: u64,
+        first_index: u64,
+        batch: usize,
+    ) -> Result<RefineStats> {
+        let d = self.dim;
+        let n = theta.len() / d;
+        debug_assert_eq!(anchor_of.len(), n);
+        let mut stats = RefineStats { transitions, ..Default::default() };
+        if transitions == 0 || n == 0 {
+            return Ok(stats);
+        }
+        let mut work = Work::default();
+        let mut start = 0;
+        while start < n {
+            let b = batch.max(1).min(n - start);
+            let rows = &mut theta[start * d..(start + b) * d];
+            let mut streams: Vec<_> =
+                (0..b).map(|j| rng::refine_stream(seed, first_index + (start + j) as u64)).collect();
+            let mut anchors = Vec::with_capacity(b);
+            for (j, stream) in streams.iter_mut().enumerate() {
+                anchors.push(match (anchor_of[start + j], self.norms) {
+                    (Some(a), _) => Some(a),
+                    (None, Some(norms)) => Some(rng::index(stream, norms.nrows())),
+                    (None, None) => None,
+                });
+            }
+            if let Some(norms) = self.norms {
+                for (row, a) in rows.chunks_exact_mut(d).zip(&anchors) {
+                    let a = a.expect("an anchor is chosen for every row of a canonical bundle");
+                    decanonicalize(row, norms.row(a).as_slice().expect("standard layout"), &self.layers);
+                }
+            }
+            let accepted = self.transitions(rows, b, transitions, &mut streams, &mut work)?;
+            stats.proposed += b as u64 * u64::from(transitions);
+            stats.accepted += accepted;
+            if self.norms.is_some() {
+                for row in rows.chunks_exact_mut(d) {
+                    canonicalize(row, &self.layers);
+                }
+            }
+            start += b;
+        }
+        Ok(stats)
+    }
+
+    /// `transitions` HMC transitions of the `b` rows of `x`; returns how many were accepted.
+    fn transitions<R: RngCore>(
+        &self,
+        x: &mut [f32],
+        b: usize,
+        transitions: u32,
+        streams: &mut [R],
+        w: &mut Work,
+    ) -> Result<u64> {
+        let d = self.dim;
+        let oom = || Error::invalid(format!("refinement: cannot allocate buffers for {b} samples of D = {d}"));
+        for buf in [&mut w.x, &mut w.grad, &mut w.x_new, &mut w.grad_new, &mut w.momentum] {
+            alloc::resize(buf, b * d, oom)?;
+        }
+        alloc::resize(&mut w.logp, b, oom)?;
+        alloc::resize(&mut w.logp_new, b, oom)?;
+        w.energy.clear();
+        w.energy.resize(b, 0.0);
+        w.x.copy_from_slice(x);
+        self.engine.log_posterior(&w.x, b, &mut w.logp, &mut w.grad)?;
+        let half = (0.5 * self.step) as f32;
+        let eps = self.step as f32;
+        let mut accepted = 0;
+        for _ in 0..transitions {
+            for (j, stream) in streams.iter_mut().enumerate() {
+                let p = &mut w.momentum[j * d..(j + 1) * d];
+                rng::fill_standard_normal(stream, p);
+                for (pi, mi) in p.iter_mut().zip(self.inverse_mass) {
+                    *pi /= mi.sqrt();
+                }
+                w.energy[j] = -f64::from(w.logp[j]) + self.kinetic(p);
+            }
+            w.x_new.copy_from_slice(&w.x);
+            w.grad_new.copy_from_slice(&w.grad);
+            for _ in 0..self.leapfrog {
+                for j in 0..b {
+                    let (p, g) = (&mut w.momentum[j * d..(j + 1) * d], &w.grad_new[j * d..(j + 1) * d]);
+                    let xs = &mut w.x_new[j * d..(j + 1) * d];
+                    for i in 0..d {
+                        p[i] += half * g[i];
+                        xs[i] += eps * self.inverse_mass[i] * p[i];
+                    }
+                }
+                self.engine.log_posterior(&w.x_new, b, &mut w.logp_new, &mut w.grad_new)?;
+                for (p, g) in w.momentum.iter_mut().zip(&w.grad_new) {
+                    *p += half * g;
+                }
+            }
+            for (j, stream) in streams.iter_mut().enumerate() {
+                let p = &w.momentum[j * d..(j + 1) * d];
+                let energy_new = -f64::from(w.logp_new[j]) + self.kinetic(p);
+                let u = uniform(stream);
+                // ln u < H − H': a NaN on either side compares false and rejects.
+                if energy_new.is_finite() && u.ln() < w.energy[j] - energy_new {
+                    let r = j * d..(j + 1) * d;
+                    w.x[r.clone()].copy_from_slice(&w.x_new[r.clone()]);
+                    w.grad[r.clone()].copy_from_slice(&w.grad_new[r]);
+                    w.logp[j] = w.logp_new[j];
+                    accepted += 1;
+                }
+            }
+        }
+        x.copy_from_slice(&w.x);
+        if let Some(j) = (0..b).find(|j| !w.logp[*j].is_finite()) {
+            return Err(Error::numeric(format!(
+                "refinement: the posterior graph gives log-density {} for a sample that no transition could move \
+                 (batch row {j}); its start is outside the posterior's support",
+                w.logp[j]
+            )));
+        }
+        Ok(accepted)
+    }
+
+    fn kinetic(&self, p: &[f32]) -> f64 {
+        0.5 * p.iter().zip(self.inverse_mass).map(|(p, m)| f64::from(*m) * f64::from(*p).powi(2)).sum::<f64>()
+    }
+}
+
+/// A uniform draw in `[0, 1)` with 53 random bits.
+fn uniform<R: RngCore>(stream: &mut R) -> f64 {
+    (stream.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 3 → 4 → 2 → 2: two hidden layers.
+    fn layers() -> Vec<HiddenLayer> {
+        // layout: W0 [4,3] at 0, b0 at 12, W1 [2,4] at 16, b1 at 24, W2 [2,2] at 26, b2 at 30
+        vec![
+            HiddenLayer { weight: 0, bias: 12, inputs: 3, units: 4, next_weight: 16, next_outputs: 2 },
+            HiddenLayer { weight: 16, bias: 24, inputs: 4, units: 2, next_weight: 26, next_outputs: 2 },
+        ]
+    }
+
+    fn forward(theta: &[f32], x: &[f32; 3]) -> Vec<f64> {
+        let dense = |w: usize, b: usize, inputs: usize, outputs: usize, h: &[f64], relu: bool| -> Vec<f64> {
+            (0..outputs)
+                .map(|o| {
+                    let z = f64::from(theta[b + o])
+                        + (0..inputs).map(|i| f64::from(theta[w + o * inputs + i]) * h[i]).sum::<f64>();
+                    if relu {
+                        z.max(0.0)
+                    } else {
+                        z
+                    }
+                })
+                .collect()
+        };
+        let h0: Vec<f64> = x.iter().map(|v| f64::from(*v)).collect();
+        let h1 = dense(0, 12, 3, 4, &h0, true);
+        let h2 = dense(16, 24, 4, 2, &h1, true);
+        dense(26, 30, 2, 2, &h2, false)
+    }
+
+    fn random_theta(seed: u64) -> Vec<f32> {
+        let mut s = rng::sample_stream(seed, 0);
+        let mut t = vec![0f32; 32];
+        rng::fill_standard_normal(&mut s, &mut t);
+        t
+    }
+
+    #[test]
+    fn canonicalize_keeps_the_function_and_puts_units_on_spheres() {
+        let theta = random_theta(1);
+        let mut c = theta.clone();
+        canonicalize(&mut c, &layers());
+        for x in [[0.3f32, -1.2, 0.7], [2.0, 0.1, -0.4], [-1.0, -1.0, 1.5]] {
+            let (a, b) = (forward(&theta, &x), forward(&c, &x));
+            for (u, v) in a.iter().zip(&b) {
+                assert!((u - v).abs() < 1e-5 * (1.0 + u.abs()), "{a:?} vs {b:?}");
+            }
+        }
+        for l in layers() {
+            for j in 0..l.units {
+                let sq: f32 = c[l.weight + j * l.inputs..l.weight + (j + 1) * l.inputs].iter().map(|w| w * w).sum();
+                assert!((sq + c[l.bias + j].powi(2) - 1.0).abs() < 1e-5);
+            }
+        }
+        assert_ne!(theta, c);
+    }
+
+    #[test]
+    fn decanonicalize_inverts_canonicalize_with_the_draws_own_norms() {
+        let theta = random_theta(2);
+        // The norms canonicalize divides out, computed as it walks the layers.
+        let mut walk = theta.clone();
+        let mut norms = Vec::new();
+        for l in layers() {
+            for j in 0..l.units {
+                let sq: f64 = walk[l.weight + j * l.inputs..l.weight + (j + 1) * l.inputs]
+                    .iter()
+                    .map(|w| f64::from(*w).powi(2))
+                    .sum::<f64>()
+                    + f64::from(walk[l.bias + j]).powi(2);
+                norms.push(sq.sqrt() as f32);
+            }
+            canonicalize(&mut walk, std::slice::from_ref(&l));
+        }
+        let mut c = theta.clone();
+        canonicalize(&mut c, &layers());
+        assert_eq!(walk, c);
+        decanonicalize(&mut c, &norms, &layers());
+        for (u, v) in theta.iter().zip(&c) {
+            assert!((u - v).abs() < 1e-5 * (1.0 + u.abs()), "{u} vs {v}");
+        }
+    }
+
+    #[test]
+    fn a_dead_unit_becomes_the_unit_vector_minus_bias() {
+        let mut theta = random_theta(3);
+        theta[3..6].fill(0.0); // unit 1 of layer 0: zero weights and bias
+        theta[13] = 0.0;
+        let before = forward(&theta, &[0.5, 0.5, 0.5]);
+        canonicalize(&mut theta, &layers());
+        assert_eq!(&theta[3..6], &[0.0, 0.0, 0.0]);
+        assert_eq!(theta[13], -1.0);
+        let after = forward(&theta, &[0.5, 0.5, 0.5]);
+        assert!((before[0] - after[0]).abs() < 1e-5);
+    }
+}
