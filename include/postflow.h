@@ -10,9 +10,9 @@
 
 /** Version of this header (the library's run-time version is pf_version()). */
 #define PF_VERSION_MAJOR 0
-#define PF_VERSION_MINOR 4
+#define PF_VERSION_MINOR 5
 #define PF_VERSION_PATCH 0
-#define PF_VERSION_STRING "0.4.0"
+#define PF_VERSION_STRING "0.5.0"
 
 /**
  * `pf_model_options.flags`: let ONNX Runtime's worker threads spin (busy-wait) between runs.
@@ -25,6 +25,11 @@
  * `pf_sample_options.start_time` value that selects the bundle's default start time.
  */
 #define PF_START_TIME_BUNDLE -1.0
+
+/**
+ * `pf_sample_options.refine_transitions` value that selects the bundle's default refinement.
+ */
+#define PF_REFINE_BUNDLE -1
 
 /**
  * Status of a call: `PF_OK` (0) or the category of the failure. Its storage is a
@@ -268,6 +273,11 @@ typedef struct {
      * Its probes per sample, what `probes = 0` takes. (Added in 0.4.)
      */
     uint32_t hutchinson_probes;
+    /**
+     * HMC transitions on the posterior that `PF_REFINE_BUNDLE` runs after drawing without a
+     * log-density; 0 when the bundle has no refinement (format version 3). (Added in 0.5.)
+     */
+    uint32_t default_refine_transitions;
 } pf_model_info;
 
 /**
@@ -328,6 +338,13 @@ typedef struct {
      * `pf_sample`. (Added in 0.3; older callers get 0.)
      */
     uint32_t project_to_slice;
+    /**
+     * HMC transitions on the posterior after drawing, for bundles with refinement (format
+     * version 3): in [0, 10000], or `PF_REFINE_BUNDLE` (-1, the default) for the bundle's
+     * default when `trace` is `PF_TRACE_NONE` and none otherwise. Refined samples have no
+     * log-density (trace must be none). (Added in 0.5; older callers get `PF_REFINE_BUNDLE`.)
+     */
+    int64_t refine_transitions;
 } pf_sample_options;
 
 /**

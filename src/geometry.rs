@@ -101,9 +101,13 @@ pub fn cap_log_density(k: usize, phi: f64, t0: f64) -> f64 {
         return f64::NEG_INFINITY;
     }
     let theta = (phi / c).min(std::f64::consts::PI);
-    // log(sin(φ/c) / sin φ); near φ = 0 its series, −log c − φ²(1/c² − 1)/6, avoids 0/0.
-    let log_ratio =
-        if phi < 1e-4 { -c.ln() - phi * phi * (1.0 / (c * c) - 1.0) / 6.0 } else { theta.sin().ln() - phi.sin().ln() };
+    // log(sin(φ/c) / sin φ); where θ = φ/c (the larger angle) is small, its series
+    // −log c − φ²(1/c² − 1)/6 avoids 0/0 (the series is in θ, so φ alone being small is not enough).
+    let log_ratio = if theta < 1e-4 {
+        -c.ln() - phi * phi * (1.0 / (c * c) - 1.0) / 6.0
+    } else {
+        theta.sin().ln() - phi.sin().ln()
+    };
     let jac = if k > 2 { (k - 2) as f64 * log_ratio } else { 0.0 };
     jac - c.ln() - log_sphere_area(k)
 }
@@ -537,7 +541,8 @@ mod tests {
     #[test]
     fn the_geodesic_start_density_is_normalized() {
         for k in [2usize, 3, 4, 6, 9] {
-            for t0 in [0.1, 0.5, 0.9] {
+            // Up to start times whose whole cap is below the series' switch (1 − t₀)π < 1e-4.
+            for t0 in [0.1, 0.5, 0.9, 0.9999, 0.99995] {
                 let end = (1.0 - t0) * std::f64::consts::PI;
                 let n = 20_000;
                 let h = end / n as f64;
@@ -556,7 +561,7 @@ mod tests {
         }
         assert_eq!(cap_log_density(3, 2.0, 0.5), f64::NEG_INFINITY, "beyond the cap (1 − t₀)π");
         // Continuous at the switch to the series near 0.
-        let (a, b) = (cap_log_density(5, 0.999e-4, 0.3), cap_log_density(5, 1.001e-4, 0.3));
+        let (a, b) = (cap_log_density(5, 0.7 * 0.999e-4, 0.3), cap_log_density(5, 0.7 * 1.001e-4, 0.3));
         assert!((a - b).abs() < 1e-9);
     }
 

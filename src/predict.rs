@@ -191,7 +191,9 @@ impl Model {
     }
 
     /// Draw `n_samples` weights and average their predictions at `x`: one call for
-    /// users who never look at weights. Uses log-densities only when importance weights are wanted (they are not here).
+    /// users who never look at weights. The average has uniform weights, so no log-density is
+    /// computed (`sample_options.trace` is checked, then ignored, as `pf_sample_predict` does);
+    /// the draws are those of `sample` with trace none (refined by the bundle's default).
     pub fn sample_predict(
         &self,
         n_samples: usize,
@@ -202,7 +204,9 @@ impl Model {
         if n_samples == 0 {
             return Err(Error::invalid("sample_predict needs at least one sample, got 0"));
         }
-        let samples = self.sample(n_samples, sample_options)?;
+        crate::sampler::check_probes(sample_options.trace)?;
+        let o = SampleOptions { trace: crate::TraceMode::None, ..sample_options.clone() };
+        let samples = self.sample(n_samples, &o)?;
         self.predict(x, samples.theta.view(), None, options)
     }
 }

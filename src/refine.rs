@@ -118,6 +118,15 @@ pub struct RefineStats {
     pub accepted: u64,
 }
 
+impl std::ops::AddAssign for RefineStats {
+    /// Counts of calls with the same transitions per sample, combined.
+    fn add_assign(&mut self, other: RefineStats) {
+        self.transitions = self.transitions.max(other.transitions);
+        self.proposed += other.proposed;
+        self.accepted += other.accepted;
+    }
+}
+
 impl RefineStats {
     pub fn acceptance_rate(&self) -> f64 {
         if self.proposed == 0 {

@@ -463,8 +463,8 @@ fn eval_reproduces_reference_metrics() {
     let mut report = Vec::new();
     for bundle in eval_bundles() {
         let name = bundle.file_name().unwrap().to_string_lossy().into_owned();
-        // The manifest's flow row is the plain flow (start time 0); its sweep covers the others.
-        let v = json(&["eval", path_str(&bundle), "--json", "-q", "--start-time", "0", "--sweep"]);
+        // The manifest's flow row is the plain flow (start time 0, unrefined); its sweeps cover the others.
+        let v = json(&["eval", path_str(&bundle), "--json", "-q", "--start-time", "0", "--refine", "0", "--sweep"]);
         let rm = &v["reference_metrics"];
         let recorded = rm["methods"].as_object().unwrap_or_else(|| panic!("{name}: no reference_metrics.methods"));
         assert_eq!(rm["n"].as_u64(), v["n_eval"].as_u64(), "{name}: eval split size");
@@ -505,7 +505,12 @@ fn eval_reproduces_reference_metrics() {
             }
         }
         if let Some(rows) = rm.get("start_time_sweep").and_then(Value::as_array) {
-            report.extend(compare_sweeps(&name, rows, v["sweep"].as_array().unwrap()));
+            report.extend(compare_sweeps(&name, "start_time", rows, v["sweep"].as_array().unwrap()));
+        }
+        // Refinement rows start from the default start time; this run's main row was at 0.
+        if let Some(rows) = rm.get("refine_sweep").and_then(Value::as_array) {
+            let v = json(&["eval", path_str(&bundle), "--json", "-q", "--sweep"]);
+            report.extend(compare_sweeps(&name, "transitions", rows, v["refine_sweep"].as_array().unwrap()));
         }
     }
     eprintln!("{}", report.join("\n"));
@@ -518,17 +523,17 @@ fn eval_reproduces_reference_metrics() {
 /// times); a factor e^0.35 ≈ 1.4 for the spread ratios (the epistemic ratio of a poor flow is a
 /// ratio of heavy-tailed means: regression1d's is 16 000–20 000 at t₀ = 0.5), or 0.05 absolute
 /// where the ratio is near 0.
-fn compare_sweeps(name: &str, recorded: &[Value], ours: &[Value]) -> Vec<String> {
+fn compare_sweeps(name: &str, key: &str, recorded: &[Value], ours: &[Value]) -> Vec<String> {
     let mut report = Vec::new();
     for want in recorded {
-        let t0 = want["start_time"].as_f64().unwrap();
+        let t0 = want[key].as_f64().unwrap();
         let got = ours
             .iter()
-            .find(|r| (r["start_time"].as_f64().unwrap() - t0).abs() < 1e-9)
-            .unwrap_or_else(|| panic!("{name}: eval --sweep has no start time {t0}"));
+            .find(|r| (r[key].as_f64().unwrap() - t0).abs() < 1e-9)
+            .unwrap_or_else(|| panic!("{name}: eval --sweep has no {key} {t0}"));
         for (metric, w) in want.as_object().unwrap() {
             let (Some(w), Some(g)) = (w.as_f64(), got.get(metric).and_then(Value::as_f64)) else { continue };
-            if metric == "start_time" {
+            if metric == key || metric == "acceptance" {
                 continue;
             }
             let ok = if metric.ends_with("_ratio") || metric.contains("_ratio_") {
@@ -542,8 +547,8 @@ fn compare_sweeps(name: &str, recorded: &[Value], ours: &[Value]) -> Vec<String>
             } else {
                 (g - w).abs() <= 0.03 + 0.05 * w.abs()
             };
-            assert!(ok, "{name}: t0 {t0}: {metric} = {g}, manifest {w}: further apart than sampling noise allows");
-            report.push(format!("{name} t0 {t0} {metric}: {g} vs {w}"));
+            assert!(ok, "{name}: {key} {t0}: {metric} = {g}, manifest {w}: further apart than sampling noise allows");
+            report.push(format!("{name} {key} {t0} {metric}: {g} vs {w}"));
         }
     }
     report
@@ -786,4 +791,56 @@ fn epistemic_ratios_against_a_single_held_out_draw_are_undefined() {
     let flow_spread = text.lines().filter(|l| l.starts_with("flow BMA")).nth(1).expect("spread table row");
     // affine_cls has no anchors and no OOD inputs: mem.ratio and epi.ood are "—" anyway; epi.eval is now too.
     assert_eq!(flow_spread.matches('—').count(), 3, "{text}");
+}
+
+/// `--refine` on the command line: the bundle's default without it, the refinement sweep of
+/// `eval --sweep`, and the requests refinement cannot serve as one-line errors.
+#[test]
+fn refinement_on_the_command_line() {
+    let bundle = common::fixture("affine_refine");
+    let b = path_str(&bundle);
+    let v = json(&["eval", b, "-n", "40", "--json", "-q", "--sweep"]);
+    assert_eq!(v["flow"]["refine_transitions"], 3, "the fixture's default_transitions");
+    assert!(v["flow"]["refine_acceptance"].as_f64().unwrap() > 0.5);
+    let ks: Vec<u64> =
+        v["refine_sweep"].as_array().unwrap().iter().map(|r| r["transitions"].as_u64().unwrap()).collect();
+    assert_eq!(ks, [0, 5, 10, 20, 50]);
+    // The start-time sweep stays unrefined: its t0 = 0.5 row is the unrefined default.
+    let unrefined = json(&["eval", b, "-n", "40", "--json", "-q", "--refine", "0"]);
+    assert!(unrefined["flow"]["refine_acceptance"].is_null());
+    let row = v["sweep"].as_array().unwrap().iter().find(|r| r["start_time"] == 0.5).unwrap();
+    assert!(same(row["tv"].as_f64().unwrap(), unrefined["methods"]["flow"]["tv"].as_f64().unwrap()));
+    let zero = &v["refine_sweep"][0];
+    assert!(same(zero["tv"].as_f64().unwrap(), unrefined["methods"]["flow"]["tv"].as_f64().unwrap()));
+    let text = ok(&["eval", b, "-n", "40", "-q", "--sweep"]);
+    for fragment in ["refined: 3 HMC transitions", "refinement sweep", "K = 50", "acceptance"] {
+        assert!(text.contains(fragment), "eval text lacks {fragment:?}:\n{text}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s.safetensors");
+    let o = postflow(&["sample", b, "-n", "8", "--refine", "5", "-o", path_str(&out)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("refined by 5 HMC transitions"), "{}", stderr(&o));
+    assert_one_line_error(
+        &postflow(&["sample", b, "-n", "8", "--refine", "5", "--trace", "exact", "-o", path_str(&out)]),
+        &["no density"],
+    );
+    assert_one_line_error(
+        &postflow(&[
+            "sample",
+            path_str(&common::fixture("affine_cls")),
+            "-n",
+            "8",
+            "--refine",
+            "1",
+            "-o",
+            path_str(&out),
+        ]),
+        &["needs a bundle with refinement"],
+    );
+    assert_one_line_error(
+        &postflow(&["log-prob", b, "--theta", path_str(&out), "--refine", "2", "-o", path_str(&dir.path().join("l"))]),
+        &["--refine"],
+    );
 }

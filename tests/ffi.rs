@@ -401,3 +401,50 @@ fn c_abi_refuses_requests_that_would_abort_or_overflow() {
     // SAFETY: frees once.
     unsafe { pf_model_free(model) };
 }
+
+/// `refine_transitions` (0.5): `PF_REFINE_BUNDLE` is the bundle's default, a caller whose
+/// struct stops before the field gets it too, explicit counts equal the Rust API's, and
+/// out-of-range values are refused; `pf_model_info` reports the default.
+#[test]
+fn c_abi_refine_transitions_default_explicit_and_refused() {
+    let model = load("affine_refine");
+    let rust = common::open("affine_refine");
+    let d = rust.weight_dim();
+    let n = 4;
+    let mut theta = vec![0f32; n * d];
+    let run = |o: &pf_sample_options, theta: &mut Vec<f32>| -> pf_status {
+        // SAFETY: buffers of the stated lengths; options valid.
+        unsafe { pf_sample(model, o, n, theta.as_mut_ptr(), theta.len(), null_mut(), 0, null_mut(), 0) }
+    };
+    let mut o = sample_options();
+    assert_eq!(o.refine_transitions, PF_REFINE_BUNDLE);
+    o.seed = 8;
+    assert_eq!(run(&o, &mut theta), pf_status::PF_OK, "{}", last_error());
+    let want = rust.sample(n, &rust_opts(8, None, None, TraceMode::None)).unwrap();
+    assert_eq!(want.refine.unwrap().transitions, 3);
+    assert_eq!(theta, want.theta.as_slice().unwrap(), "PF_REFINE_BUNDLE is the bundle's default");
+    // SAFETY: pf_sample_options is plain old data (integers and floats).
+    let mut short = unsafe { std::ptr::read(&o) };
+    short.struct_size = std::mem::offset_of!(pf_sample_options, refine_transitions) as u32;
+    short.refine_transitions = 0; // beyond struct_size: never read
+    assert_eq!(run(&short, &mut theta), pf_status::PF_OK, "{}", last_error());
+    assert_eq!(theta, want.theta.as_slice().unwrap());
+    o.refine_transitions = 7;
+    assert_eq!(run(&o, &mut theta), pf_status::PF_OK, "{}", last_error());
+    let want = rust
+        .sample(n, &SampleOptions { refine_transitions: Some(7), ..rust_opts(8, None, None, TraceMode::None) })
+        .unwrap();
+    assert_eq!(theta, want.theta.as_slice().unwrap());
+    for bad in [-2i64, 10_001, i64::MAX] {
+        o.refine_transitions = bad;
+        assert_eq!(run(&o, &mut theta), pf_status::PF_ERR_INVALID_ARGUMENT);
+        assert!(last_error().contains("options->refine_transitions"), "{}", last_error());
+    }
+    let mut info: pf_model_info = unsafe { std::mem::zeroed() };
+    info.struct_size = std::mem::size_of::<pf_model_info>() as u32;
+    // SAFETY: a live handle and a full-size struct.
+    assert_eq!(unsafe { pf_model_get_info(model, &mut info) }, pf_status::PF_OK);
+    assert_eq!(info.default_refine_transitions, 3);
+    // SAFETY: frees once.
+    unsafe { pf_model_free(model) };
+}

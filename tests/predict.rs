@@ -205,3 +205,34 @@ fn sample_predict_is_sample_then_predict() {
     let err = model.sample_predict(0, &opts, x, &PredictOptions::default()).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
 }
+
+/// `Model::sample_predict` computes no log-density, as `pf_sample_predict`: a trace request is
+/// checked, then ignored, so it neither fails at start time 1 nor changes dopri5's steps.
+#[test]
+fn sample_predict_ignores_a_valid_trace_request() {
+    let model = common::open("affine_anchored");
+    let x = model.tensors().eval_x.clone();
+    let hutch = postflow::TraceMode::Hutchinson { probes: 1, noise: postflow::ProbeNoise::Rademacher };
+    let stored = SampleOptions { seed: 3, start_time: Some(1.0), trace: hutch, ..Default::default() };
+    let with_trace = model.sample_predict(8, &stored, x.view(), &PredictOptions::default()).unwrap();
+    let plain = SampleOptions { trace: postflow::TraceMode::None, ..stored };
+    let without = model.sample_predict(8, &plain, x.view(), &PredictOptions::default()).unwrap();
+    assert_eq!(with_trace.mean(), without.mean());
+    let adaptive = SampleOptions {
+        seed: 3,
+        solver: Some(postflow::SolverKind::Dopri5),
+        rtol: Some(1e-3),
+        atol: Some(1e-3),
+        trace: postflow::TraceMode::Exact,
+        ..Default::default()
+    };
+    let a = model.sample_predict(8, &adaptive, x.view(), &PredictOptions::default()).unwrap();
+    let plain = SampleOptions { trace: postflow::TraceMode::None, ..adaptive };
+    let b = model.sample_predict(8, &plain, x.view(), &PredictOptions::default()).unwrap();
+    assert_eq!(a.mean(), b.mean());
+    let bad = SampleOptions {
+        trace: postflow::TraceMode::Hutchinson { probes: 0, noise: postflow::ProbeNoise::Gaussian },
+        ..plain
+    };
+    assert!(model.sample_predict(8, &bad, x.view(), &PredictOptions::default()).is_err());
+}

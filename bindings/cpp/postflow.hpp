@@ -150,6 +150,9 @@ public:
     double default_start_time() const noexcept { return info_.default_start_time; }
     /// Stored draws the bundle carries (start times above 0 need them).
     std::size_t anchor_count() const noexcept { return info_.anchor_count; }
+    /// HMC transitions on the posterior that PF_REFINE_BUNDLE runs after drawing without a
+    /// log-density (0: the bundle has no refinement).
+    std::uint32_t default_refine_transitions() const noexcept { return info_.default_refine_transitions; }
     bool is_classification() const noexcept { return info_.task == PF_TASK_CLASSIFICATION; }
 
     /// Draw n samples; log-densities (and standard errors) when options.trace != PF_TRACE_NONE.

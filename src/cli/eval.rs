@@ -28,6 +28,9 @@ pub const JACKKNIFE_GROUPS: usize = 10;
 pub const SWEEP_START_TIMES: [f64; 7] = [0.0, 0.5, 0.8, 0.85, 0.9, 0.95, 1.0];
 /// Most rows `--sweep` takes from a manifest's sweep (each row draws `n` samples).
 const MAX_SWEEP_ROWS: usize = 32;
+/// Refinement transitions of `--sweep` for a bundle with refinement whose manifest records
+/// no refinement sweep of its own.
+pub const SWEEP_TRANSITIONS: [u32; 5] = [0, 5, 10, 20, 50];
 
 /// The spread columns (keys of `spread_of`) and their table headers.
 const SPREAD_COLUMNS: [(&str, &str); 3] =
@@ -78,8 +81,14 @@ pub struct EvalArgs {
     /// Start time t0 in [0, 1] (default: the bundle's flow.default_start_time, else 0).
     #[arg(long, value_name = "T0", allow_hyphen_values = true)]
     start_time: Option<f64>,
+    /// HMC transitions on the posterior after drawing (default: the bundle's
+    /// refine.default_transitions; 0 without refinement).
+    #[arg(long, value_name = "K", allow_negative_numbers = true)]
+    refine: Option<u32>,
     /// Also evaluate every start time of the manifest's reference_metrics.start_time_sweep
-    /// (without one: 0, 0.5, 0.8, 0.85, 0.9, 0.95, 1; only 0 without anchors), beside its rows.
+    /// (without one: 0, 0.5, 0.8, 0.85, 0.9, 0.95, 1; only 0 without anchors), unrefined, beside
+    /// its rows; and, for a bundle with refinement, every transition count of its
+    /// reference_metrics.refine_sweep (without one: 0, 5, 10, 20, 50) at the default start time.
     #[arg(long)]
     sweep: bool,
     /// Machine-readable JSON instead of the table.
@@ -181,17 +190,50 @@ fn run_sweep(
     quiet: bool,
 ) -> Result<Value> {
     let times = sweep_start_times(model);
-    let x = model.tensors().eval_x.view();
     let mut rows = Vec::with_capacity(times.len());
     for t0 in times {
-        let drawn = draw(model, n, &SampleOptions { start_time: Some(t0), ..base.clone() }, quiet)?;
-        let p = model.predict(x, drawn.theta.view(), None, &PredictOptions::default())?;
-        let mut row = json!({"start_time": t0});
-        extend(&mut row, metrics_of(&predictive(&p), targets, true)?.as_object().cloned().unwrap_or_default());
-        extend(&mut row, spread_of(model, held, drawn.theta.view())?);
-        rows.push(row);
+        let options = SampleOptions { start_time: Some(t0), refine_transitions: Some(0), ..base.clone() };
+        rows.push(sweep_entry(model, held, &options, n, targets, quiet, json!({"start_time": t0}))?);
     }
     Ok(Value::Array(rows))
+}
+
+/// The refinement sweep: every transition count of `refine_sweep_transitions`, from samples at
+/// the run's start time, like `run_sweep`'s rows.
+fn run_refine_sweep(
+    model: &Model,
+    held: &spread::HeldOut,
+    base: &SampleOptions,
+    n: usize,
+    targets: &EvalTargets,
+    quiet: bool,
+) -> Result<Value> {
+    let mut rows = Vec::new();
+    for k in refine_sweep_transitions(model) {
+        let options = SampleOptions { refine_transitions: Some(k), ..base.clone() };
+        rows.push(sweep_entry(model, held, &options, n, targets, quiet, json!({"transitions": k}))?);
+    }
+    Ok(Value::Array(rows))
+}
+
+/// One sweep row: `key` plus the metrics against HMC and the spread of `n` samples.
+fn sweep_entry(
+    model: &Model,
+    held: &spread::HeldOut,
+    options: &SampleOptions,
+    n: usize,
+    targets: &EvalTargets,
+    quiet: bool,
+    mut row: Value,
+) -> Result<Value> {
+    let drawn = draw(model, n, options, quiet)?;
+    let p = model.predict(model.tensors().eval_x.view(), drawn.theta.view(), None, &PredictOptions::default())?;
+    extend(&mut row, metrics_of(&predictive(&p), targets, true)?.as_object().cloned().unwrap_or_default());
+    extend(&mut row, spread_of(model, held, drawn.theta.view())?);
+    if drawn.refine.transitions > 0 {
+        extend(&mut row, Map::from_iter([("acceptance".to_string(), json!(drawn.refine.acceptance_rate()))]));
+    }
+    Ok(row)
 }
 
 pub fn run_eval(args: &EvalArgs) -> Result<()> {
@@ -226,6 +268,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
         atol: args.atol,
         batch_size: args.batch,
         start_time: args.start_time,
+        refine_transitions: args.refine,
         ..SampleOptions::default()
     };
     let start_time = args.start_time.unwrap_or_else(|| model.default_start_time());
@@ -260,6 +303,11 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
     let stderr = jackknife(&model, x, drawn.theta.view(), &targets)?;
     let sweep =
         if args.sweep { Some(run_sweep(&model, &held, &options, n, &targets, args.model.quiet)?) } else { None };
+    let refine_sweep = if args.sweep && model.manifest().refine.is_some() {
+        Some(run_refine_sweep(&model, &held, &options, n, &targets, args.model.quiet)?)
+    } else {
+        None
+    };
 
     let task_name = match model.manifest().task {
         Task::Classification { .. } => "classification",
@@ -280,10 +328,13 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
             "seconds": drawn.seconds,
             "samples_per_second": n as f64 / drawn.seconds,
             "function_evaluations": drawn.stats.nfe,
+            "refine_transitions": drawn.refine.transitions,
+            "refine_acceptance": (drawn.refine.transitions > 0).then(|| drawn.refine.acceptance_rate()),
         },
         "methods": {"flow": flow_metrics, "hmc": hmc_metrics, "map": map_metrics},
         "flow_stderr": stderr,
         "sweep": sweep,
+        "refine_sweep": refine_sweep,
         "reference_metrics": rm,
     });
 
@@ -351,9 +402,19 @@ fn eval_text(model: &Model, r: &Value) -> String {
     );
     let sphere = f["geometry"].as_str() == Some("sphere_product");
     let _ = writeln!(o, "{}", start_time_note(t0, f["anchors"].as_u64().unwrap_or(0), sphere));
+    let k = f["refine_transitions"].as_u64().unwrap_or(0);
+    if k > 0 {
+        let _ = writeln!(
+            o,
+            "refined: {k} HMC transitions per sample on the bundle's posterior graph (acceptance {:.3}): fresh \
+             posterior draws started from these samples",
+            f["refine_acceptance"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
     let _ = writeln!(o);
     let recorded = r["reference_metrics"].get("methods").and_then(Value::as_object);
     let manifest_sweep = r["reference_metrics"].get("start_time_sweep").and_then(Value::as_array);
+    let manifest_refine_sweep = r["reference_metrics"].get("refine_sweep").and_then(Value::as_array);
     let mut rows: Vec<(String, Value)> = Vec::new();
     let labels = [("flow", "flow BMA"), ("hmc", "HMC BMA"), ("map", "MAP")];
     for (key, label) in labels {
@@ -367,8 +428,10 @@ fn eval_text(model: &Model, r: &Value) -> String {
                 rows.push(("  ± jackknife SE".to_string(), Value::Object(se)));
             }
         }
-        // The manifest's flow row is for start time 0; at another start time its sweep row is the match.
+        // The manifest's flow row is for start time 0 unrefined; at another start time its sweep
+        // row is the match, and refined samples match its refinement sweep.
         let manifest_row = match key {
+            "flow" if k > 0 => manifest_refine_sweep.and_then(|rows| refine_row(rows, k)),
             "flow" if t0 != 0.0 => manifest_sweep.and_then(|rows| sweep_row(rows, t0)),
             _ => recorded.and_then(|m| m.get(key)),
         };
@@ -383,7 +446,11 @@ fn eval_text(model: &Model, r: &Value) -> String {
     }
     o.push_str(&metrics_table(task, &rows));
     let _ = writeln!(o);
-    let recorded_spread = manifest_sweep.and_then(|rows| sweep_row(rows, t0));
+    let recorded_spread = if k > 0 {
+        manifest_refine_sweep.and_then(|rows| refine_row(rows, k))
+    } else {
+        manifest_sweep.and_then(|rows| sweep_row(rows, t0))
+    };
     let mut spread_rows = vec![("flow BMA".to_string(), r["methods"]["flow"].clone())];
     if let Some(m) = recorded_spread {
         spread_rows.push(("  manifest".to_string(), m.clone()));
@@ -415,18 +482,31 @@ fn eval_text(model: &Model, r: &Value) -> String {
                 sweep_rows.push(("  manifest".to_string(), m.clone()));
             }
         }
-        let columns: Vec<(&str, &str)> = match task {
-            Task::Classification { .. } => {
-                vec![("tv", "tv"), ("nll", "nll"), ("ece", "ece"), ("agreement", "agreement")]
-            }
-            Task::Regression { .. } => vec![("nll", "nll"), ("rmse", "rmse"), ("coverage90", "coverage90")],
-        };
-        let columns: Vec<(&str, &str)> = columns.into_iter().chain(SPREAD_COLUMNS).collect();
-        o.push_str(&table(&columns, &sweep_rows));
+        o.push_str(&table(&sweep_columns(task), &sweep_rows));
         // A start time off the sweep marks no row, so there is nothing to explain.
         if marked {
             let _ = writeln!(o, "* the start time used above");
         }
+    }
+    if let Some(rows) = r["refine_sweep"].as_array() {
+        let _ = writeln!(
+            o,
+            "\nrefinement sweep at start time {t0} (HMC transitions on the posterior; this runtime; manifest rows \
+             from reference_metrics.refine_sweep):"
+        );
+        let mut sweep_rows = Vec::new();
+        for row in rows {
+            let transitions = row["transitions"].as_u64().unwrap_or(0);
+            let mark = if transitions == k { " *" } else { "" };
+            sweep_rows.push((format!("K = {transitions}{mark}"), row.clone()));
+            if let Some(m) = manifest_refine_sweep.and_then(|rows| refine_row(rows, transitions)) {
+                sweep_rows.push(("  manifest".to_string(), m.clone()));
+            }
+        }
+        let columns: Vec<(&str, &str)> =
+            sweep_columns(task).into_iter().chain([("acceptance", "acceptance")]).collect();
+        o.push_str(&table(&columns, &sweep_rows));
+        let _ = writeln!(o, "* the transitions used above");
     }
     let rm = &r["reference_metrics"];
     if let (Some(_), Some(fs)) = (recorded, rm.get("flow_samples")) {
@@ -483,6 +563,46 @@ fn sweep_start_times(model: &Model) -> Vec<f64> {
         times = SWEEP_START_TIMES.to_vec();
     }
     times
+}
+
+/// The columns of a sweep table: the averaged prediction against HMC, then the spread.
+fn sweep_columns(task: &Task) -> Vec<(&'static str, &'static str)> {
+    let metrics = match task {
+        Task::Classification { .. } => vec![("tv", "tv"), ("nll", "nll"), ("ece", "ece"), ("agreement", "agreement")],
+        Task::Regression { .. } => vec![("nll", "nll"), ("rmse", "rmse"), ("coverage90", "coverage90")],
+    };
+    metrics.into_iter().chain(SPREAD_COLUMNS).collect()
+}
+
+/// The transition counts of the refinement sweep: the manifest's own
+/// (`reference_metrics.refine_sweep`), else `SWEEP_TRANSITIONS`, at most `MAX_SWEEP_ROWS`, each
+/// within the sampler's limit.
+fn refine_sweep_transitions(model: &Model) -> Vec<u32> {
+    let mut ks: Vec<u32> = model
+        .manifest()
+        .reference_metrics
+        .get("refine_sweep")
+        .and_then(Value::as_array)
+        .map(|rows| {
+            rows.iter()
+                .filter_map(|r| r.get("transitions").and_then(Value::as_u64))
+                .filter_map(|k| u32::try_from(k).ok())
+                .filter(|k| *k <= crate::bundle::MAX_TRANSITIONS)
+                .take(MAX_SWEEP_ROWS)
+                .collect()
+        })
+        .unwrap_or_default();
+    ks.sort_unstable();
+    ks.dedup();
+    if ks.is_empty() {
+        ks = SWEEP_TRANSITIONS.to_vec();
+    }
+    ks
+}
+
+/// The row of a manifest refinement sweep with `k` transitions.
+fn refine_row(rows: &[Value], k: u64) -> Option<&Value> {
+    rows.iter().find(|r| r.get("transitions").and_then(Value::as_u64) == Some(k))
 }
 
 /// The row of a manifest sweep (`reference_metrics.start_time_sweep`) at start time `t0`.

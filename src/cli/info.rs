@@ -83,6 +83,13 @@ fn info_json(bundle: &Bundle) -> Value {
             "eval_inputs": bundle.tensors.eval_x.nrows(),
         },
         "default_start_time": default_start_time(m),
+        "refine": m.refine.as_ref().map(|r| json!({
+            "graph": {"file": r.graph, "bytes": bundle.graphs.posterior.as_ref().map_or(0, Vec::len)},
+            "leapfrog_steps": r.leapfrog_steps,
+            "step_size": r.step_size,
+            "default_transitions": r.default_transitions,
+            "canonical": bundle.tensors.refine.as_ref().is_some_and(|t| t.anchor_unit_norms.is_some()),
+        })),
         "default_solver": m.flow.default_solver,
         "hutchinson": m.flow.hutchinson,
         "provenance": m.provenance,
@@ -247,6 +254,17 @@ fn info_text(bundle: &Bundle, v: &Value) -> String {
         format!("flow samples started around the {anchors} anchor draws")
     };
     let _ = writeln!(o, "start time   {t0} by default: {what}");
+    if let Some(r) = &m.refine {
+        let _ = writeln!(
+            o,
+            "refinement   {} HMC transitions by default (draws without log-densities; --refine K), {} leapfrog steps \
+             of {} on the posterior graph {}",
+            r.default_transitions,
+            r.leapfrog_steps,
+            r.step_size,
+            plain(&r.graph)
+        );
+    }
     let s = &m.flow.default_solver;
     let mut solver = format!("{}, {} steps", s.method, s.steps);
     if let Some(r) = s.rtol {

@@ -156,6 +156,11 @@ pub(crate) struct SolverArgs {
     /// themselves (close to 1: near-copies of them).
     #[arg(long, value_name = "T0", allow_hyphen_values = true)]
     pub start_time: Option<f64>,
+    /// HMC transitions on the posterior after drawing (bundles with refinement; default: the
+    /// bundle's refine.default_transitions without log-densities, 0 with them). Refined
+    /// samples are fresh posterior draws and have no log-density.
+    #[arg(long, value_name = "K", allow_negative_numbers = true)]
+    pub refine: Option<u32>,
 }
 
 impl SolverArgs {
@@ -174,6 +179,7 @@ impl SolverArgs {
             trace,
             batch_size: self.batch,
             start_time: self.start_time,
+            refine_transitions: self.refine,
             ..SampleOptions::default()
         }
     }

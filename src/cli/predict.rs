@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use super::{arrays, input, output, progress, ModelArgs, SolverArgs};
 use crate::bundle::Task;
+use crate::refine::RefineStats;
 use crate::{Error, Model, OdeStats, PredictOptions, Prediction, Result, SampleOptions, TraceMode};
 
 /// Flow samples when neither `-n` nor the manifest's `reference_metrics.flow_samples` says.
@@ -45,6 +46,7 @@ pub(super) struct Drawn {
     pub theta: Array2<f32>,
     pub seconds: f64,
     pub stats: OdeStats,
+    pub refine: RefineStats,
 }
 
 /// Draw `n` samples in whole batches (so the result equals one `Model::sample` call),
@@ -56,6 +58,7 @@ pub(super) fn draw(model: &Model, n: usize, base: &SampleOptions, quiet: bool) -
     let step = if base.batch_size > 0 { base.batch_size } else { crate::sampler::DEFAULT_BATCH };
     let mut theta = crate::sampler::zeroed_samples(n, model.weight_dim())?;
     let mut stats = OdeStats::default();
+    let mut refine = RefineStats::default();
     let bar = progress::bar(n as u64, "sampling", quiet);
     let started = std::time::Instant::now();
     for first in (0..n).step_by(step) {
@@ -64,11 +67,12 @@ pub(super) fn draw(model: &Model, n: usize, base: &SampleOptions, quiet: bool) -
         let samples = model.sample(count, &options)?;
         theta.slice_mut(s![first..first + count, ..]).assign(&samples.theta);
         stats += samples.stats;
+        refine += samples.refine.unwrap_or_default();
         bar.inc(count as u64);
     }
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    Ok(Drawn { theta, seconds, stats })
+    Ok(Drawn { theta, seconds, stats, refine })
 }
 
 /// Most flow samples a manifest's `reference_metrics.flow_samples` may ask for by default.

@@ -5,6 +5,7 @@ use clap::Args;
 use ndarray::s;
 
 use super::{arrays, output, progress, trace_mode, LogProbTraceArg, ModelArgs, SolverArgs, TraceArg};
+use crate::refine::RefineStats;
 use crate::{Error, OdeStats, Result, SampleOptions, TraceMode};
 
 #[derive(Args)]
@@ -80,6 +81,7 @@ pub fn run_sample(args: &SampleArgs) -> Result<()> {
     let bar = progress::bar(args.n as u64, "sampling", args.model.quiet);
     let started = std::time::Instant::now();
     let mut stats = OdeStats::default();
+    let mut refined = RefineStats::default();
     let step = chunk_len(&base);
     for first in (0..args.n).step_by(step) {
         let count = step.min(args.n - first);
@@ -89,6 +91,7 @@ pub fn run_sample(args: &SampleArgs) -> Result<()> {
         logd.extend(samples.log_density.unwrap_or_default());
         stderr.extend(samples.log_density_stderr.unwrap_or_default());
         stats += samples.stats;
+        refined += samples.refine.unwrap_or_default();
         bar.inc(count as u64);
     }
     bar.finish_and_clear();
@@ -110,6 +113,13 @@ pub fn run_sample(args: &SampleArgs) -> Result<()> {
             args.n as f64 / secs,
             stats.nfe
         );
+        if refined.transitions > 0 {
+            eprintln!(
+                "refined by {} HMC transitions each on the posterior (acceptance {:.3})",
+                refined.transitions,
+                refined.acceptance_rate()
+            );
+        }
     }
     Ok(())
 }
@@ -119,6 +129,9 @@ pub fn run_log_prob(args: &LogProbArgs) -> Result<()> {
     let theta = arrays::read_matrix(&args.theta, args.tensor.as_deref())?;
     if theta.nrows() == 0 {
         return Err(Error::invalid(format!("{}: no weight samples", args.theta.display())));
+    }
+    if args.solver.refine.is_some() {
+        return Err(Error::invalid("--refine is for drawing samples; log-prob evaluates given weights"));
     }
     let model = args.model.open()?;
     let trace = trace_mode(&model, args.trace.into(), args.probes);

@@ -35,6 +35,9 @@ pub struct pf_model_info {
     pub hutchinson_trace: pf_trace_u32,
     /// Its probes per sample, what `probes = 0` takes. (Added in 0.4.)
     pub hutchinson_probes: u32,
+    /// HMC transitions on the posterior that `PF_REFINE_BUNDLE` runs after drawing without a
+    /// log-density; 0 when the bundle has no refinement (format version 3). (Added in 0.5.)
+    pub default_refine_transitions: u32,
 }
 
 // The oldest layout a caller may pass; later fields are not written when struct_size stops short.
@@ -136,6 +139,7 @@ pub unsafe extern "C" fn pf_model_get_info(model: *const pf_model, out: *mut pf_
         };
         put_field!(out, size, pf_model_info, hutchinson_trace: u32 = trace as u32);
         put_field!(out, size, pf_model_info, hutchinson_probes: u32 = probes);
+        put_field!(out, size, pf_model_info, default_refine_transitions: u32 = m.default_refine_transitions());
         Ok(())
     })
 }

@@ -66,10 +66,18 @@ pub struct pf_sample_options {
     /// with a unit off the slice (|‖(w, b)‖ − 1| > 1e-4). Other values are refused; ignored by
     /// `pf_sample`. (Added in 0.3; older callers get 0.)
     pub project_to_slice: u32,
+    /// HMC transitions on the posterior after drawing, for bundles with refinement (format
+    /// version 3): in [0, 10000], or `PF_REFINE_BUNDLE` (-1, the default) for the bundle's
+    /// default when `trace` is `PF_TRACE_NONE` and none otherwise. Refined samples have no
+    /// log-density (trace must be none). (Added in 0.5; older callers get `PF_REFINE_BUNDLE`.)
+    pub refine_transitions: i64,
 }
 
 /// `pf_sample_options.start_time` value that selects the bundle's default start time.
 pub const PF_START_TIME_BUNDLE: f64 = -1.0;
+
+/// `pf_sample_options.refine_transitions` value that selects the bundle's default refinement.
+pub const PF_REFINE_BUNDLE: i64 = -1;
 
 // The oldest layout a caller may pass; later fields take their defaults when struct_size stops short.
 pub(super) const MODEL_OPTIONS_MIN: usize =
@@ -104,6 +112,7 @@ pub(super) fn sample_options_defaults() -> pf_sample_options {
         batch_size: 0,
         start_time: PF_START_TIME_BUNDLE,
         project_to_slice: 0,
+        refine_transitions: PF_REFINE_BUNDLE,
     }
 }
 
@@ -279,6 +288,7 @@ struct RawSampleOptions {
     batch_size: u32,
     start_time: f64,
     project_to_slice: u32,
+    refine_transitions: i64,
 }
 
 /// Read the caller's sample options (NULL = defaults) and turn them into `SampleOptions`.
@@ -300,6 +310,7 @@ pub(super) unsafe fn read_sample_options(p: *const pf_sample_options, model: &Mo
             batch_size: d.batch_size,
             start_time: d.start_time,
             project_to_slice: d.project_to_slice,
+            refine_transitions: d.refine_transitions,
         }
     } else {
         // SAFETY: forwarded caller contract.
@@ -317,6 +328,8 @@ pub(super) unsafe fn read_sample_options(p: *const pf_sample_options, model: &Mo
             start_time: get_field!(p, size, pf_sample_options, start_time: f64).unwrap_or(d.start_time),
             project_to_slice: get_field!(p, size, pf_sample_options, project_to_slice: u32)
                 .unwrap_or(d.project_to_slice),
+            refine_transitions: get_field!(p, size, pf_sample_options, refine_transitions: i64)
+                .unwrap_or(d.refine_transitions),
         }
     };
     convert_sample_options(&raw, model)
@@ -383,6 +396,16 @@ fn convert_sample_options(raw: &RawSampleOptions, model: &Model) -> Result<Sampl
         1 => true,
         other => {
             return Err(Error::invalid(format!("options->project_to_slice is {other}, must be 0 or 1")));
+        }
+    };
+    o.refine_transitions = match raw.refine_transitions {
+        PF_REFINE_BUNDLE => None,
+        k if (0..=i64::from(crate::bundle::MAX_TRANSITIONS)).contains(&k) => Some(k as u32),
+        other => {
+            return Err(Error::invalid(format!(
+                "options->refine_transitions is {other}, must be in [0, {}] or PF_REFINE_BUNDLE (-1)",
+                crate::bundle::MAX_TRANSITIONS
+            )))
         }
     };
     Ok(o)

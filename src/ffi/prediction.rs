@@ -196,11 +196,8 @@ pub unsafe extern "C" fn pf_sample_predict(
         // SAFETY: caller contract.
         let m = unsafe { model_ref(model)? };
         // SAFETY: caller contract.
-        let mut o = unsafe { read_sample_options(options, m)? };
-        // The average uses uniform weights, so log-densities would be wasted work; a trace
-        // request is still checked, as pf_sample would check it.
-        crate::sampler::check_probes(o.trace)?;
-        o.trace = TraceMode::None;
+        // Model::sample_predict checks the trace request and computes no log-density.
+        let o = unsafe { read_sample_options(options, m)? };
         if n_samples == 0 {
             return Err(Error::invalid("n_samples is 0, need at least 1"));
         }

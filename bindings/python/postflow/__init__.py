@@ -57,7 +57,7 @@ __all__ = [
     "RuntimeError_", "NumericError", "UnsupportedError", "PanicError", "LibraryError", "version",
     "library_path", "onnxruntime_library", "F32Array",
     "OK", "ERR_INVALID_ARGUMENT", "ERR_IO", "ERR_BUNDLE", "ERR_RUNTIME", "ERR_NUMERIC", "ERR_UNSUPPORTED", "ERR_PANIC",
-    "DEVICES", "SOLVERS", "TRACES", "TASKS", "MODEL_FLAG_ALLOW_SPINNING", "START_TIME_BUNDLE",
+    "DEVICES", "SOLVERS", "TRACES", "TASKS", "MODEL_FLAG_ALLOW_SPINNING", "START_TIME_BUNDLE", "REFINE_BUNDLE",
 ]
 
 #: A float32 numpy array (every array this module returns).
@@ -169,7 +169,8 @@ class _ModelInfo(ctypes.Structure):
     _fields_ = [("struct_size", ctypes.c_uint32), ("task", ctypes.c_uint32), ("input_dim", ctypes.c_size_t),
                 ("output_dim", ctypes.c_size_t), ("weight_dim", ctypes.c_size_t), ("uncertainty_dim", ctypes.c_size_t),
                 ("default_start_time", ctypes.c_double), ("anchor_count", ctypes.c_size_t),
-                ("hutchinson_trace", ctypes.c_uint32), ("hutchinson_probes", ctypes.c_uint32)]
+                ("hutchinson_trace", ctypes.c_uint32), ("hutchinson_probes", ctypes.c_uint32),
+                ("default_refine_transitions", ctypes.c_uint32)]
 
 
 class _SampleOptions(ctypes.Structure):
@@ -177,11 +178,14 @@ class _SampleOptions(ctypes.Structure):
                 ("steps", ctypes.c_uint32), ("rtol", ctypes.c_double), ("atol", ctypes.c_double),
                 ("trace", ctypes.c_uint32), ("probes", ctypes.c_uint32), ("max_steps", ctypes.c_uint32),
                 ("batch_size", ctypes.c_uint32), ("start_time", ctypes.c_double),
-                ("project_to_slice", ctypes.c_uint32)]
+                ("project_to_slice", ctypes.c_uint32), ("refine_transitions", ctypes.c_int64)]
 
 
 #: ``pf_sample_options.start_time`` value that selects the bundle's default start time.
 START_TIME_BUNDLE = -1.0
+
+#: ``pf_sample_options.refine_transitions`` value that selects the bundle's default refinement.
+REFINE_BUNDLE = -1
 
 
 class _Prediction(ctypes.Structure):
@@ -490,6 +494,9 @@ class Model:
         #: The bundle's own Hutchinson estimator, a :data:`TRACES` name, and its probe count.
         self.hutchinson_trace: str = {v: k for k, v in TRACES.items()}[info.hutchinson_trace]
         self.hutchinson_probes: int = info.hutchinson_probes
+        #: HMC transitions on the posterior that ``refine_transitions=None`` runs after drawing
+        #: without log-densities (0: the bundle has no refinement; format version 3).
+        self.default_refine_transitions: int = info.default_refine_transitions
         #: The manifest's ``name`` (the folder's name if it has none).
         self.name: str = _bundle_name(self.bundle_dir)
 
@@ -567,7 +574,7 @@ class Model:
     def _options(seed: int = 0, solver: Union[str, int] = "default", steps: int = 0, rtol: float = 0.0,
                  atol: float = 0.0, trace: Union[str, int] = "none", probes: int = 0, max_steps: int = 0,
                  batch_size: int = 0, start_time: Optional[float] = None, project_to_slice: bool = False,
-                 struct_size: Optional[int] = None) -> _SampleOptions:
+                 refine_transitions: Optional[int] = None, struct_size: Optional[int] = None) -> _SampleOptions:
         o = _SampleOptions()
         _check(_lib().pf_sample_options_init(ctypes.byref(o), ctypes.sizeof(o)))
         o.seed = _int(seed, "seed", 64)
@@ -585,6 +592,9 @@ class Model:
         # An integer other than 0 or 1 goes through for the library to refuse, not read as True.
         o.project_to_slice = (int(project_to_slice) if isinstance(project_to_slice, (bool, np.bool_))
                               else _int(project_to_slice, "project_to_slice"))
+        # None: the bundle's default refinement (applied to draws without log-densities only).
+        o.refine_transitions = (REFINE_BUNDLE if refine_transitions is None
+                                else _int(refine_transitions, "refine_transitions"))
         if struct_size is not None:
             o.struct_size = _int(struct_size, "struct_size")
         return o
@@ -596,7 +606,10 @@ class Model:
         ``steps``, ``rtol``, ``atol``, ``max_steps``, ``start_time`` (None: the bundle's),
         ``trace`` (a :data:`TRACES` name; anything but "none" adds log-densities), ``probes``
         and ``batch_size`` (samples integrated together per ONNX Runtime call, 0: 128; trades
-        memory for speed, never changes results). ``project_to_slice`` is accepted and
+        memory for speed, never changes results), ``refine_transitions`` (HMC transitions on the
+        posterior after drawing, bundles with refinement only; None: the bundle's default
+        :attr:`default_refine_transitions` when ``trace`` is "none", none otherwise; refined
+        samples have no log-density). ``project_to_slice`` is accepted and
         ignored here (it is :meth:`log_prob`'s). Sample ``i`` depends only on ``(seed, i)``.
         Integers must fit their C fields (``seed`` a uint64, the others uint32): out-of-range
         values, floats and bools raise :class:`InvalidArgumentError`.
