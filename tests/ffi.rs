@@ -85,6 +85,10 @@ fn reference() -> String {
     let s =
         anc.sample(5, &SampleOptions { start_time: Some(1.0), ..rust_opts(4, None, None, TraceMode::None) }).unwrap();
     push(&mut out, "anchored_stored_theta", f32s(s.theta.as_slice().unwrap()));
+    // Case 8: affine_refine refined by its default transitions (3), seed 8, 4 samples.
+    let refine = common::open("affine_refine");
+    let s = refine.sample(4, &rust_opts(8, None, None, TraceMode::None)).unwrap();
+    push(&mut out, "refine_default_theta", f32s(s.theta.as_slice().unwrap()));
     out
 }
 

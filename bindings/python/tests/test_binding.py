@@ -47,7 +47,7 @@ def reference():
 
 
 def test_version_and_library():
-    assert postflow.version() == "0.4.0"
+    assert postflow.version() == "0.5.0"
     lib = Path(postflow.library_path())
     assert lib.name in ("libpostflow.so", "libpostflow.abi3.so")
     if INSTALLED:  # the wheel's own copy, not the checkout's
@@ -135,6 +135,28 @@ def test_start_time_matches_the_rust_api():
             m.sample(2, start_time=1.0, trace="exact")
         with pytest.raises(postflow.InvalidArgumentError, match="options->start_time is 1.5"):
             m.sample(2, start_time=1.5)
+
+
+def test_refinement_matches_the_rust_api(cls):
+    ref = reference()
+    assert cls.default_refine_transitions == 0
+    with postflow.Model(FIXTURES / "affine_refine") as m:  # HMC on a Gaussian posterior graph, 3 by default
+        assert m.default_refine_transitions == 3
+        s = m.sample(4, seed=8)  # refine_transitions None: the bundle's default
+        np.testing.assert_allclose(s.theta.ravel(), ref["refine_default_theta"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(m.sample(4, seed=8, refine_transitions=3).theta, s.theta)
+        unrefined = m.sample(4, seed=8, refine_transitions=0)
+        assert not np.array_equal(unrefined.theta, s.theta)
+        # Asking for log-densities takes the flow's own draws.
+        np.testing.assert_array_equal(m.sample(4, seed=8, trace="exact").theta, unrefined.theta)
+        with pytest.raises(postflow.InvalidArgumentError, match="no density"):
+            m.sample(2, refine_transitions=2, trace="exact")
+        with pytest.raises(postflow.InvalidArgumentError, match="options->refine_transitions is 10001"):
+            m.sample(2, refine_transitions=10_001)
+        with pytest.raises(postflow.InvalidArgumentError, match="refine_transitions"):
+            m.sample(2, refine_transitions=-1)
+    with pytest.raises(postflow.InvalidArgumentError, match="needs a bundle with refinement"):
+        cls.sample(2, refine_transitions=1)
 
 
 def test_sample_properties(cls):
