@@ -125,7 +125,9 @@ static void test_options_init(void) {
     CHECK(so.max_steps == 0xABABABABu && so.batch_size == 0xABABABABu, "init 48 must not write past 48 bytes");
     EXPECT_ERR(pf_sample_options_init(NULL, sizeof so), PF_ERR_INVALID_ARGUMENT, "pf_sample_options_init: out is NULL");
     EXPECT_ERR(pf_sample_options_init(&so, 0), PF_ERR_INVALID_ARGUMENT, "struct_size 0 is not a known pf_sample_options size");
-    EXPECT_ERR(pf_sample_options_init(&so, 4096), PF_ERR_INVALID_ARGUMENT, "between 48 and 72 bytes");
+    char known[64];
+    snprintf(known, sizeof known, "between 48 and %zu bytes", sizeof so);
+    EXPECT_ERR(pf_sample_options_init(&so, 4096), PF_ERR_INVALID_ARGUMENT, known);
     memset(&mo, 0xAB, sizeof mo);
     EXPECT_OK(pf_model_options_init(&mo, 24));
     CHECK(mo.struct_size == 24 && mo.onnxruntime_path == NULL && mo.max_sessions == 0xABABABABu, "model init 24");
@@ -313,8 +315,9 @@ static void test_sample_errors(pf_model *cls) {
     bad.struct_size = 0;
     EXPECT_ERR(pf_sample(cls, &bad, 2, theta, 34, logd, 2, se, 2), PF_ERR_INVALID_ARGUMENT, "options->struct_size is 0");
     bad.struct_size = sizeof bad + 1;
-    EXPECT_ERR(pf_sample(cls, &bad, 2, theta, 34, logd, 2, se, 2), PF_ERR_INVALID_ARGUMENT,
-               "larger than this library's pf_sample_options (72 bytes)");
+    char larger[96];
+    snprintf(larger, sizeof larger, "larger than this library's pf_sample_options (%zu bytes)", sizeof bad);
+    EXPECT_ERR(pf_sample(cls, &bad, 2, theta, 34, logd, 2, se, 2), PF_ERR_INVALID_ARGUMENT, larger);
     bad.struct_size = 40;
     EXPECT_ERR(pf_sample(cls, &bad, 2, theta, 34, logd, 2, se, 2), PF_ERR_INVALID_ARGUMENT,
                "smaller than the oldest pf_sample_options layout (48 bytes)");
