@@ -434,6 +434,48 @@ fn limits_are_configurable() {
 
 // ------------------------------------------------------------------ faults: unreadable folders
 
+/// Root ignores permission bits, so the same two refusals are checked through the command line
+/// run as `nobody` (`setpriv`), where the bits apply. Skipped, saying so, without setpriv.
+fn unreadable_as_an_unprivileged_user(c: &Copy) {
+    use std::os::unix::fs::PermissionsExt;
+    let as_nobody = |path: &Path| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_postflow"), "info"])
+            .arg(path)
+            .output()
+    };
+    let bits = |p: &Path, mode: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    // Readable by everyone first (tempdir is 0700, copies keep the checkout's modes): nobody can open it.
+    bits(c._dir.path(), 0o755);
+    for entry in std::fs::read_dir(&c.path).unwrap() {
+        bits(&entry.unwrap().path(), 0o644);
+    }
+    let Ok(probe) = as_nobody(&c.path) else {
+        eprintln!("setpriv is not available: the permission-denied cases were not checked as root");
+        return;
+    };
+    if !probe.status.success() {
+        let err = String::from_utf8_lossy(&probe.stderr);
+        eprintln!("postflow cannot run as nobody here ({err}): the permission-denied cases were not checked as root");
+        return;
+    }
+    bits(&c.path, 0o000);
+    let out = as_nobody(&c.path).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(c.path.to_str().unwrap()) && err.contains("ermission denied"),
+        "{err}"
+    );
+    bits(&c.path, 0o755);
+    let t = c.path.join("tensors.safetensors");
+    bits(&t, 0o000);
+    let out = as_nobody(&c.path).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("tensors.safetensors") && err.contains("ermission denied"), "{err}");
+    bits(&t, 0o644);
+    bits(c._dir.path(), 0o700);
+}
+
 #[test]
 fn an_unreadable_bundle_folder_is_a_clear_io_error() {
     use std::os::unix::fs::PermissionsExt;
@@ -453,6 +495,8 @@ fn an_unreadable_bundle_folder_is_a_clear_io_error() {
         let e = Model::open(&c.path, &ModelOptions::default()).err().unwrap();
         check_error(&e, ErrorKind::Io, &["tensors.safetensors", "ermission denied"]);
         std::fs::set_permissions(&t, std::fs::Permissions::from_mode(0o644)).unwrap();
+    } else {
+        unreadable_as_an_unprivileged_user(&c);
     }
     // Paths that cannot be read whoever runs the test (the privileged case relies on
     // these): a dangling symlink, a path below a regular file, and a symlink loop.

@@ -289,7 +289,8 @@ def main(argv=None):
            "log_slice_prior_flow": {"mean": float((logp - ll).mean()), "sd": float((logp - ll).std())},
            "log_target_hmc_heldout": {"mean": float(held_logp.mean()), "sd": float(held_logp.std())},
            "logq": {"mean": float(np.mean(logq)), "sd": float(np.std(logq))},
-           "slice_prior_relative_se": {"max": float(se.max()), "median": float(np.median(se))}}
+           "slice_prior_relative_se": {"max": float(se.max()), "median": float(np.median(se))},
+           "log_weights": (np.asarray(logp, np.float64) - np.asarray(logq, np.float64)).tolist()}
     print(json.dumps(res, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1) + "\n")

@@ -73,3 +73,10 @@ def test_hmc_runner_keeps_a_gaussian_invariant():
     assert float(acc) > 0.9
     np.testing.assert_allclose(out.std(0), np.asarray(sd), rtol=0.06)
     assert np.all(np.abs(out.mean(0)) < 0.1 * np.asarray(sd))
+    # The chains moved: exact draws kept in place would pass the checks above too.
+    assert np.all(np.mean(np.abs(out - start), axis=0) > 0.3 * np.asarray(sd))
+    lag = [np.corrcoef(out[:, i], start[:, i])[0, 1] for i in range(2)]
+    assert max(lag) < 0.5, lag
+    # From over-dispersed starts (3 sd) the spread comes back to sd.
+    wide, _ = run(init(jnp.asarray(3 * start, jnp.float32)), jax.random.PRNGKey(1), 20, 0.3)
+    np.testing.assert_allclose(np.asarray(wide.position).std(0), np.asarray(sd), rtol=0.1)

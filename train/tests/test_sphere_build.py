@@ -56,11 +56,27 @@ def test_sphere_bundle(built):
     assert g.slice_error(theta).max() <= 1e-5 and np.all(np.isfinite(logq))
 
 
+def assert_weights_follow_the_log_weights(res):
+    """ESS, largest weight and log-weight spread are those of the reported log p − log q
+    (1 <= ESS <= n holds for any weights; this ties them to the target's density)."""
+    logw = np.asarray(res["log_weights"])
+    assert len(logw) == res["n"] and np.all(np.isfinite(logw))
+    w = np.exp(logw - logw.max())
+    w /= w.sum()
+    s = res["snis"]
+    np.testing.assert_allclose(s["ess"], 1.0 / np.sum(w**2), rtol=1e-9)
+    np.testing.assert_allclose(s["max_weight"], w.max(), rtol=1e-9)
+    np.testing.assert_allclose(s["logw_sd"], logw.std(), rtol=1e-9)
+    # and the log-weights are the target's density over the flow's, as reported
+    np.testing.assert_allclose(logw.mean(), res["log_target_flow"]["mean"] - res["logq"]["mean"], rtol=1e-9, atol=1e-6)
+
+
 def test_importance_weights_on_the_slice(built):
     _, work, cfg = built
     res = slice_density.main([str(work), "--config", str(cfg), "--n", "64", "--probes", "2"])
     s = res["snis"]
     assert s["n"] == 64 and 1.0 <= s["ess"] <= 64.0 and 0 < s["ess_per_n"] <= 1
+    assert_weights_follow_the_log_weights(res)
     assert np.isfinite(res["log_target_flow"]["mean"]) and res["slice_prior_relative_se"]["max"] == 0.0
     for k in ("tv", "nll", "ece"):
         assert np.isfinite(res["weighted"][k])
@@ -73,6 +89,7 @@ def test_importance_weights_of_anchored_samples(built):
     res = slice_density.main([str(work), "--config", str(cfg), "--n", "32", "--probes", "2", "--start-time", "0.9"])
     assert res["start_time"] == 0.9 and res["anchors"] > 0
     assert 1.0 <= res["snis"]["ess"] <= 32.0 and np.isfinite(res["logq"]["mean"])
+    assert_weights_follow_the_log_weights(res)
     with pytest.raises(SystemExit, match="start-time 1"):
         slice_density.main([str(work), "--config", str(cfg), "--n", "8", "--start-time", "1"])
 
