@@ -1,0 +1,119 @@
+"""Refinement (bundle format version 3, train/refine.py): the unit norms and decanonicalize
+invert canonicalize, the HMC kernel leaves its target invariant, the posterior graph matches
+JAX, and the bundle stage's chooser follows its rule."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import canon, mlp, refine
+
+
+@pytest.mark.parametrize("sizes", [[2, 8, 2], [3, 5, 4, 1], [4, 6, 3, 7, 3]])
+def test_decanonicalize_inverts_canonicalize(sizes):
+    rng = np.random.default_rng(len(sizes))
+    theta = rng.standard_normal((11, mlp.dim(sizes))) * rng.uniform(0.1, 3.0, (11, 1))
+    norms = refine.unit_norms(theta, sizes)
+    assert norms.shape == (11, refine.hidden_width(sizes)) and np.all(norms > 0)
+    c = canon.canonicalize(theta, sizes)
+    np.testing.assert_allclose(refine.decanonicalize(c, norms, sizes), theta, rtol=1e-10, atol=1e-12)
+    # the same function: the canonical and the rescaled nets agree on inputs
+    x = jnp.asarray(rng.standard_normal((5, sizes[0])))
+    for i in range(3):
+        np.testing.assert_allclose(mlp.forward(jnp.asarray(c[i], jnp.float32), x, sizes),
+                                   mlp.forward(jnp.asarray(theta[i], jnp.float32), x, sizes), rtol=1e-4, atol=1e-5)
+
+
+def test_unit_norms_follow_canonicalize_layer_by_layer():
+    """Layer l's norms are taken after layer l-1's were multiplied into its incoming weights;
+    an exactly zero unit gets norm 1."""
+    sizes = [2, 3, 2, 1]
+    rng = np.random.default_rng(3)
+    theta = rng.standard_normal(mlp.dim(sizes))
+    (w0, b0), (w1, b1), _ = mlp.unflatten(theta, sizes)
+    n0 = np.sqrt((w0**2).sum(1) + b0**2)
+    n1 = np.sqrt(((w1 * n0[None]) ** 2).sum(1) + b1**2)
+    np.testing.assert_allclose(refine.unit_norms(theta, sizes), np.r_[n0, n1])
+    dead = theta.copy()
+    layers, _ = mlp.layout(sizes)
+    dead[layers[0][2]:layers[0][2] + 2] = 0.0  # unit 0 of layer 0: weights and bias zero
+    dead[layers[0][3]] = 0.0
+    assert refine.unit_norms(dead, sizes)[0] == 1.0
+
+
+def _gaussian_kernel(mu, sd, leapfrog=10):
+    logd = lambda th: -0.5 * jnp.sum(((th - mu) / sd) ** 2)
+    return refine.make_kernel(logd, jnp.asarray(sd**2), leapfrog)
+
+
+def test_hmc_leaves_a_gaussian_invariant():
+    d, n = 6, 4000
+    mu, sd = jnp.linspace(-1.0, 2.0, d), jnp.linspace(0.5, 3.0, d)
+    run = _gaussian_kernel(mu, sd)
+    x0 = mu + sd * jax.random.normal(jax.random.PRNGKey(0), (n, d))
+    x, acc = refine.hmc(jax.random.PRNGKey(1), x0, None, None, 0.3, 10, 5, kernel=run)
+    assert 0.5 < acc <= 1.0
+    # exact draws stay exact draws: mean within 5 standard errors, variance within 10 %
+    z = (x.mean(0) - np.asarray(mu)) / (np.asarray(sd) / np.sqrt(n))
+    assert np.all(np.abs(z) < 5), z
+    np.testing.assert_allclose(x.var(0) / np.asarray(sd) ** 2, 1.0, atol=0.1)
+    # and a far-off start moves to the target (trajectory length 1.5 in units of the sd: about a
+    # quarter period, where a Gaussian's HMC forgets its start fastest)
+    far = jnp.full((n, d), 8.0)
+    x, _ = refine.hmc(jax.random.PRNGKey(2), far, None, None, 0.15, 10, 40, kernel=run)
+    assert np.all(np.abs(x.mean(0) - np.asarray(mu)) < 0.25 * np.asarray(sd) + 0.05), x.mean(0)
+    np.testing.assert_allclose(x.var(0) / np.asarray(sd) ** 2, 1.0, atol=0.25)
+
+
+def test_hmc_rejects_nan_and_huge_steps():
+    run = _gaussian_kernel(jnp.zeros(3), jnp.ones(3))
+    x0 = jnp.ones((50, 3))
+    x, acc = refine.hmc(jax.random.PRNGKey(0), x0, None, None, 1e3, 5, 3, kernel=run)
+    assert acc < 1e-3 and np.array_equal(x, np.ones((50, 3), np.float32))
+    nan_run = refine.make_kernel(lambda th: jnp.where(th[0] > 1.0, jnp.nan, -0.5 * jnp.sum(th**2)), jnp.ones(3), 5)
+    x, _ = refine.hmc(jax.random.PRNGKey(1), x0 * 0.5, None, None, 0.5, 5, 20, kernel=nan_run)
+    assert np.all(np.isfinite(x)) and np.all(x[:, 0] <= 1.0 + 1e-6)
+
+
+def test_tune_step_picks_the_largest_step_meeting_the_target():
+    run = _gaussian_kernel(jnp.zeros(4), jnp.ones(4))
+    starts = jax.random.normal(jax.random.PRNGKey(0), (200, 4))
+    step, trials = refine.tune_step(run, starts, jax.random.PRNGKey(1), 0.25)
+    assert len(trials) == 8 and trials[f"{step:.4g}"] >= 0.75
+    assert all(a < 0.75 for s, a in trials.items() if float(s) > step)
+
+
+def test_refine_rescales_with_the_anchor_norms_and_returns_canonical_draws():
+    sizes = [2, 4, 2]
+    rng = np.random.default_rng(0)
+    theta = rng.standard_normal((7, mlp.dim(sizes))) * 2.0
+    norms = refine.unit_norms(theta, sizes)
+    c = canon.canonicalize(theta, sizes)
+    logd = lambda th: -0.5 * jnp.sum(th**2)
+    kw = dict(logdensity=logd, inverse_mass=np.ones(mlp.dim(sizes)), step_size=0.1, leapfrog_steps=3,
+              sizes=sizes, key=jax.random.PRNGKey(0))
+    out0, _ = refine.refine(c, np.arange(7), 0, anchor_norms=norms, **kw)
+    np.testing.assert_allclose(out0, c, atol=1e-5)
+    out, _ = refine.refine(c, norms, 4, **kw)
+    np.testing.assert_allclose(refine.unit_norms(out, sizes), 1.0, atol=1e-5)  # canonical
+    assert not np.allclose(out, c)
+
+
+def _row(k, mem, tv=0.01, nll=0.1):
+    return {"transitions": k, "tv": tv, "nll": nll, "ece": 0.01, "agreement": 1.0, "memorization_ratio": mem,
+            "epistemic_ratio_eval": 1.0, "epistemic_ratio_ood": 1.0}
+
+
+def test_choose_transitions_by_the_rule():
+    from train import evaluate
+    hmc = {"nll": 0.1, "ece": 0.01}
+    passes = lambda r: evaluate.start_time_failures(r, hmc, True, True)
+    rows = [_row(0, 0.0), _row(5, 0.3), _row(10, 0.55), _row(20, 0.7), _row(50, 0.9)]
+    assert refine.choose_transitions(rows, passes, 0.5)[0] == 10
+    rows[2]["tv"] = 0.2  # K = 10 fails: the next passing K that reaches the ratio
+    assert refine.choose_transitions(rows, passes, 0.5)[0] == 20
+    assert refine.choose_transitions(rows, passes, 0.95)[0] == 50  # none reaches it: the largest ratio
+    fails = [_row(k, 0.9, tv=0.3) for k in (0, 5, 10)]
+    k, why = refine.choose_transitions(fails, passes, 0.5)
+    assert k == 0 and "no K passes" in why
