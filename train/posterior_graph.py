@@ -49,7 +49,7 @@ def build(task, x, y, sizes, noise_sigma, temperature, prior_scale, n_classes=No
     layers, d = mlp.layout(sizes)
     x = np.asarray(x, np.float32)
     n = len(x)
-    nodes, inits = [], [_f32("X", x), _i64("ax1", [1]), _i64("ax_last", [-1]), _i64("ax12", [1, 2]),
+    nodes, inits = [], [_f32("X", x), _i64("ax1", [1]), _i64("ax12", [1, 2]),
                         _i64("flat", [0, -1]), _f32("zero", 0.0)]
     mk = lambda op, ins, outs, **kw: nodes.append(helper.make_node(op, ins, outs, **kw))
 
@@ -77,16 +77,10 @@ def build(task, x, y, sizes, noise_sigma, temperature, prior_scale, n_classes=No
         onehot = np.zeros((n, c), np.float32)
         onehot[np.arange(n), np.asarray(y, np.int64)] = 1.0
         inits += [_f32("Y1", onehot)]
-        mk("ReduceMax", [zl], ["zmax"], axes=[-1], keepdims=1)
-        mk("Sub", [zl, "zmax"], ["zs"])
-        mk("Exp", ["zs"], ["ez"])
-        mk("ReduceSum", ["ez", "ax_last"], ["sez"], keepdims=1)               # [S,N,1]
-        mk("Log", ["sez"], ["lsez"])
-        mk("Mul", ["zs", "Y1"], ["zsy"])
-        mk("ReduceSum", ["zsy", "ax12"], ["picked"], keepdims=0)              # Σ_n (z − max)[y_n]
-        mk("ReduceSum", ["lsez", "ax12"], ["lse"], keepdims=0)
-        mk("Sub", ["picked", "lse"], ["loglik"])                              # [S]
-        mk("Div", ["ez", "sez"], ["softmax"])
+        mk("LogSoftmax", [zl], ["logp"], axis=-1)                             # [S,N,C]
+        mk("Mul", ["logp", "Y1"], ["logp_y"])
+        mk("ReduceSum", ["logp_y", "ax12"], ["loglik"], keepdims=0)           # [S]
+        mk("Exp", ["logp"], ["softmax"])
         mk("Sub", ["Y1", "softmax"], ["dz_raw"])
     else:
         y = np.asarray(y, np.float32).reshape(n, -1)
