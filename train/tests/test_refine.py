@@ -117,3 +117,23 @@ def test_choose_transitions_by_the_rule():
     fails = [_row(k, 0.9, tv=0.3) for k in (0, 5, 10)]
     k, why = refine.choose_transitions(fails, passes, 0.5)
     assert k == 0 and "no K passes" in why
+
+
+@pytest.mark.parametrize("task,sizes,outputs", [("classification", [3, 7, 5, 4], 4), ("regression", [2, 6, 1], 1),
+                                                ("regression", [4, 5, 3, 2], 2)])
+def test_posterior_graph_matches_jax(task, sizes, outputs):
+    """graphs/posterior.onnx: value and gradient of the NUTS density within 1e-4 of JAX's,
+    symbolic S (two batch sizes), with a temperature and a prior scale that are not 1."""
+    from train import posterior_graph
+    rng = np.random.default_rng(7)
+    n = 37
+    x = rng.standard_normal((n, sizes[0])).astype(np.float32)
+    y = rng.integers(0, outputs, n) if task == "classification" else rng.standard_normal((n, outputs))
+    model = posterior_graph.build(task, x, y, sizes, 0.3, 0.7, 1.5)
+    logd = refine.log_posterior(task, x, y, sizes, 0.3, 0.7, 1.5)
+    g = model.graph
+    assert [i.name for i in g.input] == ["theta"] and [o.name for o in g.output] == ["log_density", "grad"]
+    for s in (1, 9):
+        theta = rng.standard_normal((s, mlp.dim(sizes))) * 0.8
+        errs = posterior_graph.parity(model, logd, theta, 1e-4)
+        assert errs["log_density"] <= 1e-5 and errs["grad"] <= 1e-4, errs
