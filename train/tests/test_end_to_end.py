@@ -37,7 +37,7 @@ def test_bundle_follows_the_format(built):
     out, _ = built
     assert BUNDLE_FILES <= {p.name for p in out.iterdir()}
     man = json.loads((out / "postflow.json").read_text())
-    assert man["format"] == "postflow-bundle" and man["format_version"] == 2  # 2: flow.anchors (issue 12)
+    assert man["format"] == "postflow-bundle" and man["format_version"] == 3  # 2: flow.anchors (issue 12); 3: refine
     d, c, d_in = man["network"]["dim"], man["task"]["classes"], man["input"]["dim"]
     assert man["flow"]["dim"] == d
     # layers tile [0, D) in order
