@@ -20,13 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BUNDLE_FILES = {"postflow.json", "flow.onnx", "flow_jvp.onnx", "net.onnx", "tensors.safetensors"}
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tiny")
-    out, work = tmp / "bundle", tmp / "work"
-    subprocess.run([sys.executable, "-m", "train", "build", "train/configs/tiny.toml", "--out", str(out),
-                    "--work", str(work)], cwd=ROOT, check=True, timeout=600)  # ~1 min when the machine is idle
-    return out, work
+# `built` (the tiny build: bundle, work dir) is conftest.py's session fixture, shared with test_refine.py
 
 
 def _dims(value_info):

@@ -9,6 +9,8 @@ import pytest
 
 from train import canon, mlp, refine
 
+ROOT_CFG = __import__("pathlib").Path(__file__).resolve().parents[2] / "train/configs/tiny.toml"
+
 
 @pytest.mark.parametrize("sizes", [[2, 8, 2], [3, 5, 4, 1], [4, 6, 3, 7, 3]])
 def test_decanonicalize_inverts_canonicalize(sizes):
@@ -137,3 +139,85 @@ def test_posterior_graph_matches_jax(task, sizes, outputs):
         theta = rng.standard_normal((s, mlp.dim(sizes))) * 0.8
         errs = posterior_graph.parity(model, logd, theta, 1e-4)
         assert errs["log_density"] <= 1e-5 and errs["grad"] <= 1e-4, errs
+
+
+def test_start_anchor_indices_are_the_samplers_picks():
+    """0 < t0 < 1: the anchor each sample of sample_batched started around (a zero field keeps
+    the start, t0 near 1 keeps it nearest its anchor); t0 = 1: the seeded order."""
+    from train import sampler
+    rng = np.random.default_rng(0)
+    anchors = rng.standard_normal((13, 5)).astype(np.float32) * 3
+    key = jax.random.PRNGKey(4)
+    zero = lambda t, x: jnp.zeros_like(x)
+    theta, _ = sampler.sample_batched(zero, key, 30, np.zeros(5), np.ones(5), batch=7, method="euler", steps=1,
+                                      start_time=0.999, anchors=anchors)
+    idx = sampler.start_anchor_indices(key, 30, 13, 0.999, batch=7)
+    nearest = np.argmin(((theta[:, None] - anchors[None]) ** 2).sum(-1), axis=1)
+    np.testing.assert_array_equal(idx, nearest)
+    t1, _ = sampler.sample_batched(zero, key, 30, np.zeros(5), np.ones(5), start_time=1.0, anchors=anchors)
+    np.testing.assert_array_equal(t1, anchors[sampler.start_anchor_indices(key, 30, 13, 1.0)])
+
+
+def test_bundle_stage_writes_a_valid_version_3_bundle(built):
+    """The tiny build: the manifest's refine table, the two tensors, graphs/posterior.onnx (I/O,
+    parity with the pipeline's posterior), the sweep and the default by the rule, the card."""
+    import json
+    import onnx
+    from safetensors.numpy import load_file
+    from train import bundle, config, evaluate, posterior_graph, whiten
+    out, work = built
+    man = json.loads((out / "postflow.json").read_text())
+    assert man["format_version"] == 3
+    rf = man["refine"]
+    assert set(rf) == {"graph", "leapfrog_steps", "step_size", "default_transitions"}
+    assert rf["graph"] == "graphs/posterior.onnx" and 1 <= rf["leapfrog_steps"] <= 1000
+    assert np.isfinite(rf["step_size"]) and rf["step_size"] > 0 and 0 <= rf["default_transitions"] <= 10000
+    sizes, d = man["provenance"]["network"]["sizes"], man["network"]["dim"]
+    t = load_file(str(out / "tensors.safetensors"))
+    m, norms, a = t["refine.inverse_mass"], t["refine.anchor_unit_norms"], t["flow.anchors"]
+    assert m.dtype == np.float32 and m.shape == (d,) and np.all(np.isfinite(m)) and np.all(m > 0)
+    assert norms.dtype == np.float32 and norms.shape == (len(a), sum(sizes[1:-1]))
+    assert np.all(np.isfinite(norms)) and np.all(norms > 0)
+    with np.load(work / "align.npz") as z:
+        aligned = z["samples"]
+    train = aligned[:-1].reshape(-1, d)
+    np.testing.assert_allclose(m, train.astype(np.float64).var(0), rtol=1e-5)
+    kept = train[::man["provenance"]["anchors"]["thin_every"]]
+    np.testing.assert_allclose(norms, refine.unit_norms(kept, sizes), rtol=1e-6)
+    anchors_theta = whiten.invert(a.astype(np.float32), t["flow.whiten.mean"], t["flow.whiten.scale"])
+    back = refine.decanonicalize(anchors_theta, norms, sizes)  # f16 anchors: close, not exact
+    assert np.max(np.abs(back - kept)) <= 0.01 * np.max(np.abs(kept))
+
+    g = onnx.load(str(out / rf["graph"])).graph
+    assert [i.name for i in g.input] == ["theta"] and [o.name for o in g.output] == ["log_density", "grad"]
+    dims = lambda v: [x.dim_param or x.dim_value for x in v.type.tensor_type.shape.dim]
+    assert dims(g.input[0]) == ["S", d] and dims(g.output[0]) == ["S"] and dims(g.output[1]) == ["S", d]
+    cfg = config.load(ROOT_CFG)
+    with np.load(work / "data.npz") as z:
+        data = {k: z[k] for k in z.files}
+    with np.load(work / "map.npz") as z:
+        sigma = float(z["noise_sigma"])
+    logd = refine.log_posterior_of(cfg, data, sigma, sizes)
+    model = onnx.load(str(out / rf["graph"]))
+    assert max(posterior_graph.parity(model, logd, kept[:6], 1e-4).values()) <= 1e-4
+
+    rm = man["reference_metrics"]
+    assert set(rm["refine"]) == {"step_size", "leapfrog_steps", "pilot_acceptance"}
+    assert rm["refine"]["step_size"] == rf["step_size"] and rm["refine"]["pilot_acceptance"] >= 0.75
+    sweep = rm["refine_sweep"]
+    assert [r["transitions"] for r in sweep] == cfg["bundle"]["refine_transitions"]
+    keys = {"transitions", "tv", "nll", "ece", "agreement", "memorization_ratio", "epistemic_ratio_eval",
+            "epistemic_ratio_ood"}
+    for r in sweep:
+        assert set(r) == keys and all(np.isfinite(v) for v in r.values()), r
+    t1 = next(r for r in rm["start_time_sweep"] if r["start_time"] == man["flow"]["default_start_time"])
+    if man["flow"]["default_start_time"] == 1.0:  # K = 0 is the stored draws' row
+        assert sweep[0]["tv"] == pytest.approx(t1["tv"], abs=1e-4)
+        assert sweep[0]["memorization_ratio"] == pytest.approx(0.0, abs=1e-3)
+    assert sweep[-1]["memorization_ratio"] > sweep[0]["memorization_ratio"]
+    hmc, ece = rm["methods"]["hmc"], man["provenance"]["start_time"]["rule_ece"]
+    want = refine.choose_transitions(sweep, lambda r: evaluate.start_time_failures(r, hmc, True, ece),
+                                     cfg["bundle"]["refine_memorization"])[0]
+    assert rf["default_transitions"] == want
+    assert "## Refinement" in (out / "README.md").read_text()
+    assert bundle.REFINE_GRAPH == rf["graph"]
