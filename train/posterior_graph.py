@@ -46,6 +46,8 @@ def _i64(name, a):
 def build(task, x, y, sizes, noise_sigma, temperature, prior_scale, n_classes=None):
     """The ModelProto. x [N,i] standardized inputs; y [N] class indices (classification) or
     [N,k] standardized targets (regression); `noise_sigma` in standardized units."""
+    if task not in ("classification", "regression"):  # the pipeline's likelihoods (mlp.log_likelihood)
+        raise ValueError(f"posterior graph: task {task!r} (classification or homoscedastic regression)")
     layers, d = mlp.layout(sizes)
     x = np.asarray(x, np.float32)
     n = len(x)
