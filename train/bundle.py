@@ -5,22 +5,29 @@ its figures/.
 With `bundle.anchors` (the default) the bundle also stores the flow's training draws as
 `flow.anchors` (whitened, f16 by default, thinned evenly to fit the size budget), the OOD
 inputs `eval.ood_x`, the start-time sweep and the default start time chosen from it; the
-manifest then says `format_version` 2."""
+manifest then says `format_version` 2. With `bundle.refine` (the default; needs the anchors and
+canonicalization) it also writes graphs/posterior.onnx, `refine.inverse_mass`,
+`refine.anchor_unit_norms`, the manifest table `refine` and the refinement sweep
+(train/refine.py); the manifest then says `format_version` 3."""
 
 import json
 import shutil
+import time
 
+import jax
 import numpy as np
 from safetensors.numpy import save, save_file
 
-from . import PIPELINE_VERSION, card, evaluate, figures, metrics, mlp, whiten
-from . import baselines, solver_choice as solver_choice_mod, sphere
+from . import PIPELINE_VERSION, canon, card, evaluate, figures, metrics, mlp, whiten
+from . import baselines, posterior_graph, refine, sampler, solver_choice as solver_choice_mod, sphere
 from .export import NAMES
 
 ANCHOR_DTYPES = {"f16": np.float16, "f32": np.float32}
 ANCHORS_TENSOR = "flow.anchors"
 
 GRAPH_FILES = {"flow": "flow.onnx", "flow_jvp": "flow_jvp.onnx", "net": "net.onnx"}
+REFINE_GRAPH = "graphs/posterior.onnx"
+REFINE_MASS, REFINE_NORMS = "refine.inverse_mass", "refine.anchor_unit_norms"
 
 
 def _task(cfg, data, ctx):
@@ -78,11 +85,15 @@ def other_bytes(ctx, tens):
     return graphs + len(save(tens)) + ctx["cfg"]["bundle"]["reserve_bytes"]
 
 
-def anchor_budget(ctx, tens, dim, itemsize):
+def anchor_budget(ctx, tens, dim, itemsize, extra_bytes=0, per_anchor_bytes=0):
     """The largest anchor count that keeps the bundle within `bundle.max_bytes` (and
-    `bundle.max_anchors` when set)."""
+    `bundle.max_anchors` when set). `extra_bytes`: files not yet in `tens` or the work dir's
+    graphs (graphs/posterior.onnx); `per_anchor_bytes`: what each anchor adds besides its row
+    (its unit norms)."""
     bcfg = ctx["cfg"]["bundle"]
-    fit = (bcfg["max_bytes"] - other_bytes(ctx, tens) - 256) // (dim * itemsize)  # 256: header entry
+    header = 256 if per_anchor_bytes else 0
+    fit = ((bcfg["max_bytes"] - other_bytes(ctx, tens) - extra_bytes - header - 256)
+           // (dim * itemsize + per_anchor_bytes))  # 256: header entry
     return int(min(fit, bcfg["max_anchors"]) if bcfg["max_anchors"] > 0 else fit)
 
 
@@ -100,7 +111,9 @@ def select_anchors(ctx, tens):
     samples, w = ctx["canon"]["samples"], ctx["whiten"]
     d = samples.shape[-1]
     draws = samples[:-1].reshape(-1, d)  # chain-major: chain 0's draws, then chain 1's, ...
-    budget = anchor_budget(ctx, tens, d, np.dtype(dtype).itemsize)
+    setup = ctx.get("refine_setup")
+    extra, per_anchor = (len(setup["bytes"]), 4 * refine.hidden_width(ctx["sizes"])) if setup else (0, 0)
+    budget = anchor_budget(ctx, tens, d, np.dtype(dtype).itemsize, extra, per_anchor)
     kept, k = thin(draws, budget)
     x32 = whiten.apply(kept, w["mean"], w["scale"])
     stored = np.ascontiguousarray(x32.astype(dtype))
@@ -139,6 +152,106 @@ def start_times(ctx, tens):
     return {"stored": stored, "info": info, "sweep": rows, "hmc_epistemic": hmc_epi, "details": details,
             "default_start_time": t0, "reason": reason, "rule_ece": ece,
             "rule": evaluate.start_time_rule(classification, ece)}
+
+
+def refine_enabled(cfg):
+    """Refinement needs the anchors (their unit norms rescale the samples) and canonical draws."""
+    return cfg["bundle"]["refine"] and cfg["bundle"]["anchors"] and cfg["canon"]["enabled"]
+
+
+def refine_setup(ctx, tens):
+    """graphs/posterior.onnx checked against JAX, and the inverse mass (None when off)."""
+    cfg = ctx["cfg"]
+    if not refine_enabled(cfg):
+        if cfg["bundle"]["refine"]:
+            print("  refinement off: it needs bundle.anchors and canon.enabled", flush=True)
+        return None
+    sizes, d = ctx["sizes"], mlp.dim(ctx["sizes"])
+    model, logd = posterior_graph.of_pipeline(cfg, ctx["data"], ctx["map"]["noise_sigma"], sizes)
+    aligned = ctx["align"]["samples"]
+    train = aligned[:-1].reshape(-1, d).astype(np.float64)
+    rng = np.random.default_rng(cfg["seed"] + 31)
+    probe = np.concatenate([aligned[-1][rng.choice(len(aligned[-1]), 3)],
+                            train[rng.choice(len(train), 2)] + 0.1 * rng.standard_normal((2, d))])
+    parity = posterior_graph.parity(model, logd, probe, cfg["export"]["parity_tol"])
+    print(f"  posterior graph: parity {parity}", flush=True)
+    var = train.var(0)
+    floor = max(float(np.max(var)) * 1e-12, 1e-30)
+    inv_mass = np.maximum(var, floor).astype(np.float32)
+    if not (np.all(np.isfinite(inv_mass)) and np.all(inv_mass > 0)):
+        raise ValueError("refine.inverse_mass: the aligned draws' variance is not finite and positive")
+    tens[REFINE_MASS] = inv_mass
+    return {"model": model, "bytes": model.SerializeToString(), "logdensity": logd, "inverse_mass": inv_mass,
+            "parity": parity, "floored": int(np.sum(var < floor))}
+
+
+def refinement(ctx, tens):
+    """The anchors' unit norms, the step size, the refinement sweep from the samples at the
+    default start time, and the default number of transitions (None when off)."""
+    setup, st = ctx.get("refine_setup"), ctx.get("start_times")
+    if not setup or not st:
+        return None
+    cfg, sizes = ctx["cfg"], ctx["sizes"]
+    bcfg, ecfg = cfg["bundle"], cfg["evaluate"]
+    d = mlp.dim(sizes)
+    classification = cfg["data"]["task"] == "classification"
+    t_start = time.time()
+    # the aligned draws behind the stored anchors (same chain-major thinning)
+    kept = ctx["align"]["samples"][:-1].reshape(-1, d)[::st["info"]["thin_every"]]
+    norms = refine.unit_norms(kept, sizes).astype(np.float32)
+    stored = st["stored"].astype(np.float32)
+    if len(norms) != len(stored) or not (np.all(np.isfinite(norms)) and np.all(norms > 0)):
+        raise ValueError("refine.anchor_unit_norms: not one finite positive row per anchor")
+    mean, scale = ctx["whiten"]["mean"], ctx["whiten"]["scale"]
+    back = refine.decanonicalize(whiten.invert(stored, mean, scale), norms, sizes)
+    recon_err = float(np.max(np.abs(back - kept)) / max(float(np.max(np.abs(kept))), 1e-12))
+
+    t0, n = float(st["default_start_time"]), ecfg["flow_samples"]
+    key = jax.random.PRNGKey(ecfg["seed"])  # the sweep's samples at t0, as start_time_sweep draws them
+    theta_c, _ = sampler.sample_batched(evaluate.vector_field(ctx["flow"]), key, n, mean, scale,
+                                        method=ecfg["solver"], steps=ecfg["steps"], trace=None, start_time=t0,
+                                        anchors=stored if t0 > 0 else None)
+    idx = sampler.start_anchor_indices(key, n, len(stored), t0)
+    theta = refine.decanonicalize(theta_c, norms[idx], sizes)
+    leapfrog = bcfg["refine_leapfrog"]
+    kernel = refine.make_kernel(setup["logdensity"], setup["inverse_mass"], leapfrog)
+    chains = ctx["reports"]["posterior"].get("chains", [])
+    base = float(np.median([c["step_size"] for c in chains])) if chains else 1e-2
+    # pilot from the stored draws themselves (aligned): where the refined chains should stay
+    pilot = refine.decanonicalize(whiten.invert(stored, mean, scale)[sampler.anchor_order(key, n, len(stored))],
+                                  norms[sampler.anchor_order(key, n, len(stored))], sizes)
+    step, trials = refine.tune_step(kernel, pilot, jax.random.fold_in(key, 101), base)
+    print(f"  refinement: step {step:.4g} (NUTS {base:.4g}; pilot acceptance {trials})", flush=True)
+    score, _, _ = evaluate.sweep_scorer(ctx, stored, tens["eval.ood_x"])
+    rows, details, done, seconds = [], [], 0, 0.0
+    hkey = jax.random.fold_in(key, 202)
+    for k in sorted(set(int(k) for k in bcfg["refine_transitions"])):
+        acc = None
+        if k > done:
+            t1 = time.time()
+            theta, acc = refine.hmc(jax.random.fold_in(hkey, k), theta, None, None, step, leapfrog, k - done,
+                                    kernel=kernel)
+            seconds += time.time() - t1
+        done = k
+        row, detail = score(np.asarray(canon.canonicalize(theta, sizes), np.float32))
+        rows.append({"transitions": k, **row})
+        details.append({"transitions": k, "acceptance_since_previous": acc, "hmc_seconds_so_far": round(seconds, 2),
+                        **detail})
+        print(f"  refine K={k}: {rows[-1]}", flush=True)
+    hmc = ctx["reports"]["evaluate"]["methods"]["hmc"]
+    ece = bcfg["start_time_rule_ece"]
+    default, reason = refine.choose_transitions(
+        rows, lambda r: evaluate.start_time_failures(r, hmc, classification, ece), bcfg["refine_memorization"])
+    print(f"  default transitions {default}: {reason}", flush=True)
+    tens[REFINE_NORMS] = norms
+    return {"sweep": rows, "details": details, "step_size": step, "leapfrog_steps": leapfrog,
+            "pilot_acceptance": trials[f"{step:.4g}"], "pilot_trials": trials, "nuts_step_size": base,
+            "default_transitions": default, "reason": reason, "start_time": t0,
+            "memorization": bcfg["refine_memorization"],
+            "rule": evaluate.start_time_rule(classification, ece)
+            + f", memorization ratio >= {bcfg['refine_memorization']:g} (else the passing K with the largest ratio; none: 0)",
+            "parity": setup["parity"], "inverse_mass_floored": setup["floored"],
+            "norms_reconstruction_relative_error": recon_err, "seconds": round(time.time() - t_start, 1)}
 
 
 def solver_choice(ctx):
@@ -194,6 +307,10 @@ def reference_metrics(ctx):
         out["solver_sweep"] = ctx["solver_choice"]["sweep"]
     if ctx.get("baselines"):
         out["baselines"] = ctx["baselines"]
+    rf = ctx.get("refine")
+    if rf:
+        out["refine_sweep"] = rf["sweep"]
+        out["refine"] = {k: rf[k] for k in ("step_size", "leapfrog_steps", "pilot_acceptance")}
     return out
 
 
@@ -225,8 +342,22 @@ def manifest(ctx):
                                          + (", then uniform noise and shuffled-pixel eval images"
                                             if cfg["evaluate"]["ood"] and cfg["data"]["task"] == "classification" else "")},
         }
+    rf = ctx.get("refine")
+    top = {}
+    if rf:
+        top["refine"] = {"graph": REFINE_GRAPH, "leapfrog_steps": rf["leapfrog_steps"], "step_size": rf["step_size"],
+                         "default_transitions": rf["default_transitions"]}
+        provenance_extra["refine"] = {
+            "start_time": rf["start_time"], "rule": rf["rule"], "reason": rf["reason"],
+            "memorization": rf["memorization"], "nuts_step_size": rf["nuts_step_size"],
+            "pilot_trials": rf["pilot_trials"], "graph_parity": rf["parity"],
+            "inverse_mass": f"{REFINE_MASS}: variance of the aligned, non-canonical training draws "
+                            f"({rf['inverse_mass_floored']} floored)",
+            "anchor_unit_norms": f"{REFINE_NORMS}: canon.canonicalize's unit norms of each stored anchor's aligned draw "
+                                 f"(relative reconstruction error {rf['norms_reconstruction_relative_error']:.2e})",
+            "sweep_details": rf["details"], "seconds": rf["seconds"]}
     return {
-        "format": "postflow-bundle", "format_version": 2 if st else 1,
+        "format": "postflow-bundle", "format_version": 3 if rf else 2 if st else 1,
         "name": cfg["name"], "description": cfg["description"],
         "task": _task(cfg, data, ctx),
         "input": {"dim": int(sizes[0]), "feature_names": [str(f) for f in data["feature_names"]]},
@@ -257,6 +388,7 @@ def manifest(ctx):
             "config": cfg,
         },
         "reference_metrics": reference_metrics(ctx),
+        **top,
     }
 
 
@@ -281,9 +413,14 @@ def write(ctx):
         shutil.copyfile(work / "graphs" / f"{name}.onnx", out / fname)
     tens = tensors(ctx)
     check_reference_metrics(ctx, tens)
+    ctx["refine_setup"] = refine_setup(ctx, tens)
     ctx["start_times"] = start_times(ctx, tens)
     if ctx["start_times"]:
         tens[ANCHORS_TENSOR] = ctx["start_times"]["stored"]
+    ctx["refine"] = refinement(ctx, tens)
+    if ctx["refine"]:
+        (out / "graphs").mkdir()
+        (out / REFINE_GRAPH).write_bytes(ctx["refine_setup"]["bytes"])
     ctx["solver_choice"] = solver_choice(ctx)
     if ctx["cfg"]["bundle"]["baselines"]:
         st = ctx["start_times"]
@@ -307,4 +444,6 @@ def write(ctx):
     if ctx["start_times"]:
         report["default_start_time"] = ctx["start_times"]["default_start_time"]
         report["anchors"] = ctx["start_times"]["info"]["count"]
+    if ctx["refine"]:
+        report["default_transitions"] = ctx["refine"]["default_transitions"]
     return report

@@ -120,6 +120,15 @@ DEFAULTS = {
         # draws + noise, HMC, MAP, ensemble, with memorization and epistemic ratios
         "baselines": True,
         "kde_bandwidths": [0.1, 0.2, 0.3],
+        # refinement (format version 3, train/refine.py): the bundle carries graphs/posterior.onnx
+        # and the runtime runs K HMC transitions (`refine_leapfrog` leapfrog steps) on every sample;
+        # K (`refine.default_transitions`) is the smallest of `refine_transitions` whose sweep row at
+        # the default start time passes the start-time rule with memorization ratio >=
+        # `refine_memorization` (needs `anchors` and canon.enabled)
+        "refine": True,
+        "refine_transitions": [0, 5, 10, 20, 50],
+        "refine_leapfrog": 10,
+        "refine_memorization": 0.5,
     },
 }
 
@@ -261,6 +270,14 @@ def _check(cfg: dict):
     if cfg["flow"]["time_freqs"] < 2 or cfg["flow"]["time_freqs"] % 2:
         raise ConfigError(f"flow.time_freqs = {cfg['flow']['time_freqs']}: must be an even number >= 2 "
                           "(a sine and a cosine per frequency)")
+    b = cfg["bundle"]
+    if not 1 <= b["refine_leapfrog"] <= 1000:
+        raise ConfigError(f"bundle.refine_leapfrog = {b['refine_leapfrog']}: must be between 1 and 1000")
+    if not b["refine_transitions"] or not all(0 <= k <= 10000 for k in b["refine_transitions"]):
+        raise ConfigError(f"bundle.refine_transitions = {_shown(b['refine_transitions'])}: "
+                          "must be a non-empty list of integers between 0 and 10000")
+    if not b["refine_memorization"] >= 0:
+        raise ConfigError(f"bundle.refine_memorization = {b['refine_memorization']}: must be >= 0")
     if cfg["posterior"]["chains"] < 2:
         raise ConfigError(f"posterior.chains = {cfg['posterior']['chains']}: must be at least 2 "
                           "(the last chain is held out)")

@@ -193,13 +193,9 @@ def start_time_sweep(ctx, anchors_x, ood_x, vfield=None, to_theta=None):
     train/diagnostics/full_whitening.py) passes its `vfield` and `to_theta` (flow coordinates
     [n,D] -> θ); anchors are then in its coordinates, and the memorization ratio is still
     measured in the per-coordinate whitened coordinates, so rows stay comparable."""
-    cfg, data = ctx["cfg"], ctx["data"]
+    cfg = ctx["cfg"]
     ecfg = cfg["evaluate"]
-    classification = cfg["data"]["task"] == "classification"
-    net_bytes = (ctx["work"] / "graphs" / "net.onnx").read_bytes()
     mean, scale = ctx["whiten"]["mean"], ctx["whiten"]["scale"]
-    held = ctx["canon"]["samples"][-1]
-    held_x = (held - mean) / scale
     anchors_x = np.asarray(anchors_x, np.float32)
     flow_anchors = anchors_x
     if to_theta is None:
@@ -208,16 +204,7 @@ def start_time_sweep(ctx, anchors_x, ood_x, vfield=None, to_theta=None):
         d = anchors_x.shape[1]
         flow_mean, flow_scale = np.zeros(d, np.float32), np.ones(d, np.float32)
         anchors_x = ((to_theta(flow_anchors) - mean) / scale).astype(np.float32)
-    sigma = float(ctx["map"]["noise_sigma"]) * data["y_std"].astype(np.float64)
-    hmc_probs = ctx["evaluate"].get("hmc_probs")
-    x_eval, y_eval = data["x_eval"], data["y_eval"]
-
-    def epistemic(thetas):
-        return {"eval": metrics.epistemic(run_net(net_bytes, x_eval, thetas), classification),
-                "ood": metrics.epistemic(run_net(net_bytes, ood_x, thetas), classification)}
-
-    hmc_epi = epistemic(held)
-    nn_held = metrics.nearest_distance(held_x, anchors_x)
+    score, hmc_epi, nn_held = sweep_scorer(ctx, anchors_x, ood_x)
     vfield = vector_field(ctx["flow"]) if vfield is None else vfield
     key = jax.random.PRNGKey(ecfg["seed"])  # t₀ = 0 reproduces the flow row's samples exactly
     rows, details = [], []
@@ -228,18 +215,45 @@ def start_time_sweep(ctx, anchors_x, ood_x, vfield=None, to_theta=None):
             trace=None, start_time=t0, anchors=flow_anchors if t0 > 0 else None)
         if to_theta is not None:
             theta = np.asarray(to_theta(theta), np.float32)
+        row, detail = score(theta)
+        rows.append({"start_time": t0, **row})
+        details.append({"start_time": t0, **detail})
+        print(f"  start time {t0}: {rows[-1]}", flush=True)
+    details.append({"heldout_nearest_anchor_distance_median": nn_held})
+    return rows, hmc_epi, details
+
+
+def sweep_scorer(ctx, anchors_x, ood_x):
+    """The sweep rows' scoring (start times, refinement): returns (score, HMC's epistemic
+    values, the held-out chain's median nearest-anchor distance), where score(θ [n,D]) ->
+    (row, details): classification tv, nll, ece, agreement (regression nll, rmse, coverage90),
+    memorization ratio against the whitened `anchors_x`, epistemic ratios on eval.x and `ood_x`."""
+    cfg, data = ctx["cfg"], ctx["data"]
+    classification = cfg["data"]["task"] == "classification"
+    net_bytes = (ctx["work"] / "graphs" / "net.onnx").read_bytes()
+    mean, scale = ctx["whiten"]["mean"], ctx["whiten"]["scale"]
+    held = ctx["canon"]["samples"][-1]
+    anchors_x = np.asarray(anchors_x, np.float32)
+    sigma = float(ctx["map"]["noise_sigma"]) * data["y_std"].astype(np.float64)
+    hmc_probs = ctx["evaluate"].get("hmc_probs")
+    x_eval, y_eval = data["x_eval"], data["y_eval"]
+
+    def epistemic(thetas):
+        return {"eval": metrics.epistemic(run_net(net_bytes, x_eval, thetas), classification),
+                "ood": metrics.epistemic(run_net(net_bytes, ood_x, thetas), classification)}
+
+    hmc_epi = epistemic(held)
+    nn_held = float(np.median(metrics.nearest_distance((held - mean) / scale, anchors_x)))
+
+    def score(theta):
         row, full = _predictive_row(classification, y_eval, run_net(net_bytes, x_eval, theta), hmc_probs, sigma)
         nn = metrics.nearest_distance((theta - mean) / scale, anchors_x)
         epi = epistemic(theta)
-        rows.append({"start_time": t0, **row,
-                     "memorization_ratio": float(np.median(nn) / np.median(nn_held)),
-                     "epistemic_ratio_eval": epi["eval"] / hmc_epi["eval"],
-                     "epistemic_ratio_ood": epi["ood"] / hmc_epi["ood"]})
-        details.append({"start_time": t0, "metrics": full, "epistemic": epi,
-                        "nearest_anchor_distance_median": float(np.median(nn))})
-        print(f"  start time {t0}: {rows[-1]}", flush=True)
-    details.append({"heldout_nearest_anchor_distance_median": float(np.median(nn_held))})
-    return rows, hmc_epi, details
+        row = {**row, "memorization_ratio": float(np.median(nn) / nn_held),
+               "epistemic_ratio_eval": epi["eval"] / hmc_epi["eval"],
+               "epistemic_ratio_ood": epi["ood"] / hmc_epi["ood"]}
+        return row, {"metrics": full, "epistemic": epi, "nearest_anchor_distance_median": float(np.median(nn))}
+    return score, hmc_epi, nn_held
 
 
 START_TIME_RULES = {

@@ -120,12 +120,31 @@ def mixture_log_density(x, anchors, start_time, batch=8):
     return lse - jnp.log(n) - d * jnp.log(s) - 0.5 * d * jnp.log(2 * jnp.pi)
 
 
+def anchor_order(key, n, count):
+    """t₀ = 1's anchor indices [n]: a seeded permutation of range(count), cycled."""
+    perm = np.asarray(jax.random.permutation(key, count))
+    return perm[np.arange(n) % count]
+
+
+def start_anchor_indices(key, n, count, start_time, batch=200):
+    """The anchor each of `sample_batched`'s n samples started around (same key and batch):
+    t₀ = 1 `anchor_order`; 0 < t₀ < 1 the uniform picks of `sample`, chunk by chunk; t₀ = 0 has
+    none, so a uniformly chosen one (refinement rescales with it, train/refine.py)."""
+    t0 = float(start_time)
+    if t0 == 1.0:
+        return anchor_order(key, n, count)
+    if t0 == 0.0:
+        return np.asarray(jax.random.randint(jax.random.fold_in(key, 3), (n,), 0, count))
+    return np.concatenate([np.asarray(jax.random.randint(jax.random.fold_in(jax.random.fold_in(key, i), 2),
+                                                         (min(batch, n - start),), 0, count))
+                           for i, start in enumerate(range(0, n, batch))])
+
+
 def sample_anchors(key, n, anchors, mean, scale):
     """t₀ = 1: the un-whitened anchors in a seeded random order (a permutation of all of them,
-    cycled when n exceeds their count). numpy f32 [n,D], θ = mean + scale ⊙ a."""
+    cycled when n exceeds their count; `anchor_order`). numpy f32 [n,D], θ = mean + scale ⊙ a."""
     anchors = np.asarray(anchors, np.float32)
-    perm = np.asarray(jax.random.permutation(key, len(anchors)))
-    idx = perm[np.arange(n) % len(anchors)]
+    idx = anchor_order(key, n, len(anchors))
     mean, scale = np.asarray(mean, np.float32), np.asarray(scale, np.float32)
     return (mean[None] + scale[None] * anchors[idx]).astype(np.float32)
 

@@ -336,7 +336,8 @@ def test_the_bundle_stage_prints_out_not_the_temporary_folder(tmp_path, monkeypa
     # the real bundle stage, its parts stubbed: no graphs, tensors or figures to write
     monkeypatch.setitem(pipeline.RUNNERS, "bundle", pipeline._stage_bundle)
     monkeypatch.setattr(bundle, "GRAPH_FILES", {})
-    for name, value in {"tensors": {}, "start_times": None, "solver_choice": None, "manifest": {}}.items():
+    for name, value in {"tensors": {}, "refine_setup": None, "start_times": None, "solver_choice": None,
+                        "manifest": {}}.items():
         monkeypatch.setattr(bundle, name, lambda *a, v=value: v)
     monkeypatch.setattr(bundle, "check_reference_metrics", lambda *a: None)
     monkeypatch.setattr(bundle.figures, "make", lambda *a: [])

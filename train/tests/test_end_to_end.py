@@ -20,13 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BUNDLE_FILES = {"postflow.json", "flow.onnx", "flow_jvp.onnx", "net.onnx", "tensors.safetensors"}
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tiny")
-    out, work = tmp / "bundle", tmp / "work"
-    subprocess.run([sys.executable, "-m", "train", "build", "train/configs/tiny.toml", "--out", str(out),
-                    "--work", str(work)], cwd=ROOT, check=True, timeout=600)  # ~1 min when the machine is idle
-    return out, work
+# `built` (the tiny build: bundle, work dir) is conftest.py's session fixture, shared with test_refine.py
 
 
 def _dims(value_info):
@@ -37,7 +31,7 @@ def test_bundle_follows_the_format(built):
     out, _ = built
     assert BUNDLE_FILES <= {p.name for p in out.iterdir()}
     man = json.loads((out / "postflow.json").read_text())
-    assert man["format"] == "postflow-bundle" and man["format_version"] == 2  # 2: flow.anchors (issue 12)
+    assert man["format"] == "postflow-bundle" and man["format_version"] == 3  # 2: flow.anchors (issue 12); 3: refine
     d, c, d_in = man["network"]["dim"], man["task"]["classes"], man["input"]["dim"]
     assert man["flow"]["dim"] == d
     # layers tile [0, D) in order
