@@ -6,7 +6,7 @@ With `bundle.anchors` (the default) the bundle also stores the flow's training d
 `flow.anchors` (whitened, f16 by default, thinned evenly to fit the size budget), the OOD
 inputs `eval.ood_x`, the start-time sweep and the default start time chosen from it; the
 manifest then says `format_version` 2. With `bundle.refine` (the default; needs the anchors and
-canonicalization) it also writes graphs/posterior.onnx, `refine.inverse_mass`,
+canonicalization) it also writes posterior.onnx, `refine.inverse_mass`,
 `refine.anchor_unit_norms`, the manifest table `refine` and the refinement sweep
 (train/refine.py); the manifest then says `format_version` 3."""
 
@@ -26,7 +26,8 @@ ANCHOR_DTYPES = {"f16": np.float16, "f32": np.float32}
 ANCHORS_TENSOR = "flow.anchors"
 
 GRAPH_FILES = {"flow": "flow.onnx", "flow_jvp": "flow_jvp.onnx", "net": "net.onnx"}
-REFINE_GRAPH = "graphs/posterior.onnx"
+REFINE_GRAPH = "posterior.onnx"  # beside the other graphs
+PILOT_CHAINS = 128  # stored draws the refinement step size is tuned on
 REFINE_MASS, REFINE_NORMS = "refine.inverse_mass", "refine.anchor_unit_norms"
 
 
@@ -88,7 +89,7 @@ def other_bytes(ctx, tens):
 def anchor_budget(ctx, tens, dim, itemsize, extra_bytes=0, per_anchor_bytes=0):
     """The largest anchor count that keeps the bundle within `bundle.max_bytes` (and
     `bundle.max_anchors` when set). `extra_bytes`: files not yet in `tens` or the work dir's
-    graphs (graphs/posterior.onnx); `per_anchor_bytes`: what each anchor adds besides its row
+    graphs (posterior.onnx); `per_anchor_bytes`: what each anchor adds besides its row
     (its unit norms)."""
     bcfg = ctx["cfg"]["bundle"]
     header = 256 if per_anchor_bytes else 0
@@ -160,7 +161,7 @@ def refine_enabled(cfg):
 
 
 def refine_setup(ctx, tens):
-    """graphs/posterior.onnx checked against JAX, and the inverse mass (None when off)."""
+    """posterior.onnx checked against JAX, and the inverse mass (None when off)."""
     cfg = ctx["cfg"]
     if not refine_enabled(cfg):
         if cfg["bundle"]["refine"]:
@@ -218,8 +219,9 @@ def refinement(ctx, tens):
     chains = ctx["reports"]["posterior"].get("chains", [])
     base = float(np.median([c["step_size"] for c in chains])) if chains else 1e-2
     # pilot from the stored draws themselves (aligned): where the refined chains should stay
-    pilot = refine.decanonicalize(whiten.invert(stored, mean, scale)[sampler.anchor_order(key, n, len(stored))],
-                                  norms[sampler.anchor_order(key, n, len(stored))], sizes)
+    # (at most PILOT_CHAINS of them: the step is a property of the posterior, not of the sample count)
+    order = sampler.anchor_order(key, n, len(stored))[:PILOT_CHAINS]
+    pilot = refine.decanonicalize(whiten.invert(stored, mean, scale)[order], norms[order], sizes)
     step, trials = refine.tune_step(kernel, pilot, jax.random.fold_in(key, 101), base)
     print(f"  refinement: step {step:.4g} (NUTS {base:.4g}; pilot acceptance {trials})", flush=True)
     score, _, _ = evaluate.sweep_scorer(ctx, stored, tens["eval.ood_x"])
@@ -419,7 +421,6 @@ def write(ctx):
         tens[ANCHORS_TENSOR] = ctx["start_times"]["stored"]
     ctx["refine"] = refinement(ctx, tens)
     if ctx["refine"]:
-        (out / "graphs").mkdir()
         (out / REFINE_GRAPH).write_bytes(ctx["refine_setup"]["bytes"])
     ctx["solver_choice"] = solver_choice(ctx)
     if ctx["cfg"]["bundle"]["baselines"]:

@@ -125,7 +125,7 @@ def refine_section(ctx):
     hmc = ctx["reports"]["evaluate"]["methods"]["hmc"]
     ece = ctx["cfg"]["bundle"]["start_time_rule_ece"]
     L = ["## Refinement: K exact HMC transitions on every sample", "",
-         f"The bundle carries the posterior's log-density (`graphs/posterior.onnx`, checked against JAX: "
+         f"The bundle carries the posterior's log-density (`posterior.onnx`, checked against JAX: "
          f"relative error {rf['parity']['log_density']:.1e} value, {rf['parity']['grad']:.1e} gradient). The runtime "
          f"rescales each sample to its anchor's unit scales and runs K HMC transitions of {rf['leapfrog_steps']} "
          f"leapfrog steps of size {rf['step_size']:.4g} (pilot acceptance {rf['pilot_acceptance']:.3f} from the "

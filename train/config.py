@@ -120,14 +120,16 @@ DEFAULTS = {
         # draws + noise, HMC, MAP, ensemble, with memorization and epistemic ratios
         "baselines": True,
         "kde_bandwidths": [0.1, 0.2, 0.3],
-        # refinement (format version 3, train/refine.py): the bundle carries graphs/posterior.onnx
+        # refinement (format version 3, train/refine.py): the bundle carries posterior.onnx
         # and the runtime runs K HMC transitions (`refine_leapfrog` leapfrog steps) on every sample;
         # K (`refine.default_transitions`) is the smallest of `refine_transitions` whose sweep row at
         # the default start time passes the start-time rule with memorization ratio >=
-        # `refine_memorization` (needs `anchors` and canon.enabled)
+        # `refine_memorization` (needs `anchors` and canon.enabled). Long trajectories move a draw
+        # farther per gradient than many short ones (docs/fidelity.md: moons, 50 gradients per draw:
+        # memorization ratio 0.69 with L = 50, 0.31 with L = 10), hence L = 50 and few transitions.
         "refine": True,
-        "refine_transitions": [0, 5, 10, 20, 50],
-        "refine_leapfrog": 10,
+        "refine_transitions": [0, 1, 2, 5],
+        "refine_leapfrog": 50,
         "refine_memorization": 0.5,
     },
 }

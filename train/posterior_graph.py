@@ -1,4 +1,4 @@
-"""graphs/posterior.onnx: the posterior's log-density and its gradient, for refinement
+"""posterior.onnx: the posterior's log-density and its gradient, for refinement
 (bundle format version 3, train/refine.py).
 
     theta [S,D] (original-scale weights, net.onnx's layout) -> log_density [S], grad [S,D]

@@ -1,4 +1,4 @@
-"""ONNX Runtime vs jitted JAX per call of graphs/posterior.onnx (train/posterior_graph.py).
+"""ONNX Runtime vs jitted JAX per call of posterior.onnx (train/posterior_graph.py).
 
 `python -m train.diagnostics.posterior_graph_bench WORK --config CFG [--s 64] [--reps 20]
 [--jax2onnx]`: builds the graph from the cached data/map/align stages, checks its parity on S

@@ -222,10 +222,10 @@ def test_rust_runtime_start_times_match_the_pipeline(built, tmp_path):
     t = load_file(str(out / "tensors.safetensors"))
     mean, scale, a = t["flow.whiten.mean"], t["flow.whiten.scale"], t["flow.anchors"].astype(np.float32)
 
-    def sample(t0, n):
+    def sample(t0, n):  # unrefined: the start-time sweep's rows are the flow's own samples
         dst = tmp_path / f"s{t0}.safetensors"
-        subprocess.run([str(binary), "sample", str(out), "-n", str(n), "--start-time", str(t0), "-o", str(dst)],
-                       check=True, timeout=300)
+        subprocess.run([str(binary), "sample", str(out), "-n", str(n), "--start-time", str(t0), "--refine", "0",
+                        "-o", str(dst)], check=True, timeout=300)
         return load_file(str(dst))["theta"]
 
     got = sample(1, len(a))
@@ -239,6 +239,40 @@ def test_rust_runtime_start_times_match_the_pipeline(built, tmp_path):
     held_x = (t["posterior.theta"] - mean) / scale
     ratio = metrics.memorization_ratio((theta - mean) / scale, held_x, a)
     assert ratio == pytest.approx(row["memorization_ratio"], rel=0.25)
+
+
+def test_rust_runtime_refinement_matches_the_pipeline(built, tmp_path):
+    """The runtime's refinement (its own HMC on the bundle's posterior graph) against the
+    pipeline's JAX refinement: at every K of the manifest's refinement sweep, BMA and
+    memorization ratio agree within sampling noise, and the default K is what sampling runs."""
+    binary = _postflow_bin()
+    out, _ = built
+    man = json.loads((out / "postflow.json").read_text())
+    assert man["format_version"] == 3
+    t = load_file(str(out / "tensors.safetensors"))
+    mean, scale, a = t["flow.whiten.mean"], t["flow.whiten.scale"], t["flow.anchors"].astype(np.float32)
+    held_x = (t["posterior.theta"] - mean) / scale
+    n = man["reference_metrics"]["flow_samples"]
+    for row in man["reference_metrics"]["refine_sweep"]:
+        k = row["transitions"]
+        dst = tmp_path / f"r{k}.safetensors"
+        subprocess.run([str(binary), "sample", str(out), "-n", str(n), "--refine", str(k), "-q", "-o", str(dst)],
+                       check=True, timeout=600)
+        theta = load_file(str(dst))["theta"]
+        logits = ort.InferenceSession(str(out / "net.onnx")).run(None, {"x": t["eval.x"], "theta": theta})[0]
+        m = metrics.classification(t["eval.y"], probs=metrics.bma_probs(logits), ref_probs=t["eval.hmc_probs"])
+        assert abs(m["tv"] - row["tv"]) <= 0.03 and abs(m["nll"] - row["nll"]) <= 0.05, (k, m, row)
+        ratio = metrics.memorization_ratio((theta - mean) / scale, held_x, a)
+        if k == 0:
+            assert ratio < 1e-3
+        else:
+            assert ratio == pytest.approx(row["memorization_ratio"], rel=0.3), (k, ratio, row)
+    default = man["refine"]["default_transitions"]
+    dflt, explicit = tmp_path / "d.safetensors", tmp_path / "e.safetensors"
+    subprocess.run([str(binary), "sample", str(out), "-n", "16", "-q", "-o", str(dflt)], check=True, timeout=300)
+    subprocess.run([str(binary), "sample", str(out), "-n", "16", "-q", "--refine", str(default), "-o", str(explicit)],
+                   check=True, timeout=300)
+    np.testing.assert_array_equal(load_file(str(dflt))["theta"], load_file(str(explicit))["theta"])
 
 
 def test_fidelity_baselines_run_on_a_work_dir(built, tmp_path):

@@ -82,8 +82,10 @@ def test_tune_step_picks_the_largest_step_meeting_the_target():
     run = _gaussian_kernel(jnp.zeros(4), jnp.ones(4))
     starts = jax.random.normal(jax.random.PRNGKey(0), (200, 4))
     step, trials = refine.tune_step(run, starts, jax.random.PRNGKey(1), 0.25)
-    assert len(trials) == 8 and trials[f"{step:.4g}"] >= 0.75
+    assert trials[f"{step:.4g}"] >= 0.75
+    # walked from the largest step down: every larger step was tried and failed, no smaller one tried
     assert all(a < 0.75 for s, a in trials.items() if float(s) > step)
+    assert min(float(s) for s in trials) == step and len(trials) == 3 - round(np.log2(step / 0.25)) + 1
 
 
 def test_refine_rescales_with_the_anchor_norms_and_returns_canonical_draws():
@@ -124,7 +126,7 @@ def test_choose_transitions_by_the_rule():
 @pytest.mark.parametrize("task,sizes,outputs", [("classification", [3, 7, 5, 4], 4), ("regression", [2, 6, 1], 1),
                                                 ("regression", [4, 5, 3, 2], 2)])
 def test_posterior_graph_matches_jax(task, sizes, outputs):
-    """graphs/posterior.onnx: value and gradient of the NUTS density within 1e-4 of JAX's,
+    """posterior.onnx: value and gradient of the NUTS density within 1e-4 of JAX's,
     symbolic S (two batch sizes), with a temperature and a prior scale that are not 1."""
     from train import posterior_graph
     rng = np.random.default_rng(7)
@@ -159,7 +161,7 @@ def test_start_anchor_indices_are_the_samplers_picks():
 
 
 def test_bundle_stage_writes_a_valid_version_3_bundle(built):
-    """The tiny build: the manifest's refine table, the two tensors, graphs/posterior.onnx (I/O,
+    """The tiny build: the manifest's refine table, the two tensors, posterior.onnx (I/O,
     parity with the pipeline's posterior), the sweep and the default by the rule, the card."""
     import json
     import onnx
@@ -170,7 +172,7 @@ def test_bundle_stage_writes_a_valid_version_3_bundle(built):
     assert man["format_version"] == 3
     rf = man["refine"]
     assert set(rf) == {"graph", "leapfrog_steps", "step_size", "default_transitions"}
-    assert rf["graph"] == "graphs/posterior.onnx" and 1 <= rf["leapfrog_steps"] <= 1000
+    assert rf["graph"] == "posterior.onnx" and 1 <= rf["leapfrog_steps"] <= 1000
     assert np.isfinite(rf["step_size"]) and rf["step_size"] > 0 and 0 <= rf["default_transitions"] <= 10000
     sizes, d = man["provenance"]["network"]["sizes"], man["network"]["dim"]
     t = load_file(str(out / "tensors.safetensors"))
