@@ -179,41 +179,43 @@ fn extend(metrics: &mut Value, more: Map<String, Value>) {
     }
 }
 
-/// The averaged-prediction metrics against HMC and the spread, at every start time of
-/// the sweep (only 0 without anchors), each from `n` samples with the same options.
-fn run_sweep(
+/// A sweep's rows: for each `(options, key)`, `key` extended by the averaged-prediction metrics
+/// against HMC and the spread of `n` samples drawn with those options (`sweep_entry`).
+fn run_rows(
     model: &Model,
     held: &spread::HeldOut,
-    base: &SampleOptions,
+    rows: impl IntoIterator<Item = (SampleOptions, Value)>,
     n: usize,
     targets: &EvalTargets,
     quiet: bool,
 ) -> Result<Value> {
-    let times = sweep_start_times(model);
-    let mut rows = Vec::with_capacity(times.len());
-    for t0 in times {
-        let options = SampleOptions { start_time: Some(t0), refine_transitions: Some(0), ..base.clone() };
-        rows.push(sweep_entry(model, held, &options, n, targets, quiet, json!({"start_time": t0}))?);
-    }
-    Ok(Value::Array(rows))
+    let rows: Result<Vec<Value>> =
+        rows.into_iter().map(|(o, key)| sweep_entry(model, held, &o, n, targets, quiet, key)).collect();
+    Ok(Value::Array(rows?))
+}
+
+/// The start-time sweep: every start time of `sweep_start_times` (only 0 without anchors),
+/// unrefined, as the manifest's `start_time_sweep`.
+fn start_time_rows(model: &Model, base: &SampleOptions) -> Vec<(SampleOptions, Value)> {
+    sweep_start_times(model)
+        .into_iter()
+        .map(|t0| {
+            let o = SampleOptions { start_time: Some(t0), refine_transitions: Some(0), ..base.clone() };
+            (o, json!({"start_time": t0}))
+        })
+        .collect()
 }
 
 /// The refinement sweep: every transition count of `refine_sweep_transitions`, from samples at
-/// the bundle's default start time (as the manifest's `refine_sweep`), like `run_sweep`'s rows.
-fn run_refine_sweep(
-    model: &Model,
-    held: &spread::HeldOut,
-    base: &SampleOptions,
-    n: usize,
-    targets: &EvalTargets,
-    quiet: bool,
-) -> Result<Value> {
-    let mut rows = Vec::new();
-    for k in refine_sweep_transitions(model) {
-        let options = SampleOptions { start_time: None, refine_transitions: Some(k), ..base.clone() };
-        rows.push(sweep_entry(model, held, &options, n, targets, quiet, json!({"transitions": k}))?);
-    }
-    Ok(Value::Array(rows))
+/// the bundle's default start time, as the manifest's `refine_sweep`.
+fn refine_rows(model: &Model, base: &SampleOptions) -> Vec<(SampleOptions, Value)> {
+    refine_sweep_transitions(model)
+        .into_iter()
+        .map(|k| {
+            let o = SampleOptions { start_time: None, refine_transitions: Some(k), ..base.clone() };
+            (o, json!({"transitions": k}))
+        })
+        .collect()
 }
 
 /// One sweep row: `key` plus the metrics against HMC and the spread of `n` samples.
@@ -301,12 +303,14 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
         map_metrics["nll"] = json!(nll_from_logits(logits.index_axis(Axis(0), 0), labels.as_slice())?);
     }
     let stderr = jackknife(&model, x, drawn.theta.view(), &targets)?;
-    let sweep =
-        if args.sweep { Some(run_sweep(&model, &held, &options, n, &targets, args.model.quiet)?) } else { None };
-    let refine_sweep = if args.sweep && model.manifest().refine.is_some() {
-        Some(run_refine_sweep(&model, &held, &options, n, &targets, args.model.quiet)?)
-    } else {
-        None
+    let quiet = args.model.quiet;
+    let sweep = match args.sweep {
+        true => Some(run_rows(&model, &held, start_time_rows(&model, &options), n, &targets, quiet)?),
+        false => None,
+    };
+    let refine_sweep = match args.sweep && model.manifest().refine.is_some() {
+        true => Some(run_rows(&model, &held, refine_rows(&model, &options), n, &targets, quiet)?),
+        false => None,
     };
 
     let task_name = match model.manifest().task {

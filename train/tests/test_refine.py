@@ -82,9 +82,9 @@ def test_tune_step_picks_the_largest_step_meeting_the_target():
     run = _gaussian_kernel(jnp.zeros(4), jnp.ones(4))
     starts = jax.random.normal(jax.random.PRNGKey(0), (200, 4))
     step, trials = refine.tune_step(run, starts, jax.random.PRNGKey(1), 0.25)
-    assert trials[f"{step:.4g}"] >= 0.75
+    assert trials[f"{step:.4g}"] >= refine.TARGET_ACCEPTANCE
     # walked from the largest step down: every larger step was tried and failed, no smaller one tried
-    assert all(a < 0.75 for s, a in trials.items() if float(s) > step)
+    assert all(a < refine.TARGET_ACCEPTANCE for s, a in trials.items() if float(s) > step)
     assert min(float(s) for s in trials) == step and len(trials) == 3 - round(np.log2(step / 0.25)) + 1
 
 
@@ -205,7 +205,7 @@ def test_bundle_stage_writes_a_valid_version_3_bundle(built):
 
     rm = man["reference_metrics"]
     assert set(rm["refine"]) == {"step_size", "leapfrog_steps", "pilot_acceptance"}
-    assert rm["refine"]["step_size"] == rf["step_size"] and rm["refine"]["pilot_acceptance"] >= 0.75
+    assert rm["refine"]["step_size"] == rf["step_size"] and rm["refine"]["pilot_acceptance"] >= refine.TARGET_ACCEPTANCE
     sweep = rm["refine_sweep"]
     assert [r["transitions"] for r in sweep] == cfg["bundle"]["refine_transitions"]
     keys = {"transitions", "tv", "nll", "ece", "agreement", "memorization_ratio", "epistemic_ratio_eval",
