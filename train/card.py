@@ -107,11 +107,11 @@ def start_time_section(ctx, man):
           f"**Default start time (`flow.default_start_time`): {st['default_start_time']:g}**, the smallest swept "
           f"t₀ that meets {st['rule']} (0 if the plain flow does, 1 if no start time does). Why: {st['reason']}.", ""]
     if default is not None:
-        L += [f"At the default start time the memorization ratio is {default['memorization_ratio']:.3f}"
+        L += [f"At the default start time, before refinement, the memorization ratio is {default['memorization_ratio']:.3f}"
               + (f" next to TV {default['tv']:.4f}" if classification else f" next to NLL {default['nll']:.4f}")
               + (": the samples are close copies of stored draws, not new networks. What this bundle gives at "
-                 "that setting is, in effect, the HMC model average itself." if default["memorization_ratio"] < 0.5 else
-                 "."), ""]
+                 "that setting is, in effect, the HMC model average itself (refinement, below, is what moves "
+                 "them)." if default["memorization_ratio"] < 0.5 else "."), ""]
     return L
 
 

@@ -405,8 +405,13 @@ fn eval_text(model: &Model, r: &Value) -> String {
         f["samples_per_second"].as_f64().unwrap_or(0.0)
     );
     let sphere = f["geometry"].as_str() == Some("sphere_product");
-    let _ = writeln!(o, "{}", start_time_note(t0, f["anchors"].as_u64().unwrap_or(0), sphere));
     let k = f["refine_transitions"].as_u64().unwrap_or(0);
+    let anchors = f["anchors"].as_u64().unwrap_or(0);
+    if k > 0 && t0 == 1.0 {
+        let _ = writeln!(o, "start time 1: from the {anchors} stored posterior draws themselves");
+    } else {
+        let _ = writeln!(o, "{}", start_time_note(t0, anchors, sphere));
+    }
     if k > 0 {
         let _ = writeln!(
             o,
