@@ -16,9 +16,11 @@ log_density = log p(θ | training data) up to a constant, exactly the density NU
               g_{l−1} = (g_l W_l) ⊙ [z_{l−1} > 0]
     prior     −½ Σ θ²/s², gradient −θ/s²
 
-jax2onnx's export of a batched value-and-vjp is correct (parity 7e-7) but ran 36x slower in
-ONNX Runtime than jitted JAX on moons (S = 64); `export_check` measures this graph against
-jitted JAX (docs/bundle-format.md, "Refinement")."""
+jax2onnx's export of a batched value-and-vjp is correct (parity 7e-7) but bloated (381-527
+nodes: broadcasts materialized by Expand, ScatterND for slice transposes). Softmax probabilities
+are floored at exp(SOFTMAX_LOG_FLOOR) so that confident nets give no float32 subnormals, which
+made the backward MatMuls 2-3x slower on x86 (docs/performance.md, "Refinement"); `timing`
+measures this graph against jitted JAX."""
 
 import time
 
@@ -32,6 +34,7 @@ from . import mlp, refine
 from .data import standardized
 
 OPSET = 17
+SOFTMAX_LOG_FLOOR = -80.0  # exp(-80) is a normal float32: no subnormals in the backward pass
 INPUTS, OUTPUTS = ["theta"], ["log_density", "grad"]
 
 
@@ -78,11 +81,16 @@ def build(task, x, y, sizes, noise_sigma, temperature, prior_scale, n_classes=No
         c = sizes[-1] if n_classes is None else n_classes
         onehot = np.zeros((n, c), np.float32)
         onehot[np.arange(n), np.asarray(y, np.int64)] = 1.0
-        inits += [_f32("Y1", onehot)]
+        inits += [_f32("Y1", onehot), _f32("logp_floor", SOFTMAX_LOG_FLOOR)]
         mk("LogSoftmax", [zl], ["logp"], axis=-1)                             # [S,N,C]
         mk("Mul", ["logp", "Y1"], ["logp_y"])
         mk("ReduceSum", ["logp_y", "ax12"], ["loglik"], keepdims=0)           # [S]
-        mk("Exp", ["logp"], ["softmax"])
+        # softmax = exp(max(logp, −80)): below e^−80 ≈ 1.8e-35 exp would return float32 subnormals,
+        # which flow into the backward MatMuls and slow them 2-3x on x86 (denormal arithmetic);
+        # the change to the gradient is below 2e-35 per entry. (ONNX Runtime's flush-to-zero
+        # option would do it too, but it leaves FTZ/DAZ set on the caller's thread.)
+        mk("Max", ["logp", "logp_floor"], ["logp_c"])
+        mk("Exp", ["logp_c"], ["softmax"])
         mk("Sub", ["Y1", "softmax"], ["dz_raw"])
     else:
         y = np.asarray(y, np.float32).reshape(n, -1)

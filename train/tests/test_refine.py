@@ -5,6 +5,7 @@ JAX, and the bundle stage's chooser follows its rule."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import onnx
 import pytest
 
 from train import canon, mlp, refine
@@ -141,6 +142,34 @@ def test_posterior_graph_matches_jax(task, sizes, outputs):
         theta = rng.standard_normal((s, mlp.dim(sizes))) * 0.8
         errs = posterior_graph.parity(model, logd, theta, 1e-4)
         assert errs["log_density"] <= 1e-5 and errs["grad"] <= 1e-4, errs
+
+
+def test_posterior_graph_makes_no_subnormals_for_confident_nets():
+    """A confident classifier (logit gaps of hundreds) gives softmax probabilities far below
+    float32's normal range; the graph floors log p at −80 before exp, so no subnormal reaches
+    the backward MatMuls (they run 2-3x slower on them) and the gradient still matches JAX."""
+    from train import posterior_graph
+    rng = np.random.default_rng(3)
+    sizes, n = [2, 6, 3], 50
+    x = rng.standard_normal((n, 2)).astype(np.float32)
+    y = rng.integers(0, 3, n)
+    model = posterior_graph.build("classification", x, y, sizes, 1.0, 1.0, 1.0)
+    # logit gaps from a few to hundreds: some log-probabilities land in exp's subnormal band (−103, −87)
+    scales = np.geomspace(1.0, 60.0, 64)[:, None]
+    theta = (rng.standard_normal((64, mlp.dim(sizes))) * scales).astype(np.float32)
+    from train.export import session
+    exp = [nd for nd in model.graph.node if nd.op_type == "Exp"]
+    assert len(exp) == 1 and list(exp[0].input) == ["logp_c"]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)  # the softmax the backward pass starts from, as an extra output
+    probe.graph.output.append(onnx.helper.make_tensor_value_info("softmax", onnx.TensorProto.FLOAT, None))
+    _, grad, softmax = session(probe.SerializeToString()).run(None, {"theta": theta})
+    assert softmax.min() < 1e-30  # the nets are that confident
+    for a in (softmax, grad):
+        tiny = (a != 0) & (np.abs(a) < np.finfo(np.float32).tiny)
+        assert not tiny.any(), a[tiny]
+    errs = posterior_graph.parity(model, refine.log_posterior("classification", x, y, sizes, 1.0, 1.0, 1.0), theta, 1e-4)
+    assert errs["grad"] <= 1e-4, errs
 
 
 def test_start_anchor_indices_are_the_samplers_picks():
