@@ -364,6 +364,24 @@ fn a_bad_recorded_flow_samples_names_the_manifest_field() {
     assert_eq!(r["flow"]["samples"], 7);
 }
 
+/// Without --seed, `eval` takes the manifest's `reference_metrics.seed`; one that is not a
+/// non-negative integer is refused naming that field instead of silently becoming seed 0.
+#[test]
+fn a_bad_recorded_seed_names_the_manifest_field() {
+    let dir = tempfile::tempdir().unwrap();
+    for (i, seed) in [serde_json::json!("7"), serde_json::json!(-1), serde_json::json!(2.5)].into_iter().enumerate() {
+        let sub = dir.path().join(i.to_string());
+        std::fs::create_dir(&sub).unwrap();
+        let bundle = copy_fixture("affine_cls", &sub, |v| v["reference_metrics"]["seed"] = seed.clone());
+        let b = path_str(&bundle);
+        assert_one_line_error(&postflow(&["eval", b, "-n", "8", "-q"]), &["manifest reference_metrics.seed", "--seed"]);
+        let r = json(&["eval", b, "-n", "8", "--seed", "3", "--json", "-q"]);
+        assert_eq!(r["flow"]["seed"], 3);
+    }
+    let bundle = copy_fixture("affine_cls", dir.path(), |v| v["reference_metrics"]["seed"] = 11.into());
+    assert_eq!(json(&["eval", path_str(&bundle), "-n", "8", "--json", "-q"])["flow"]["seed"], 11);
+}
+
 /// Run postflow with stdout a pipe whose reader is already gone (`postflow … | true`).
 #[cfg(unix)]
 fn postflow_into_closed_pipe(args: &[&str]) -> Output {

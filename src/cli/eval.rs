@@ -245,7 +245,16 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
     let model = args.model.open()?;
     let rm = model.manifest().reference_metrics.clone();
     let n = sample_count(&model, args.n)?;
-    let seed = args.seed.or_else(|| rm.get("seed").and_then(Value::as_u64)).unwrap_or(0);
+    let seed = match (args.seed, rm.get("seed")) {
+        (Some(seed), _) => seed,
+        (None, None) => 0,
+        // As flow_samples: a malformed recorded seed is named, not silently replaced by 0.
+        (None, Some(v)) => v.as_u64().ok_or_else(|| {
+            Error::invalid(format!(
+                "manifest reference_metrics.seed = {v}: must be a non-negative integer (or choose with --seed)"
+            ))
+        })?,
+    };
     let recorded_solver = rm.get("solver");
     let solver = match args.solver {
         Some(s) => Some(match s {
