@@ -126,8 +126,8 @@ pub struct Engine {
     flow: SessionPool,
     flow_jvp: SessionPool,
     net: SessionPool,
-    /// `refine.graph` (format version 3): fixed I/O names, see `POSTERIOR_IO`.
-    posterior: Option<SessionPool>,
+    /// `refine.graph` (format version 3) and its fixed I/O names (`POSTERIOR_IO`).
+    posterior: Option<(SessionPool, CNames<1, 2>)>,
     names: GraphNames,
     flow_c: CNames<2, 1>,
     jvp_c: CNames<3, 2>,
@@ -200,7 +200,8 @@ impl Engine {
                 let [logp, grad] = POSTERIOR_IO.1.map(String::from);
                 check_io(&session, "posterior", true, &[(&theta, &[None, Some(d)])])?;
                 check_io(&session, "posterior", false, &[(&logp, &[None]), (&grad, &[None, Some(d)])])?;
-                Some(SessionPool::new("posterior", bytes, session, max))
+                let names = CNames::new(&[theta], &[logp, grad])?;
+                Some((SessionPool::new("posterior", bytes, session, max), names))
             }
             None => None,
         };
@@ -283,14 +284,17 @@ impl Engine {
 impl Engine {
     /// The posterior's `log_density` (`s`) and `grad` (`s·D`) at `s` weight vectors `theta`.
     pub fn log_posterior(&self, theta: &[f32], s: usize, logp_out: &mut [f32], grad_out: &mut [f32]) -> Result<()> {
-        let pool = self.posterior.as_ref().ok_or_else(|| Error::invalid("this bundle has no refinement graph"))?;
+        let (pool, names) =
+            self.posterior.as_ref().ok_or_else(|| Error::invalid("this bundle has no refinement graph"))?;
         debug_assert_eq!(theta.len(), s * self.dim);
+        // Straight into the caller's buffers, as the flow graphs: no tensor allocated or copied per run.
+        let inputs = [TensorRef::from_array_view(([s, self.dim], theta))?];
+        let mut outputs = [
+            TensorRefMut::from_array_view_mut(([s], logp_out))?,
+            TensorRefMut::from_array_view_mut(([s, self.dim], grad_out))?,
+        ];
         let mut session = pool.acquire(&self.config)?;
-        let outputs = session.run(ort::inputs![
-            POSTERIOR_IO.0 => TensorRef::from_array_view(([s, self.dim], theta))?,
-        ])?;
-        copy_output(&outputs, POSTERIOR_IO.1[0], "posterior", &[s], logp_out)?;
-        copy_output(&outputs, POSTERIOR_IO.1[1], "posterior", &[s, self.dim], grad_out)
+        run_into(&mut session, "posterior", names, &inputs, &mut outputs)
     }
 }
 

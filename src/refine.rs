@@ -174,11 +174,6 @@ impl<'a> Refiner<'a> {
         }
     }
 
-    /// Whether samples are rescaled from (and returned to) the canonical slice.
-    pub fn is_canonical(&self) -> bool {
-        self.norms.is_some()
-    }
-
     /// Run `transitions` HMC transitions on every row of `theta` (`n·D`, changed in place).
     /// `anchor_of[j]` is the anchor row `j` was drawn around (`None`: start time 0, an anchor
     /// is chosen from the row's stream). Row `j` uses stream `first_index + j` of `seed`.

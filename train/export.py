@@ -25,6 +25,7 @@ NAMES = {
     "flow": (["t", "x"], ["v"]),
     "flow_jvp": (["t", "x", "eps"], ["v", "quad"]),
     "net": (["x", "theta"], ["out"]),
+    "posterior": (["theta"], ["log_density", "grad"]),  # train/posterior_graph.py (format 3)
 }
 
 

@@ -35,7 +35,6 @@ from .data import standardized
 
 OPSET = 17
 SOFTMAX_LOG_FLOOR = -80.0  # exp(-80) is a normal float32: no subnormals in the backward pass
-INPUTS, OUTPUTS = ["theta"], ["log_density", "grad"]
 
 
 def _f32(name, a):
@@ -163,19 +162,8 @@ def jax_value_and_grad(logdensity):
 
 def parity(model, logdensity, thetas, tol):
     """Max-abs error relative to the largest JAX magnitude, per output; raises above `tol`."""
-    from .export import session
-    sess = session(model.SerializeToString())
-    got = sess.run(None, {"theta": np.asarray(thetas, np.float32)})
-    want = jax_value_and_grad(logdensity)(jnp.asarray(thetas, jnp.float32))
-    errs = {}
-    for name, g, w in zip(OUTPUTS, got, want):
-        w = np.asarray(w)
-        if g.shape != w.shape:
-            raise AssertionError(f"posterior.{name}: ONNX shape {g.shape} != JAX {w.shape}")
-        errs[name] = float(np.max(np.abs(g - w)) / max(float(np.max(np.abs(w))), 1e-6))
-        if not errs[name] <= tol:
-            raise AssertionError(f"posterior.{name}: relative error {errs[name]:.2e} > {tol}")
-    return errs
+    from .export import parity as graph_parity
+    return graph_parity(model, jax_value_and_grad(logdensity), [thetas], "posterior", tol)
 
 
 def timing(model, logdensity, thetas, reps=20):
