@@ -10,9 +10,9 @@
 
 /** Version of this header (the library's run-time version is pf_version()). */
 #define PF_VERSION_MAJOR 0
-#define PF_VERSION_MINOR 5
+#define PF_VERSION_MINOR 6
 #define PF_VERSION_PATCH 0
-#define PF_VERSION_STRING "0.5.0"
+#define PF_VERSION_STRING "0.6.0"
 
 /**
  * `pf_model_options.flags`: let ONNX Runtime's worker threads spin (busy-wait) between runs.
@@ -278,6 +278,12 @@ typedef struct {
      * log-density; 0 when the bundle has no refinement (format version 3). (Added in 0.5.)
      */
     uint32_t default_refine_transitions;
+    /**
+     * The start time that `PF_START_TIME_BUNDLE` selects when samples are refined
+     * (transitions > 0): the bundle's `refine.start_time` (format version 4; 1 refines the
+     * stored draws themselves), else `default_start_time`. (Added in 0.6.)
+     */
+    double default_refine_start_time;
 } pf_model_info;
 
 /**
@@ -325,7 +331,7 @@ typedef struct {
     uint32_t batch_size;
     /**
      * Start time t0 in [0, 1], or `PF_START_TIME_BUNDLE` (-1, the default) for the bundle's
-     * default. 0: the plain flow from N(0, I); between: from t0·a + (1 − t0)·z around a stored
+     * default (for refined samples its refinement start time, `pf_model_info.default_refine_start_time`). 0: the plain flow from N(0, I); between: from t0·a + (1 − t0)·z around a stored
      * anchor draw a (on the spheres of a `sphere_product` bundle, slerp(z, a; t0)); 1: the stored
      * draws themselves (no log-density: trace must be none).
      * (Added in 0.2; older callers get the bundle's default.)

@@ -160,6 +160,7 @@ impl Model {
             default_solver: self.default_solver(),
             anchors: self.tensors.anchors.as_ref(),
             default_start_time: self.default_start_time(),
+            default_refine_start_time: self.default_refine_start_time(),
             geometry: &self.geometry,
             refiner: self.refiner(),
         }
@@ -174,6 +175,13 @@ impl Model {
     /// HMC transitions that sampling without log-densities runs by default (0 without refinement).
     pub fn default_refine_transitions(&self) -> u32 {
         self.manifest.refine.as_ref().map_or(0, |r| r.default_transitions)
+    }
+
+    /// The start time refined sampling uses when the options leave it unset: the bundle's
+    /// `refine.start_time` (format version 4; 1 refines the stored draws themselves), else
+    /// `default_start_time`.
+    pub fn default_refine_start_time(&self) -> f64 {
+        self.manifest.refine.as_ref().and_then(|r| r.start_time).unwrap_or_else(|| self.default_start_time())
     }
 
     /// Draw `n` posterior weight samples (and their log-densities when `options.trace` asks).

@@ -34,7 +34,8 @@ pub struct SampleOptions {
     pub batch_size: usize,
     /// Memory bound for the basis vectors of one exact-trace call.
     pub exact_chunk_bytes: usize,
-    /// Start time `t₀ ∈ [0, 1]`; `None` takes the bundle's default (0 without anchors).
+    /// Start time `t₀ ∈ [0, 1]`; `None` takes the bundle's default (0 without anchors), and
+    /// for refined samples its refinement start time (`Model::default_refine_start_time`).
     /// 0 integrates from `N(0, I)`; `0 < t₀ < 1` starts at `t₀·a + (1 − t₀)·z` around a
     /// stored anchor `a` (on a `sphere_product` bundle, `slerp(z, a; t₀)` on each sphere);
     /// 1 returns the anchors themselves (no density).
@@ -111,6 +112,8 @@ pub struct FlowContext<'a> {
     /// Stored training draws in whitened coordinates, when the bundle has them.
     pub anchors: Option<&'a Array2<f32>>,
     pub default_start_time: f64,
+    /// The start time of refined sampling (transitions > 0) when the options leave it unset.
+    pub default_refine_start_time: f64,
     /// Which coordinates form unit spheres; whitening is the identity on them.
     pub geometry: &'a Geometry,
     /// The bundle's HMC refinement and its default transitions (format version 3).
@@ -154,7 +157,11 @@ impl FlowContext<'_> {
 
     /// The start time the options ask for (or the bundle's default), checked.
     fn start(&self, o: &SampleOptions) -> Result<Start<'_>> {
-        let t0 = o.start_time.unwrap_or(self.default_start_time);
+        self.start_at(o.start_time.unwrap_or(self.default_start_time))
+    }
+
+    /// `t0` checked: the base distribution, a mixture around the anchors, or the anchors.
+    fn start_at(&self, t0: f64) -> Result<Start<'_>> {
         if !(0.0..=1.0).contains(&t0) {
             return Err(Error::invalid(format!("start_time must be in [0, 1], got {t0}")));
         }
@@ -195,11 +202,13 @@ impl FlowContext<'_> {
         batch_len(o.batch_size, self.dim, o.trace)
     }
 
-    /// Draw `n` samples, then refine them when asked (or by the bundle's default).
+    /// Draw `n` samples, then refine them when asked (or by the bundle's default). Refined
+    /// sampling without a start time starts at the bundle's refinement start time.
     pub fn sample(&self, n: usize, o: &SampleOptions) -> Result<Samples> {
-        let start_at = self.start(o)?;
-        let solver = self.solver(o)?; // checked at t₀ = 1 too: a bad request is refused whatever the start
         let transitions = self.refine_transitions(o)?;
+        let default_t0 = if transitions > 0 { self.default_refine_start_time } else { self.default_start_time };
+        let start_at = self.start_at(o.start_time.unwrap_or(default_t0))?;
+        let solver = self.solver(o)?; // checked at t₀ = 1 too: a bad request is refused whatever the start
         let mut anchor_of = Vec::new();
         let mut samples = match start_at {
             Start::Anchors(anchors) => self.stored_draws(anchors, n, o, &mut anchor_of)?,

@@ -85,7 +85,7 @@ fn manifest_case(f: impl FnOnce(&mut Value), kind: ErrorKind, fragments: &[&str]
 #[test]
 fn unknown_format_and_version() {
     manifest_case(|m| m["format"] = "onnx-bundle".into(), ErrorKind::Bundle, &["format", "onnx-bundle"]);
-    manifest_case(|m| m["format_version"] = 4.into(), ErrorKind::Bundle, &["format_version", "unsupported version 4"]);
+    manifest_case(|m| m["format_version"] = 5.into(), ErrorKind::Bundle, &["format_version", "unsupported version 5", "versions 1 to 4"]);
     manifest_case(
         |m| m["format_version"] = "1".into(),
         ErrorKind::Bundle,
@@ -537,6 +537,18 @@ fn refinement_of_wrong_version_ranges_tensors_or_graph() {
     refine_case(|m| m["refine"]["step_size"] = 0.0.into(), |_| {}, &["refine.step_size"]);
     refine_case(|m| m["refine"]["default_transitions"] = 10_001.into(), |_| {}, &["refine.default_transitions"]);
     refine_case(|m| m["refine"]["steps"] = 3.into(), |_| {}, &["unknown field", "steps"]);
+    // refine.start_time is format version 4, in [0, 1], and above 0 only with anchors.
+    refine_case(|m| m["refine"]["start_time"] = 1.0.into(), |_| {}, &["refine.start_time", "format_version 4"]);
+    for bad in [1.5, -0.25] {
+        refine_case(
+            |m| {
+                m["format_version"] = 4.into();
+                m["refine"]["start_time"] = bad.into();
+            },
+            |_| {},
+            &["refine.start_time", "outside [0, 1]"],
+        );
+    }
     // Tensors: missing, wrong shape, non-positive or non-finite, or present without the table.
     refine_case(|_| {}, |t| t.retain(|t| t.0 != "refine.inverse_mass"), &["refine.inverse_mass", "missing"]);
     refine_case(

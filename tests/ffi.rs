@@ -449,6 +449,15 @@ fn c_abi_refine_transitions_default_explicit_and_refused() {
     // SAFETY: a live handle and a full-size struct.
     assert_eq!(unsafe { pf_model_get_info(model, &mut info) }, pf_status::PF_OK);
     assert_eq!(info.default_refine_transitions, 3);
+    // No refine.start_time in the fixture: refined draws start at flow.default_start_time.
+    assert_eq!(info.default_refine_start_time, 0.5);
+    // A 0.5 caller's struct (72 bytes) gets every field but the 0.6 one.
+    let mut old: pf_model_info = unsafe { std::mem::zeroed() };
+    old.struct_size = std::mem::offset_of!(pf_model_info, default_refine_start_time) as u32;
+    old.default_refine_start_time = -7.0;
+    // SAFETY: a live handle; the struct is larger than the struct_size it declares.
+    assert_eq!(unsafe { pf_model_get_info(model, &mut old) }, pf_status::PF_OK);
+    assert_eq!((old.default_refine_transitions, old.default_refine_start_time), (3, -7.0));
     // SAFETY: frees once.
     unsafe { pf_model_free(model) };
 }

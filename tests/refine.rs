@@ -134,3 +134,43 @@ fn requests_refinement_cannot_serve_are_refused() {
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     assert!(e.message().contains("needs a bundle with refinement"), "{}", e.message());
 }
+
+/// `refine.start_time` (format version 4): refined draws without a start time start there,
+/// unrefined ones and draws with a density at `flow.default_start_time`; an explicit start
+/// time wins over both.
+#[test]
+fn refined_sampling_starts_at_the_bundles_refinement_start_time() {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture("affine_refine")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+    }
+    let path = dir.path().join("postflow.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    m["format_version"] = 4.into();
+    m["refine"]["start_time"] = 1.0.into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let model = postflow::Model::open(dir.path(), &postflow::ModelOptions::default()).unwrap();
+    let plain = open("affine_refine"); // the same bundle without refine.start_time
+    assert_eq!((model.default_start_time(), model.default_refine_start_time()), (0.5, 1.0));
+    assert_eq!(plain.default_refine_start_time(), plain.default_start_time());
+    let k = model.default_refine_transitions();
+    assert!(k > 0);
+
+    let o = SampleOptions { seed: 4, ..Default::default() };
+    let refined = model.sample(12, &o).unwrap();
+    assert_eq!(refined.refine.as_ref().unwrap().transitions, k);
+    let from_stored = SampleOptions { start_time: Some(1.0), refine_transitions: Some(k), ..o.clone() };
+    assert_eq!(refined.theta, model.sample(12, &from_stored).unwrap().theta);
+    assert_eq!(refined.theta, plain.sample(12, &from_stored).unwrap().theta);
+    assert_ne!(refined.theta, plain.sample(12, &o).unwrap().theta, "the plain bundle refines from t0 = 0.5");
+    // Explicit start time: the same as the plain bundle's.
+    let at_half = SampleOptions { start_time: Some(0.5), ..o.clone() };
+    assert_eq!(model.sample(12, &at_half).unwrap().theta, plain.sample(12, &o).unwrap().theta);
+    // Unrefined and density draws keep flow.default_start_time (0.5: not the stored copies).
+    let unrefined = model.sample(12, &SampleOptions { refine_transitions: Some(0), ..o.clone() }).unwrap().theta;
+    assert_eq!(unrefined, plain.sample(12, &SampleOptions { refine_transitions: Some(0), ..o.clone() }).unwrap().theta);
+    let with_density = model.sample(12, &SampleOptions { trace: TraceMode::Exact, ..o }).unwrap();
+    assert!(with_density.log_density.is_some());
+    assert_eq!(with_density.theta, unrefined);
+}

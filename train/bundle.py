@@ -8,7 +8,8 @@ inputs `eval.ood_x`, the start-time sweep and the default start time chosen from
 manifest then says `format_version` 2. With `bundle.refine` (the default; needs the anchors and
 canonicalization) it also writes posterior.onnx, `refine.inverse_mass`,
 `refine.anchor_unit_norms`, the manifest table `refine` and the refinement sweep
-(train/refine.py); the manifest then says `format_version` 3."""
+(train/refine.py), with refinement's own start time `refine.start_time` (`bundle.refine_start_time`,
+1 by default: the stored draws themselves); the manifest then says `format_version` 4."""
 
 import json
 import shutil
@@ -207,7 +208,10 @@ def refinement(ctx, tens):
     back = refine.decanonicalize(whiten.invert(stored, mean, scale), norms, sizes)
     recon_err = float(np.max(np.abs(back - kept)) / max(float(np.max(np.abs(kept))), 1e-12))
 
-    t0, n = float(st["default_start_time"]), ecfg["flow_samples"]
+    # refinement's own start time (config `bundle.refine_start_time`; "default": the flow's)
+    t0_cfg = bcfg["refine_start_time"]
+    t0 = float(st["default_start_time"]) if t0_cfg == "default" else float(t0_cfg)
+    n = ecfg["flow_samples"]
     key = jax.random.PRNGKey(ecfg["seed"])  # the sweep's samples at t0, as start_time_sweep draws them
     theta_c, _ = sampler.sample_batched(evaluate.vector_field(ctx["flow"]), key, n, mean, scale,
                                         method=ecfg["solver"], steps=ecfg["steps"], trace=None, start_time=t0,
@@ -348,7 +352,7 @@ def manifest(ctx):
     top = {}
     if rf:
         top["refine"] = {"graph": REFINE_GRAPH, "leapfrog_steps": rf["leapfrog_steps"], "step_size": rf["step_size"],
-                         "default_transitions": rf["default_transitions"]}
+                         "default_transitions": rf["default_transitions"], "start_time": rf["start_time"]}
         provenance_extra["refine"] = {
             "start_time": rf["start_time"], "rule": rf["rule"], "reason": rf["reason"],
             "memorization": rf["memorization"], "nuts_step_size": rf["nuts_step_size"],
@@ -359,7 +363,7 @@ def manifest(ctx):
                                  f"(relative reconstruction error {rf['norms_reconstruction_relative_error']:.2e})",
             "sweep_details": rf["details"], "seconds": rf["seconds"]}
     return {
-        "format": "postflow-bundle", "format_version": 3 if rf else 2 if st else 1,
+        "format": "postflow-bundle", "format_version": 4 if rf else 2 if st else 1,
         "name": cfg["name"], "description": cfg["description"],
         "task": _task(cfg, data, ctx),
         "input": {"dim": int(sizes[0]), "feature_names": [str(f) for f in data["feature_names"]]},

@@ -116,7 +116,7 @@ def start_time_section(ctx, man):
 
 
 def refine_section(ctx):
-    """Refinement (format version 3): the sweep over the number of HMC transitions and the default."""
+    """Refinement (format versions 3-4): the sweep over the number of HMC transitions and the default."""
     rf = ctx.get("refine")
     if not rf:
         return []
@@ -132,7 +132,10 @@ def refine_section(ctx):
          f"stored draws; NUTS's step {rf['nuts_step_size']:.4g}) with the draws' variance as inverse mass, then "
          f"canonicalizes. An exact kernel keeps posterior draws posterior draws, so K trades the copies' "
          f"memorization for gradient evaluations (K × {rf['leapfrog_steps']} per sample). Rows: the samples at "
-         f"start time {rf['start_time']:g}, scored like the start-time sweep.", ""]
+         f"refinement's start time (`refine.start_time`) {rf['start_time']:g}"
+         + (" (the stored draws themselves: exact posterior draws in, exact posterior draws out)"
+            if rf["start_time"] == 1 else "")
+         + ", scored like the start-time sweep.", ""]
     head = (["K", "TV", "memorization ratio", "NLL", "ECE", "agreement"] if classification
             else ["K", "NLL", "memorization ratio", "RMSE", "coverage90"])
     head += ["epistemic ratio (eval)", "epistemic ratio (OOD)", "meets the rule"]

@@ -153,6 +153,8 @@ public:
     /// HMC transitions on the posterior that PF_REFINE_BUNDLE runs after drawing without a
     /// log-density (0: the bundle has no refinement).
     std::uint32_t default_refine_transitions() const noexcept { return info_.default_refine_transitions; }
+    /// The start time PF_START_TIME_BUNDLE selects for refined samples (1: the stored draws).
+    double default_refine_start_time() const noexcept { return info_.default_refine_start_time; }
     bool is_classification() const noexcept { return info_.task == PF_TASK_CLASSIFICATION; }
 
     /// Draw n samples; log-densities (and standard errors) when options.trace != PF_TRACE_NONE.

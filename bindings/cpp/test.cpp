@@ -79,6 +79,7 @@ int main() {
     // Start time: the bundle's default unless set; 1 returns the stored draws (no density).
     postflow::Model anchored(fixture("affine_anchored"));
     CHECK(anchored.default_start_time() == 0.5 && anchored.anchor_count() == 24);
+    CHECK(anchored.default_refine_start_time() == 0.5); // no refinement: the flow's default
     CHECK(cls.default_start_time() == 0.0 && cls.anchor_count() == 0);
     postflow::SampleOptions at;
     CHECK(at.start_time == PF_START_TIME_BUNDLE);

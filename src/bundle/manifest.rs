@@ -5,8 +5,9 @@ use serde::{Deserialize, Serialize};
 pub const FORMAT: &str = "postflow-bundle";
 /// Newest format version this runtime reads. Version 2 adds stored anchor draws
 /// (`flow.anchors`) and a default start time; version 3 adds refinement (`refine`: the
-/// posterior's log-density graph for HMC transitions). Older versions are read unchanged.
-pub const FORMAT_VERSION: u64 = 3;
+/// posterior's log-density graph for HMC transitions); version 4 adds refinement's own
+/// default start time (`refine.start_time`). Older versions are read unchanged.
+pub const FORMAT_VERSION: u64 = 4;
 /// Oldest format version this runtime reads.
 pub const MIN_FORMAT_VERSION: u64 = 1;
 
@@ -183,6 +184,10 @@ pub struct RefineSpec {
     pub step_size: f64,
     /// Transitions that sampling without log-densities runs when the caller does not choose.
     pub default_transitions: u32,
+    /// Where refined sampling starts when the caller gives no start time (format version 4):
+    /// 1 refines the stored draws themselves. Absent: `flow.default_start_time`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -276,12 +276,18 @@ fn validate_anchors(m: &Manifest) -> Result<()> {
         }
     }
     if let Some(t0) = m.flow.default_start_time {
-        if !(0.0..=1.0).contains(&t0) {
-            return Err(field_err("flow.default_start_time", format!("{t0} is outside [0, 1]")));
-        }
-        if t0 > 0.0 && m.flow.anchors.is_none() {
-            return Err(field_err("flow.default_start_time", format!("{t0} > 0 needs flow.anchors")));
-        }
+        check_start_time(m, "flow.default_start_time", t0)?;
+    }
+    Ok(())
+}
+
+/// A default start time: in [0, 1], and above 0 only with stored draws to start around.
+fn check_start_time(m: &Manifest, field: &str, t0: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&t0) {
+        return Err(field_err(field, format!("{t0} is outside [0, 1]")));
+    }
+    if t0 > 0.0 && m.flow.anchors.is_none() {
+        return Err(field_err(field, format!("{t0} > 0 needs flow.anchors")));
     }
     Ok(())
 }
@@ -291,11 +297,11 @@ pub const MAX_LEAPFROG_STEPS: u32 = 1_000;
 pub const MAX_TRANSITIONS: u32 = 10_000;
 
 /// `refine` is format version 3 (a runtime that ignored it would sample differently), and
-/// version 3 means `refine`.
+/// version 3 means `refine`; its `start_time` is version 4.
 fn validate_refine(m: &Manifest) -> Result<()> {
     let Some(r) = &m.refine else {
         if m.format_version >= 3 {
-            return Err(field_err("refine", "missing: format_version 3 is a bundle with refinement"));
+            return Err(field_err("refine", "missing: format_version 3 and later are bundles with refinement"));
         }
         return Ok(());
     };
@@ -319,6 +325,12 @@ fn validate_refine(m: &Manifest) -> Result<()> {
             "refine.default_transitions",
             format!("{} exceeds the limit of {MAX_TRANSITIONS}", r.default_transitions),
         ));
+    }
+    if let Some(t0) = r.start_time {
+        if m.format_version < 4 {
+            return Err(field_err("refine.start_time", "needs format_version 4 (older runtimes refuse the field)"));
+        }
+        check_start_time(m, "refine.start_time", t0)?;
     }
     Ok(())
 }

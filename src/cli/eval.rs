@@ -78,7 +78,8 @@ pub struct EvalArgs {
     /// Samples per ONNX Runtime call (0: default).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     batch: usize,
-    /// Start time t0 in [0, 1] (default: the bundle's flow.default_start_time, else 0).
+    /// Start time t0 in [0, 1] (default: the bundle's flow.default_start_time, else 0; refined
+    /// samples: its refine.start_time when it has one).
     #[arg(long, value_name = "T0", allow_hyphen_values = true)]
     start_time: Option<f64>,
     /// HMC transitions on the posterior after drawing (default: the bundle's
@@ -282,7 +283,6 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
         refine_transitions: args.refine,
         ..SampleOptions::default()
     };
-    let start_time = args.start_time.unwrap_or_else(|| model.default_start_time());
     let default = model.default_solver();
     let kind = solver.unwrap_or(default.kind);
     let solver_json = if kind == SolverKind::Dopri5 {
@@ -292,6 +292,11 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
     };
 
     let drawn = draw(&model, n, &options, args.model.quiet)?;
+    let refined = drawn.refine.transitions > 0;
+    let start_time = args.start_time.unwrap_or_else(|| match refined {
+        true => model.default_refine_start_time(),
+        false => model.default_start_time(),
+    });
     let x = model.tensors().eval_x.view();
     let targets = model.tensors().eval.clone();
     let flow_pred = model.predict(x, drawn.theta.view(), None, &PredictOptions::default())?;

@@ -88,6 +88,7 @@ fn info_json(bundle: &Bundle) -> Value {
             "leapfrog_steps": r.leapfrog_steps,
             "step_size": r.step_size,
             "default_transitions": r.default_transitions,
+            "start_time": r.start_time.unwrap_or_else(|| default_start_time(m)),
             "canonical": bundle.tensors.refine.as_ref().is_some_and(|t| t.anchor_unit_norms.is_some()),
         })),
         "default_solver": m.flow.default_solver,
@@ -258,11 +259,12 @@ fn info_text(bundle: &Bundle, v: &Value) -> String {
         let _ = writeln!(
             o,
             "refinement   {} HMC transitions by default (draws without log-densities; --refine K), {} leapfrog steps \
-             of {} on the posterior graph {}",
+             of {} on the posterior graph {}, from start time {}",
             r.default_transitions,
             r.leapfrog_steps,
             r.step_size,
-            plain(&r.graph)
+            plain(&r.graph),
+            r.start_time.unwrap_or_else(|| default_start_time(m))
         );
     }
     let s = &m.flow.default_solver;

@@ -150,7 +150,8 @@ pub(crate) struct SolverArgs {
     /// Samples per ONNX Runtime call (0: default).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub batch: usize,
-    /// Start time t0 in [0, 1] (default: the bundle's). 0 integrates the flow from N(0, I);
+    /// Start time t0 in [0, 1] (default: the bundle's; for refined draws its refinement start
+    /// time). 0 integrates the flow from N(0, I);
     /// between 0 and 1 it starts at t0·a + (1 − t0)·z around a stored draw a (on the spheres
     /// of a sphere_product bundle, slerp(z, a; t0)); 1 returns the stored posterior draws
     /// themselves (close to 1: near-copies of them).

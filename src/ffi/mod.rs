@@ -174,10 +174,12 @@ mod tests {
         assert_eq!(size_of::<pf_model_options>(), 40);
         assert_eq!(offset_of!(pf_model_options, flags), 32);
         assert_eq!(MODEL_INFO_MIN, 32);
-        assert_eq!(size_of::<pf_model_info>(), 72);
+        assert_eq!(size_of::<pf_model_info>(), 80);
         assert_eq!(offset_of!(pf_model_info, default_start_time), 40);
         assert_eq!(offset_of!(pf_model_info, hutchinson_probes), 60);
         assert_eq!(offset_of!(pf_model_info, default_refine_transitions), 64);
+        // 0.6's field starts past 0.5's whole struct (72 bytes with padding), never in its padding.
+        assert_eq!(offset_of!(pf_model_info, default_refine_start_time), 72);
         assert_eq!(offset_of!(pf_sample_options, seed), 8);
         assert_eq!(SAMPLE_OPTIONS_MIN, 48);
         assert_eq!(size_of::<pf_sample_options>(), 80);

@@ -38,6 +38,10 @@ pub struct pf_model_info {
     /// HMC transitions on the posterior that `PF_REFINE_BUNDLE` runs after drawing without a
     /// log-density; 0 when the bundle has no refinement (format version 3). (Added in 0.5.)
     pub default_refine_transitions: u32,
+    /// The start time that `PF_START_TIME_BUNDLE` selects when samples are refined
+    /// (transitions > 0): the bundle's `refine.start_time` (format version 4; 1 refines the
+    /// stored draws themselves), else `default_start_time`. (Added in 0.6.)
+    pub default_refine_start_time: f64,
 }
 
 // The oldest layout a caller may pass; later fields are not written when struct_size stops short.
@@ -140,6 +144,7 @@ pub unsafe extern "C" fn pf_model_get_info(model: *const pf_model, out: *mut pf_
         put_field!(out, size, pf_model_info, hutchinson_trace: u32 = trace as u32);
         put_field!(out, size, pf_model_info, hutchinson_probes: u32 = probes);
         put_field!(out, size, pf_model_info, default_refine_transitions: u32 = m.default_refine_transitions());
+        put_field!(out, size, pf_model_info, default_refine_start_time: f64 = m.default_refine_start_time());
         Ok(())
     })
 }

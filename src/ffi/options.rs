@@ -56,7 +56,7 @@ pub struct pf_sample_options {
     /// 0 = 128. (Added in 0.1; older callers get 0.)
     pub batch_size: u32,
     /// Start time t0 in [0, 1], or `PF_START_TIME_BUNDLE` (-1, the default) for the bundle's
-    /// default. 0: the plain flow from N(0, I); between: from t0·a + (1 − t0)·z around a stored
+    /// default (for refined samples its refinement start time, `pf_model_info.default_refine_start_time`). 0: the plain flow from N(0, I); between: from t0·a + (1 − t0)·z around a stored
     /// anchor draw a (on the spheres of a `sphere_product` bundle, slerp(z, a; t0)); 1: the stored
     /// draws themselves (no log-density: trace must be none).
     /// (Added in 0.2; older callers get the bundle's default.)

@@ -533,6 +533,7 @@ static void test_anchored(void) {
     /* The fixture stores 24 draws and starts at 0.5 by default (tests/fixtures/bundles/README.md). */
     CHECK(info.anchor_count == 24 && info.default_start_time == 0.5, "anchored info %zu %g", info.anchor_count,
           info.default_start_time);
+    CHECK(info.default_refine_start_time == 0.5, "anchored refine start %g", info.default_refine_start_time);
     size_t d = info.weight_dim, n = 5;
     float *theta = (float *)malloc(n * d * sizeof(float));
     float logd[5];

@@ -31,7 +31,7 @@ def test_bundle_follows_the_format(built):
     out, _ = built
     assert BUNDLE_FILES <= {p.name for p in out.iterdir()}
     man = json.loads((out / "postflow.json").read_text())
-    assert man["format"] == "postflow-bundle" and man["format_version"] == 3  # 2: flow.anchors (issue 12); 3: refine
+    assert man["format"] == "postflow-bundle" and man["format_version"] == 4  # 2: flow.anchors (issue 12); 3: refine; 4: refine.start_time
     d, c, d_in = man["network"]["dim"], man["task"]["classes"], man["input"]["dim"]
     assert man["flow"]["dim"] == d
     # layers tile [0, D) in order
@@ -248,7 +248,7 @@ def test_rust_runtime_refinement_matches_the_pipeline(built, tmp_path):
     binary = _postflow_bin()
     out, _ = built
     man = json.loads((out / "postflow.json").read_text())
-    assert man["format_version"] == 3
+    assert man["format_version"] == 4
     t = load_file(str(out / "tensors.safetensors"))
     mean, scale, a = t["flow.whiten.mean"], t["flow.whiten.scale"], t["flow.anchors"].astype(np.float32)
     held_x = (t["posterior.theta"] - mean) / scale

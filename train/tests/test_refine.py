@@ -189,7 +189,7 @@ def test_start_anchor_indices_are_the_samplers_picks():
     np.testing.assert_array_equal(t1, anchors[sampler.start_anchor_indices(key, 30, 13, 1.0)])
 
 
-def test_bundle_stage_writes_a_valid_version_3_bundle(built):
+def test_bundle_stage_writes_a_valid_version_4_bundle(built):
     """The tiny build: the manifest's refine table, the two tensors, posterior.onnx (I/O,
     parity with the pipeline's posterior), the sweep and the default by the rule, the card."""
     import json
@@ -198,9 +198,10 @@ def test_bundle_stage_writes_a_valid_version_3_bundle(built):
     from train import bundle, config, evaluate, posterior_graph, whiten
     out, work = built
     man = json.loads((out / "postflow.json").read_text())
-    assert man["format_version"] == 3
+    assert man["format_version"] == 4
     rf = man["refine"]
-    assert set(rf) == {"graph", "leapfrog_steps", "step_size", "default_transitions"}
+    assert set(rf) == {"graph", "leapfrog_steps", "step_size", "default_transitions", "start_time"}
+    assert rf["start_time"] == 1.0  # bundle.refine_start_time's default: the stored draws themselves
     assert rf["graph"] == "posterior.onnx" and 1 <= rf["leapfrog_steps"] <= 1000
     assert np.isfinite(rf["step_size"]) and rf["step_size"] > 0 and 0 <= rf["default_transitions"] <= 10000
     sizes, d = man["provenance"]["network"]["sizes"], man["network"]["dim"]
@@ -241,10 +242,10 @@ def test_bundle_stage_writes_a_valid_version_3_bundle(built):
             "epistemic_ratio_ood"}
     for r in sweep:
         assert set(r) == keys and all(np.isfinite(v) for v in r.values()), r
-    t1 = next(r for r in rm["start_time_sweep"] if r["start_time"] == man["flow"]["default_start_time"])
-    if man["flow"]["default_start_time"] == 1.0:  # K = 0 is the stored draws' row
-        assert sweep[0]["tv"] == pytest.approx(t1["tv"], abs=1e-4)
-        assert sweep[0]["memorization_ratio"] == pytest.approx(0.0, abs=1e-3)
+    # K = 0 is the start-time sweep's row at refinement's start time (1: the stored draws)
+    t1 = next(r for r in rm["start_time_sweep"] if r["start_time"] == rf["start_time"])
+    assert sweep[0]["tv"] == pytest.approx(t1["tv"], abs=1e-4)
+    assert sweep[0]["memorization_ratio"] == pytest.approx(0.0, abs=1e-3)
     assert sweep[-1]["memorization_ratio"] > sweep[0]["memorization_ratio"]
     hmc, ece = rm["methods"]["hmc"], man["provenance"]["start_time"]["rule_ece"]
     want = refine.choose_transitions(sweep, lambda r: evaluate.start_time_failures(r, hmc, True, ece),

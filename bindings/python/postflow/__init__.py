@@ -170,7 +170,7 @@ class _ModelInfo(ctypes.Structure):
                 ("output_dim", ctypes.c_size_t), ("weight_dim", ctypes.c_size_t), ("uncertainty_dim", ctypes.c_size_t),
                 ("default_start_time", ctypes.c_double), ("anchor_count", ctypes.c_size_t),
                 ("hutchinson_trace", ctypes.c_uint32), ("hutchinson_probes", ctypes.c_uint32),
-                ("default_refine_transitions", ctypes.c_uint32)]
+                ("default_refine_transitions", ctypes.c_uint32), ("default_refine_start_time", ctypes.c_double)]
 
 
 class _SampleOptions(ctypes.Structure):
@@ -497,6 +497,9 @@ class Model:
         #: HMC transitions on the posterior that ``refine_transitions=None`` runs after drawing
         #: without log-densities (0: the bundle has no refinement; format version 3).
         self.default_refine_transitions: int = info.default_refine_transitions
+        #: The start time ``start_time=None`` selects for refined samples: the bundle's own
+        #: (format version 4; 1 refines the stored draws themselves), else :attr:`default_start_time`.
+        self.default_refine_start_time: float = info.default_refine_start_time
         #: The manifest's ``name`` (the folder's name if it has none).
         self.name: str = _bundle_name(self.bundle_dir)
 
@@ -603,7 +606,8 @@ class Model:
         """Draw ``n`` weight samples.
 
         Options (``pf_sample_options``): ``seed``, ``solver`` (a :data:`SOLVERS` name),
-        ``steps``, ``rtol``, ``atol``, ``max_steps``, ``start_time`` (None: the bundle's),
+        ``steps``, ``rtol``, ``atol``, ``max_steps``, ``start_time`` (None: the bundle's; for
+        refined samples :attr:`default_refine_start_time`),
         ``trace`` (a :data:`TRACES` name; anything but "none" adds log-densities), ``probes``
         and ``batch_size`` (samples integrated together per ONNX Runtime call, 0: 128; trades
         memory for speed, never changes results), ``refine_transitions`` (HMC transitions on the

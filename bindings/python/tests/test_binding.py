@@ -139,9 +139,10 @@ def test_start_time_matches_the_rust_api():
 
 def test_refinement_matches_the_rust_api(cls):
     ref = reference()
-    assert cls.default_refine_transitions == 0
+    assert cls.default_refine_transitions == 0 and cls.default_refine_start_time == 0.0
     with postflow.Model(FIXTURES / "affine_refine") as m:  # HMC on a Gaussian posterior graph, 3 by default
         assert m.default_refine_transitions == 3
+        assert m.default_refine_start_time == m.default_start_time == 0.5  # no refine.start_time
         s = m.sample(4, seed=8)  # refine_transitions None: the bundle's default
         np.testing.assert_allclose(s.theta.ravel(), ref["refine_default_theta"], rtol=1e-6, atol=1e-6)
         np.testing.assert_array_equal(m.sample(4, seed=8, refine_transitions=3).theta, s.theta)
