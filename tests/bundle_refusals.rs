@@ -85,7 +85,11 @@ fn manifest_case(f: impl FnOnce(&mut Value), kind: ErrorKind, fragments: &[&str]
 #[test]
 fn unknown_format_and_version() {
     manifest_case(|m| m["format"] = "onnx-bundle".into(), ErrorKind::Bundle, &["format", "onnx-bundle"]);
-    manifest_case(|m| m["format_version"] = 5.into(), ErrorKind::Bundle, &["format_version", "unsupported version 5", "versions 1 to 4"]);
+    manifest_case(
+        |m| m["format_version"] = 5.into(),
+        ErrorKind::Bundle,
+        &["format_version", "unsupported version 5", "versions 1 to 4"],
+    );
     manifest_case(
         |m| m["format_version"] = "1".into(),
         ErrorKind::Bundle,
