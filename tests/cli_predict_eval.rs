@@ -525,7 +525,7 @@ fn eval_reproduces_reference_metrics() {
         if let Some(rows) = rm.get("start_time_sweep").and_then(Value::as_array) {
             report.extend(compare_sweeps(&name, "start_time", rows, v["sweep"].as_array().unwrap()));
         }
-        // Refinement rows start from the default start time, whatever the main row's.
+        // Refinement rows start from refinement's start time (K = 0 included), whatever the main row's.
         if let Some(rows) = rm.get("refine_sweep").and_then(Value::as_array) {
             report.extend(compare_sweeps(&name, "transitions", rows, v["refine_sweep"].as_array().unwrap()));
         }

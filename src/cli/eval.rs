@@ -89,7 +89,7 @@ pub struct EvalArgs {
     /// Also evaluate every start time of the manifest's reference_metrics.start_time_sweep
     /// (without one: 0, 0.5, 0.8, 0.85, 0.9, 0.95, 1; only 0 without anchors), unrefined, beside
     /// its rows; and, for a bundle with refinement, every transition count of its
-    /// reference_metrics.refine_sweep (without one: 0, 1, 2, 5, 10) at the default start time.
+    /// reference_metrics.refine_sweep (without one: 0, 1, 2, 5, 10) at refinement's start time.
     #[arg(long)]
     sweep: bool,
     /// Machine-readable JSON instead of the table.
@@ -208,12 +208,13 @@ fn start_time_rows(model: &Model, base: &SampleOptions) -> Vec<(SampleOptions, V
 }
 
 /// The refinement sweep: every transition count of `refine_sweep_transitions`, from samples at
-/// the bundle's default start time, as the manifest's `refine_sweep`.
+/// refinement's start time (K = 0 included), as the manifest's `refine_sweep`.
 fn refine_rows(model: &Model, base: &SampleOptions) -> Vec<(SampleOptions, Value)> {
+    let t0 = model.default_refine_start_time();
     refine_sweep_transitions(model)
         .into_iter()
         .map(|k| {
-            let o = SampleOptions { start_time: None, refine_transitions: Some(k), ..base.clone() };
+            let o = SampleOptions { start_time: Some(t0), refine_transitions: Some(k), ..base.clone() };
             (o, json!({"transitions": k}))
         })
         .collect()
@@ -512,10 +513,11 @@ fn eval_text(model: &Model, r: &Value) -> String {
         }
     }
     if let Some(rows) = r["refine_sweep"].as_array() {
+        let t0 = model.default_refine_start_time();
         let _ = writeln!(
             o,
-            "\nrefinement sweep at the default start time (HMC transitions on the posterior; this runtime; manifest rows \
-             from reference_metrics.refine_sweep):"
+            "\nrefinement sweep at refinement's start time {t0} (HMC transitions on the posterior; this runtime; \
+             manifest rows from reference_metrics.refine_sweep):"
         );
         let mut sweep_rows = Vec::new();
         for row in rows {
