@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import diagnose_fidelity as dfid
-from .. import baselines, canon, evaluate, mlp, refine
+from . import rejuvenate
+from .. import baselines, canon, refine
 
 
 def preconditioner(mode, draws):
@@ -64,14 +64,11 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     work = Path(a.work)
-    cfg, st, reports = dfid.load_work(work, Path(a.config))
-    ctx = {"cfg": cfg, "work": work, **st}
-    sizes = mlp.sizes_of(cfg, st["data"])
-    d = st["canon"]["samples"].shape[-1]
-    mean, scale = st["whiten"]["mean"], st["whiten"]["scale"]
-    train_x = ((st["canon"]["samples"][:-1].reshape(-1, d).astype(np.float64) - mean) / scale).astype(np.float32)
-    draws = st["align"]["samples"][:-1].reshape(-1, d).astype(np.float64)
-    ood_x = evaluate.ood_inputs(cfg, st["data"])
+    c = rejuvenate.stage_cache(work, Path(a.config))
+    cfg, st, reports, ctx, sizes = c["cfg"], c["stages"], c["reports"], c["ctx"], c["sizes"]
+    train_x, ood_x = c["train_x"], c["ood_x"]
+    draws = c["train_aligned"].astype(np.float64)
+    d = draws.shape[1]
     starts = draws[np.random.default_rng(a.seed).integers(0, len(draws), a.n)]
     logd = refine.log_posterior_of(cfg, st["data"], st["map"]["noise_sigma"], sizes)
     nuts_step = float(np.median([c["step_size"] for c in reports["posterior"]["chains"]]))

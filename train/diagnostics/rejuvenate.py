@@ -29,6 +29,19 @@ from . import diagnose_fidelity as dfid, start_sweep
 from .. import baselines, canon, evaluate, mlp
 
 
+def stage_cache(work: Path, cfg_path: Path):
+    """What a refinement diagnostic needs from a stage cache: the config, stage arrays and
+    reports, the scoring context, layer sizes, the training draws whitened (the memorization
+    reference) and aligned (the starts, at NUTS's scale), and the OOD inputs."""
+    cfg, st, reports = dfid.load_work(work, cfg_path)
+    d = st["canon"]["samples"].shape[-1]
+    mean, scale = st["whiten"]["mean"], st["whiten"]["scale"]
+    train_canon = st["canon"]["samples"][:-1].reshape(-1, d).astype(np.float64)
+    return {"cfg": cfg, "stages": st, "reports": reports, "ctx": {"cfg": cfg, "work": work, **st},
+            "sizes": mlp.sizes_of(cfg, st["data"]), "train_x": ((train_canon - mean) / scale).astype(np.float32),
+            "train_aligned": st["align"]["samples"][:-1].reshape(-1, d), "ood_x": evaluate.ood_inputs(cfg, st["data"])}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m train.diagnostics.rejuvenate")
     p.add_argument("work")
@@ -40,15 +53,9 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     work = Path(a.work)
-    cfg, st, reports = dfid.load_work(work, Path(a.config))
-    ctx = {"cfg": cfg, "work": work, **st}
-    sizes = mlp.sizes_of(cfg, st["data"])
-    d = st["canon"]["samples"].shape[-1]
-    mean, scale = st["whiten"]["mean"], st["whiten"]["scale"]
-    train_canon = st["canon"]["samples"][:-1].reshape(-1, d).astype(np.float64)
-    train_x = ((train_canon - mean) / scale).astype(np.float32)
-    train_aligned = st["align"]["samples"][:-1].reshape(-1, d)
-    ood_x = evaluate.ood_inputs(cfg, st["data"])
+    c = stage_cache(work, Path(a.config))
+    cfg, st, reports, ctx, sizes = c["cfg"], c["stages"], c["reports"], c["ctx"], c["sizes"]
+    train_x, train_aligned, ood_x = c["train_x"], c["train_aligned"], c["ood_x"]
 
     rng = np.random.default_rng(a.seed)
     starts = jnp.asarray(train_aligned[rng.integers(0, len(train_aligned), a.n)])
