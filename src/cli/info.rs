@@ -256,15 +256,17 @@ fn info_text(bundle: &Bundle, v: &Value) -> String {
     };
     let _ = writeln!(o, "start time   {t0} by default: {what}");
     if let Some(r) = &m.refine {
+        let refine_t0 = r.start_time.unwrap_or_else(|| default_start_time(m));
         let _ = writeln!(
             o,
             "refinement   {} HMC transitions by default (draws without log-densities; --refine K), {} leapfrog steps \
-             of {} on the posterior graph {}, from start time {}",
+             of {} on the posterior graph {}, from start time {}{}",
             r.default_transitions,
             r.leapfrog_steps,
             r.step_size,
             plain(&r.graph),
-            r.start_time.unwrap_or_else(|| default_start_time(m))
+            refine_t0,
+            if refine_t0 == 1.0 { " (the stored draws)" } else { "" }
         );
     }
     let s = &m.flow.default_solver;
