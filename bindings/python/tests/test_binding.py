@@ -47,7 +47,7 @@ def reference():
 
 
 def test_version_and_library():
-    assert postflow.version() == "0.5.0"
+    assert postflow.version() == "0.6.0"
     lib = Path(postflow.library_path())
     assert lib.name in ("libpostflow.so", "libpostflow.abi3.so")
     if INSTALLED:  # the wheel's own copy, not the checkout's
