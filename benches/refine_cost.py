@@ -110,8 +110,10 @@ def measure(bundle, a, env):
         c = cpu()
         py_ort_hmc(sess, theta, m, step, leapfrog, k, a.batch, np.random.default_rng(0))
         keep("py_ort", cpu() - c)
+        # both runs from the same samples (refinement's start time), so the difference is refinement
+        t_refine = str(man["refine"].get("start_time", man["flow"].get("default_start_time", 0.0)))
         base = [str(POSTFLOW_BIN), "sample", str(bundle), "-n", str(a.n), "--batch", str(a.batch), "--threads", "1",
-                "-q", "-o", "/dev/null"]
+                "-q", "-o", "/dev/null", "--start-time", t_refine]
         keep("rust", child_cpu(base + ["--refine", str(k)], env) - child_cpu(base + ["--refine", "0"], env))
     jax_s = jax_time(bundle, man, theta, m, step, leapfrog, k, a)
     if jax_s is not None:

@@ -255,7 +255,8 @@ typedef struct {
      */
     size_t uncertainty_dim;
     /**
-     * The start time that `PF_START_TIME_BUNDLE` selects: 0 (fresh flow samples) when the
+     * The start time that `PF_START_TIME_BUNDLE` selects for unrefined draws and draws with
+     * log-densities (refined ones: `default_refine_start_time`): 0 (fresh flow samples) when the
      * bundle stores no draws; 1 returns the stored draws themselves, which have no
      * log-density. (Added in 0.4.)
      */
@@ -275,7 +276,7 @@ typedef struct {
     uint32_t hutchinson_probes;
     /**
      * HMC transitions on the posterior that `PF_REFINE_BUNDLE` runs after drawing without a
-     * log-density; 0 when the bundle has no refinement (format version 3). (Added in 0.5.)
+     * log-density; 0 when the bundle has no refinement (format version 3 or 4). (Added in 0.5.)
      */
     uint32_t default_refine_transitions;
     /**

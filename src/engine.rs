@@ -126,7 +126,7 @@ pub struct Engine {
     flow: SessionPool,
     flow_jvp: SessionPool,
     net: SessionPool,
-    /// `refine.graph` (format version 3) and its fixed I/O names (`POSTERIOR_IO`).
+    /// `refine.graph` (format versions 3 and 4) and its fixed I/O names (`POSTERIOR_IO`).
     posterior: Option<(SessionPool, CNames<1, 2>)>,
     names: GraphNames,
     flow_c: CNames<2, 1>,

@@ -140,7 +140,8 @@ impl Model {
         TraceMode::Hutchinson { probes: h.probes, noise: ProbeNoise::parse(&h.noise).unwrap_or(ProbeNoise::Rademacher) }
     }
 
-    /// The start time sampling uses when the options leave it unset (0 without anchors).
+    /// The start time sampling uses when the options leave it unset (0 without anchors), for
+    /// unrefined draws and draws with log-densities (refined ones: `default_refine_start_time`).
     pub fn default_start_time(&self) -> f64 {
         self.manifest.flow.default_start_time.unwrap_or(0.0)
     }
@@ -166,7 +167,7 @@ impl Model {
         }
     }
 
-    /// The bundle's HMC refinement and its default transitions (format version 3).
+    /// The bundle's HMC refinement and its default transitions (format versions 3 and 4).
     fn refiner(&self) -> Option<(Refiner<'_>, u32)> {
         let (spec, tensors) = (self.manifest.refine.as_ref()?, self.tensors.refine.as_ref()?);
         Some((Refiner::new(&self.engine, spec, tensors, &self.manifest.network.layers), spec.default_transitions))

@@ -1,6 +1,6 @@
 //! Refinement: exact HMC transitions on the posterior itself, applied to drawn samples.
 //!
-//! A bundle of format version 3 carries the posterior's log-density `log p(θ)` (up to a
+//! A bundle of format version 3 or 4 carries the posterior's log-density `log p(θ)` (up to a
 //! constant) and its gradient as a graph, a diagonal inverse mass `m` (`refine.inverse_mass`),
 //! a step size `ε` and a leapfrog count `L`. Each drawn sample is moved by `K` transitions of
 //! Hamiltonian Monte Carlo, a kernel that leaves the posterior invariant: started at stored

@@ -43,7 +43,7 @@ pub struct SampleOptions {
     /// `log_prob` on a `sphere_product` bundle: put rows whose units are off the slice
     /// (`|‖(w, b)‖ − 1| > 1e-4`) onto it by renormalizing each unit, instead of refusing them.
     pub project_to_slice: bool,
-    /// HMC transitions on the posterior after drawing (bundles with `refine`, format version 3);
+    /// HMC transitions on the posterior after drawing (bundles with `refine`, format versions 3 and 4);
     /// `None` takes the bundle's `refine.default_transitions` when no log-density is asked for
     /// and none otherwise (refined samples have no density). See `crate::refine`.
     pub refine_transitions: Option<u32>,
@@ -116,7 +116,7 @@ pub struct FlowContext<'a> {
     pub default_refine_start_time: f64,
     /// Which coordinates form unit spheres; whitening is the identity on them.
     pub geometry: &'a Geometry,
-    /// The bundle's HMC refinement and its default transitions (format version 3).
+    /// The bundle's HMC refinement and its default transitions (format versions 3 and 4).
     pub refiner: Option<(Refiner<'a>, u32)>,
 }
 
@@ -188,7 +188,7 @@ impl FlowContext<'_> {
                 crate::bundle::MAX_TRANSITIONS
             ))),
             Some(_) if self.refiner.is_none() => Err(Error::invalid(
-                "refine_transitions > 0 needs a bundle with refinement (format version 3, a refine table), \
+                "refine_transitions > 0 needs a bundle with refinement (format version 3 or 4, a refine table), \
                  and this bundle has none",
             )),
             Some(_) if o.trace != TraceMode::None => Err(Error::invalid(

@@ -543,6 +543,25 @@ fn refinement_of_wrong_version_ranges_tensors_or_graph() {
     refine_case(|m| m["refine"]["steps"] = 3.into(), |_| {}, &["unknown field", "steps"]);
     // refine.start_time is format version 4, in [0, 1], and above 0 only with anchors.
     refine_case(|m| m["refine"]["start_time"] = 1.0.into(), |_| {}, &["refine.start_time", "format_version 4"]);
+    refine_case(
+        |m| {
+            m["format_version"] = 4.into();
+            m.as_object_mut().unwrap().remove("refine");
+        },
+        |t| t.retain(|t| !t.0.starts_with("refine.")),
+        &["refine", "missing"],
+    );
+    refine_case(
+        |m| {
+            m["format_version"] = 4.into();
+            m["refine"]["start_time"] = 0.5.into();
+            let flow = m["flow"].as_object_mut().unwrap();
+            flow.remove("anchors");
+            flow.remove("default_start_time");
+        },
+        |t| t.retain(|t| t.0 != "flow.anchors" && t.0 != "refine.anchor_unit_norms"),
+        &["refine.start_time", "needs flow.anchors"],
+    );
     for bad in [1.5, -0.25] {
         refine_case(
             |m| {

@@ -810,6 +810,29 @@ fn epistemic_ratios_against_a_single_held_out_draw_are_undefined() {
     assert_eq!(flow_spread.matches('—').count(), 3, "{text}");
 }
 
+/// A bundle with `refine.start_time` 1 (format 4): `info` names it, `eval` refines from the
+/// stored draws (and reports start time 1), its refinement sweep runs there for every K (K = 0:
+/// the stored draws themselves, memorization ratio 0), and `--refine 0` keeps the flow's
+/// default start time.
+#[test]
+fn refinement_from_the_stored_draws_on_the_command_line() {
+    let (_dir, bundle) = common::refine_from_stored_draws();
+    let b = path_str(&bundle);
+    let info = ok(&["info", b]);
+    assert!(info.contains("from start time 1 (the stored draws)"), "{info}");
+    let v = json(&["eval", b, "-n", "40", "--json", "-q", "--sweep"]);
+    assert_eq!((v["flow"]["start_time"].as_f64(), v["flow"]["refine_transitions"].as_u64()), (Some(1.0), Some(3)));
+    let zero = &v["refine_sweep"][0];
+    assert_eq!(zero["transitions"], 0);
+    assert!(zero["memorization_ratio"].as_f64().unwrap() < 1e-3, "K = 0 is the stored draws: {zero}");
+    assert!(v["refine_sweep"][1]["memorization_ratio"].as_f64().unwrap() > 0.05);
+    let unrefined = json(&["eval", b, "-n", "40", "--json", "-q", "--refine", "0"]);
+    assert_eq!(unrefined["flow"]["start_time"].as_f64(), Some(0.5));
+    let text = ok(&["eval", b, "-n", "40", "-q", "--sweep"]);
+    assert!(text.contains("refinement sweep at refinement's start time 1"), "{text}");
+    assert!(text.contains("start time 1: from the 24 stored posterior draws themselves"), "{text}");
+}
+
 /// `--refine` on the command line: the bundle's default without it, the refinement sweep of
 /// `eval --sweep`, and the requests refinement cannot serve as one-line errors.
 #[test]

@@ -100,7 +100,11 @@ fn write_c_reference() {
 }
 
 fn load(name: &str) -> *mut pf_model {
-    let dir = CString::new(common::fixture(name).to_str().unwrap()).unwrap();
+    load_path(&common::fixture(name))
+}
+
+fn load_path(path: &std::path::Path) -> *mut pf_model {
+    let dir = CString::new(path.to_str().unwrap()).unwrap();
     let mut m = null_mut();
     // SAFETY: valid C string, NULL options, valid out pointer.
     let st = unsafe { pf_model_load(dir.as_ptr(), null(), &mut m) };
@@ -458,6 +462,40 @@ fn c_abi_refine_transitions_default_explicit_and_refused() {
     // SAFETY: a live handle; the struct is larger than the struct_size it declares.
     assert_eq!(unsafe { pf_model_get_info(model, &mut old) }, pf_status::PF_OK);
     assert_eq!((old.default_refine_transitions, old.default_refine_start_time), (3, -7.0));
+    // SAFETY: frees once.
+    unsafe { pf_model_free(model) };
+}
+
+/// `default_refine_start_time` (0.6) reports the bundle's `refine.start_time`, and
+/// `PF_START_TIME_BUNDLE` with the default refinement starts there (the stored draws), as
+/// `start_time = 1` does; unrefined draws keep `default_start_time`.
+#[test]
+fn c_abi_refined_draws_start_at_the_refinement_start_time() {
+    let (_dir, path) = common::refine_from_stored_draws();
+    let model = load_path(&path);
+    let mut info: pf_model_info = unsafe { std::mem::zeroed() };
+    info.struct_size = std::mem::size_of::<pf_model_info>() as u32;
+    // SAFETY: a live handle and a full-size struct.
+    assert_eq!(unsafe { pf_model_get_info(model, &mut info) }, pf_status::PF_OK);
+    assert_eq!((info.default_start_time, info.default_refine_start_time), (0.5, 1.0));
+    let (n, d) = (5, 17);
+    // seed 3 with the given start time and refinement count (PF_START_TIME_BUNDLE / PF_REFINE_BUNDLE: defaults)
+    let draw = |start_time: f64, refine_transitions: i64| -> Vec<f32> {
+        let mut o = sample_options();
+        o.seed = 3;
+        o.start_time = start_time;
+        o.refine_transitions = refine_transitions;
+        let mut theta = vec![0f32; n * d];
+        // SAFETY: buffers of the stated lengths; options valid.
+        let st = unsafe { pf_sample(model, &o, n, theta.as_mut_ptr(), theta.len(), null_mut(), 0, null_mut(), 0) };
+        assert_eq!(st, pf_status::PF_OK, "{}", last_error());
+        theta
+    };
+    let refined = draw(PF_START_TIME_BUNDLE, PF_REFINE_BUNDLE);
+    assert_eq!(refined, draw(1.0, PF_REFINE_BUNDLE), "refined draws start at refine.start_time");
+    assert_eq!(refined, draw(1.0, 3), "the bundle's default: 3 transitions");
+    assert_ne!(refined, draw(0.5, PF_REFINE_BUNDLE));
+    assert_eq!(draw(PF_START_TIME_BUNDLE, 0), draw(0.5, 0), "unrefined draws keep default_start_time");
     // SAFETY: frees once.
     unsafe { pf_model_free(model) };
 }

@@ -140,17 +140,8 @@ fn requests_refinement_cannot_serve_are_refused() {
 /// time wins over both.
 #[test]
 fn refined_sampling_starts_at_the_bundles_refinement_start_time() {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture("affine_refine")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-    }
-    let path = dir.path().join("postflow.json");
-    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-    m["format_version"] = 4.into();
-    m["refine"]["start_time"] = 1.0.into();
-    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
-    let model = postflow::Model::open(dir.path(), &postflow::ModelOptions::default()).unwrap();
+    let (_dir, path) = common::refine_from_stored_draws();
+    let model = postflow::Model::open(&path, &postflow::ModelOptions::default()).unwrap();
     let plain = open("affine_refine"); // the same bundle without refine.start_time
     assert_eq!((model.default_start_time(), model.default_refine_start_time()), (0.5, 1.0));
     assert_eq!(plain.default_refine_start_time(), plain.default_start_time());

@@ -188,8 +188,9 @@ def refine_setup(ctx, tens):
 
 
 def refinement(ctx, tens):
-    """The anchors' unit norms, the step size, the refinement sweep from the samples at the
-    default start time, and the default number of transitions (None when off)."""
+    """The anchors' unit norms, the step size, the refinement sweep from the samples at
+    refinement's start time (`bundle.refine_start_time`), and the default number of transitions
+    (None when off)."""
     setup, st = ctx.get("refine_setup"), ctx.get("start_times")
     if not setup or not st:
         return None

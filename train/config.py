@@ -120,14 +120,14 @@ DEFAULTS = {
         # draws + noise, HMC, MAP, ensemble, with memorization and epistemic ratios
         "baselines": True,
         "kde_bandwidths": [0.1, 0.2, 0.3],
-        # refinement (format version 3, train/refine.py): the bundle carries posterior.onnx
+        # refinement (format version 4, train/refine.py): the bundle carries posterior.onnx
         # and the runtime runs K HMC transitions (`refine_leapfrog` leapfrog steps) on every sample;
         # K (`refine.default_transitions`) is the smallest of `refine_transitions` whose sweep row at
-        # the default start time passes the start-time rule with memorization ratio >=
+        # refinement's start time (`refine_start_time`) passes the start-time rule with memorization ratio >=
         # `refine_memorization` (needs `anchors` and canon.enabled). Long trajectories move a draw
         # farther per gradient than many short ones (docs/fidelity.md, "Trajectory length": at the
         # same gradients per draw, moons 0.69 with L = 50 against 0.31 with L = 10; diabetes 1.02
-        # with L = 200 against 0.65 with L = 50; regression1d 0.58 with L = 1000 against 0.30 with
+        # with L = 200 against 0.65 with L = 50 (step 0.0115); regression1d 0.58 with L = 1000 against 0.30 with
         # L = 250), hence L = 200 and few transitions.
         "refine": True,
         "refine_transitions": [0, 1, 2, 5],

@@ -146,7 +146,8 @@ public:
     std::size_t input_dim() const noexcept { return info_.input_dim; }
     std::size_t output_dim() const noexcept { return info_.output_dim; }
     std::size_t uncertainty_dim() const noexcept { return info_.uncertainty_dim; }
-    /// The start time PF_START_TIME_BUNDLE selects (0: fresh flow samples; 1: the stored draws).
+    /// The start time PF_START_TIME_BUNDLE selects for unrefined draws and draws with
+    /// log-densities (0: fresh flow samples; 1: the stored draws).
     double default_start_time() const noexcept { return info_.default_start_time; }
     /// Stored draws the bundle carries (start times above 0 need them).
     std::size_t anchor_count() const noexcept { return info_.anchor_count; }

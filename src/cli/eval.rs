@@ -422,6 +422,7 @@ fn eval_text(model: &Model, r: &Value) -> String {
     let sphere = f["geometry"].as_str() == Some("sphere_product");
     let k = f["refine_transitions"].as_u64().unwrap_or(0);
     let anchors = f["anchors"].as_u64().unwrap_or(0);
+    let at_refine_start = t0 == model.default_refine_start_time();
     if k > 0 && t0 == 1.0 {
         let _ = writeln!(o, "start time 1: from the {anchors} stored posterior draws themselves");
     } else {
@@ -453,8 +454,10 @@ fn eval_text(model: &Model, r: &Value) -> String {
             }
         }
         // The manifest's flow row is for start time 0 unrefined; at another start time its sweep
-        // row is the match, and refined samples match its refinement sweep.
+        // row is the match, and refined samples match its refinement sweep (recorded at
+        // refinement's start time only).
         let manifest_row = match key {
+            "flow" if k > 0 && !at_refine_start => None,
             "flow" if k > 0 => manifest_refine_sweep.and_then(|rows| refine_row(rows, k)),
             "flow" if t0 != 0.0 => manifest_sweep.and_then(|rows| sweep_row(rows, t0)),
             _ => recorded.and_then(|m| m.get(key)),
@@ -471,7 +474,7 @@ fn eval_text(model: &Model, r: &Value) -> String {
     o.push_str(&metrics_table(task, &rows));
     let _ = writeln!(o);
     let recorded_spread = if k > 0 {
-        manifest_refine_sweep.and_then(|rows| refine_row(rows, k))
+        manifest_refine_sweep.filter(|_| at_refine_start).and_then(|rows| refine_row(rows, k))
     } else {
         manifest_sweep.and_then(|rows| sweep_row(rows, t0))
     };

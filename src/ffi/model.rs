@@ -24,7 +24,8 @@ pub struct pf_model_info {
     /// Columns `U` of the uncertainty outputs of `pf_prediction`: 1 (entropies) for
     /// classification, `output_dim` (variances) for regression.
     pub uncertainty_dim: usize,
-    /// The start time that `PF_START_TIME_BUNDLE` selects: 0 (fresh flow samples) when the
+    /// The start time that `PF_START_TIME_BUNDLE` selects for unrefined draws and draws with
+    /// log-densities (refined ones: `default_refine_start_time`): 0 (fresh flow samples) when the
     /// bundle stores no draws; 1 returns the stored draws themselves, which have no
     /// log-density. (Added in 0.4.)
     pub default_start_time: f64,
@@ -36,7 +37,7 @@ pub struct pf_model_info {
     /// Its probes per sample, what `probes = 0` takes. (Added in 0.4.)
     pub hutchinson_probes: u32,
     /// HMC transitions on the posterior that `PF_REFINE_BUNDLE` runs after drawing without a
-    /// log-density; 0 when the bundle has no refinement (format version 3). (Added in 0.5.)
+    /// log-density; 0 when the bundle has no refinement (format version 3 or 4). (Added in 0.5.)
     pub default_refine_transitions: u32,
     /// The start time that `PF_START_TIME_BUNDLE` selects when samples are refined
     /// (transitions > 0): the bundle's `refine.start_time` (format version 4; 1 refines the

@@ -9,6 +9,25 @@ pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bundles").join(name)
 }
 
+/// A temporary format-4 copy of the `affine_refine` fixture whose refined draws start at the
+/// stored draws (`refine.start_time` 1; its `flow.default_start_time` stays 0.5). Keep the
+/// `TempDir` alive while the copy is used.
+pub fn refine_from_stored_draws() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("affine_refine_v4");
+    std::fs::create_dir(&path).unwrap();
+    for entry in std::fs::read_dir(fixture("affine_refine")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), path.join(entry.file_name())).unwrap();
+    }
+    let manifest = path.join("postflow.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    m["format_version"] = 4.into();
+    m["refine"]["start_time"] = 1.0.into();
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    (dir, path)
+}
+
 pub fn open(name: &str) -> Model {
     Model::open(fixture(name), &ModelOptions::default()).unwrap_or_else(|e| panic!("open {name}: {e}"))
 }

@@ -486,8 +486,10 @@ class Model:
         self.weight_dim: int = info.weight_dim
         #: Columns of the uncertainty arrays of a :class:`Prediction`.
         self.uncertainty_dim: int = info.uncertainty_dim
-        #: The start time ``start_time=None`` selects: 0 gives fresh flow samples, 1 the stored
-        #: draws themselves (no log-density), in between samples started around stored draws.
+        #: The start time ``start_time=None`` selects for unrefined draws and draws with
+        #: log-densities (refined ones: :attr:`default_refine_start_time`): 0 gives fresh flow
+        #: samples, 1 the stored draws themselves (no log-density), in between samples started
+        #: around stored draws.
         self.default_start_time: float = info.default_start_time
         #: Stored draws (anchors) the bundle carries; start times above 0 need them.
         self.anchor_count: int = info.anchor_count
@@ -495,7 +497,7 @@ class Model:
         self.hutchinson_trace: str = {v: k for k, v in TRACES.items()}[info.hutchinson_trace]
         self.hutchinson_probes: int = info.hutchinson_probes
         #: HMC transitions on the posterior that ``refine_transitions=None`` runs after drawing
-        #: without log-densities (0: the bundle has no refinement; format version 3).
+        #: without log-densities (0: the bundle has no refinement; format versions 3 and 4).
         self.default_refine_transitions: int = info.default_refine_transitions
         #: The start time ``start_time=None`` selects for refined samples: the bundle's own
         #: (format version 4; 1 refines the stored draws themselves), else :attr:`default_start_time`.

@@ -160,6 +160,25 @@ def test_refinement_matches_the_rust_api(cls):
         cls.sample(2, refine_transitions=1)
 
 
+def test_refined_draws_start_at_the_bundles_refinement_start_time(tmp_path):
+    """A format-4 copy with refine.start_time 1: refined draws start at the stored draws,
+    unrefined ones and draws with a density at the flow's default start time (0.5)."""
+    v4 = tmp_path / "affine_refine_v4"
+    shutil.copytree(FIXTURES / "affine_refine", v4)
+    manifest = json.loads((v4 / "postflow.json").read_text())
+    manifest["format_version"] = 4
+    manifest["refine"]["start_time"] = 1.0
+    (v4 / "postflow.json").write_text(json.dumps(manifest))
+    with postflow.Model(v4) as m:
+        assert (m.default_start_time, m.default_refine_start_time) == (0.5, 1.0)
+        refined = m.sample(4, seed=8).theta
+        np.testing.assert_array_equal(refined, m.sample(4, seed=8, start_time=1.0).theta)
+        assert not np.array_equal(refined, m.sample(4, seed=8, start_time=0.5).theta)
+        unrefined = m.sample(4, seed=8, refine_transitions=0).theta
+        np.testing.assert_array_equal(unrefined, m.sample(4, seed=8, refine_transitions=0, start_time=0.5).theta)
+        np.testing.assert_array_equal(m.sample(4, seed=8, trace="exact").theta, unrefined)
+
+
 def test_sample_properties(cls):
     a = cls.sample(5, seed=3)
     assert a.log_density is None and a.theta.shape == (5, 17) and a.theta.dtype == np.float32
