@@ -17,9 +17,10 @@ log_density = log p(θ | training data) up to a constant, exactly the density NU
     prior     −½ Σ θ²/s², gradient −θ/s²
 
 jax2onnx's export of a batched value-and-vjp is correct (parity 7e-7) but bloated (381-527
-nodes: broadcasts materialized by Expand, ScatterND for slice transposes). Softmax probabilities
-are floored at exp(SOFTMAX_LOG_FLOOR) so that confident nets give no float32 subnormals, which
-made the backward MatMuls 2-3x slower on x86 (docs/performance.md, "Refinement"); `timing`
+nodes: broadcasts materialized by Expand, ScatterND for slice transposes). The log-softmax is
+written by hand with its exponentials floored at exp(SOFTMAX_LOG_FLOOR) relative to the largest
+logit, so that confident nets give no float32 subnormals, which made ONNX Runtime's LogSoftmax
+and the backward MatMuls 2-3x slower on x86 (docs/performance.md, "Refinement"); `timing`
 measures this graph against jitted JAX."""
 
 import time
@@ -80,16 +81,24 @@ def build(task, x, y, sizes, noise_sigma, temperature, prior_scale, n_classes=No
         c = sizes[-1] if n_classes is None else n_classes
         onehot = np.zeros((n, c), np.float32)
         onehot[np.arange(n), np.asarray(y, np.int64)] = 1.0
-        inits += [_f32("Y1", onehot), _f32("logp_floor", SOFTMAX_LOG_FLOOR)]
-        mk("LogSoftmax", [zl], ["logp"], axis=-1)                             # [S,N,C]
+        inits += [_f32("Y1", onehot), _f32("logit_floor", SOFTMAX_LOG_FLOOR), _i64("ax2", [2])]
+        # log-softmax by hand, one exp shared with the softmax: zc = z − max z, e = exp(max(zc,
+        # −80)), log p = zc − log Σ e, softmax = e / Σ e. Below e^−80 ≈ 1.8e-35 exp would return
+        # float32 subnormals, which are slow on x86 in every op they reach (ONNX Runtime's own
+        # LogSoftmax and the backward MatMuls; docs/performance.md, "Refinement"); the floor
+        # changes Σ e by less than C·e^−80 relative and the gradient by less than 2e-35 per entry.
+        # (ONNX Runtime's flush-to-zero option would do it too, but it leaves FTZ/DAZ set on the
+        # caller's thread.)
+        mk("ReduceMax", [zl], ["zmax"], axes=[2], keepdims=1)                 # [S,N,1]
+        mk("Sub", [zl, "zmax"], ["zc"])
+        mk("Max", ["zc", "logit_floor"], ["zc_floored"])
+        mk("Exp", ["zc_floored"], ["ez"])
+        mk("ReduceSum", ["ez", "ax2"], ["sez"], keepdims=1)
+        mk("Log", ["sez"], ["lse"])
+        mk("Sub", ["zc", "lse"], ["logp"])                                    # [S,N,C]
         mk("Mul", ["logp", "Y1"], ["logp_y"])
         mk("ReduceSum", ["logp_y", "ax12"], ["loglik"], keepdims=0)           # [S]
-        # softmax = exp(max(logp, −80)): below e^−80 ≈ 1.8e-35 exp would return float32 subnormals,
-        # which flow into the backward MatMuls and slow them 2-3x on x86 (denormal arithmetic);
-        # the change to the gradient is below 2e-35 per entry. (ONNX Runtime's flush-to-zero
-        # option would do it too, but it leaves FTZ/DAZ set on the caller's thread.)
-        mk("Max", ["logp", "logp_floor"], ["logp_c"])
-        mk("Exp", ["logp_c"], ["softmax"])
+        mk("Div", ["ez", "sez"], ["softmax"])
         mk("Sub", ["Y1", "softmax"], ["dz_raw"])
     else:
         y = np.asarray(y, np.float32).reshape(n, -1)
@@ -127,8 +136,10 @@ def build(task, x, y, sizes, noise_sigma, temperature, prior_scale, n_classes=No
         parts = [f"dWf{i}", f"db{i}"] + parts
         if i > 0:
             mk("MatMul", [g, f"W{i}"], [f"gh{i - 1}"])                        # [S,N,i]
+            # the ReLU mask as a float factor: Where with a broadcast scalar was 3x slower
             mk("Greater", [f"z{i - 1}", "zero"], [f"act{i - 1}"])
-            mk("Where", [f"act{i - 1}", f"gh{i - 1}", "zero"], [f"g{i - 1}"])
+            mk("Cast", [f"act{i - 1}"], [f"mask{i - 1}"], to=TensorProto.FLOAT)
+            mk("Mul", [f"gh{i - 1}", f"mask{i - 1}"], [f"g{i - 1}"])
     mk("Concat", parts, ["gl"], axis=1)
     mk("Mul", ["theta", "neg_inv_var"], ["gprior"])
     mk("Add", ["gl", "gprior"], ["grad"])

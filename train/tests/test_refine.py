@@ -146,8 +146,8 @@ def test_posterior_graph_matches_jax(task, sizes, outputs):
 
 def test_posterior_graph_makes_no_subnormals_for_confident_nets():
     """A confident classifier (logit gaps of hundreds) gives softmax probabilities far below
-    float32's normal range; the graph floors log p at −80 before exp, so no subnormal reaches
-    the backward MatMuls (they run 2-3x slower on them) and the gradient still matches JAX."""
+    float32's normal range; the graph floors the centred logits at −80 before its one exp, so no
+    subnormal reaches the backward MatMuls (they run 2-3x slower on them) and the gradient still matches JAX."""
     from train import posterior_graph
     rng = np.random.default_rng(3)
     sizes, n = [2, 6, 3], 50
@@ -159,7 +159,7 @@ def test_posterior_graph_makes_no_subnormals_for_confident_nets():
     theta = (rng.standard_normal((64, mlp.dim(sizes))) * scales).astype(np.float32)
     from train.export import session
     exp = [nd for nd in model.graph.node if nd.op_type == "Exp"]
-    assert len(exp) == 1 and list(exp[0].input) == ["logp_c"]
+    assert len(exp) == 1 and list(exp[0].input) == ["zc_floored"]
     probe = onnx.ModelProto()
     probe.CopyFrom(model)  # the softmax the backward pass starts from, as an extra output
     probe.graph.output.append(onnx.helper.make_tensor_value_info("softmax", onnx.TensorProto.FLOAT, None))
