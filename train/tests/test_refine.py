@@ -84,9 +84,17 @@ def test_tune_step_picks_the_largest_step_meeting_the_target():
     starts = jax.random.normal(jax.random.PRNGKey(0), (200, 4))
     step, trials = refine.tune_step(run, starts, jax.random.PRNGKey(1), 0.25)
     assert trials[f"{step:.4g}"] >= refine.TARGET_ACCEPTANCE
-    # walked from the largest step down: every larger step was tried and failed, no smaller one tried
+    # walked from the largest step down: every larger step was tried and failed, no smaller grid
+    # step tried; then the ×√2 midpoint above the first passing grid step
     assert all(a < refine.TARGET_ACCEPTANCE for s, a in trials.items() if float(s) > step)
-    assert min(float(s) for s in trials) == step and len(trials) == 3 - round(np.log2(step / 0.25)) + 1
+    on_grid = lambda s: abs(np.log2(float(s) / 0.25) - round(np.log2(float(s) / 0.25))) < 1e-3
+    grid = sorted(float(s) for s in trials if on_grid(s))
+    first = grid[0]
+    assert len(grid) == 3 - round(np.log2(first / 0.25)) + 1
+    mids = [float(s) for s in trials if float(s) not in grid]
+    assert len(mids) == 1 and np.isclose(mids[0], first * 2**0.5, rtol=1e-3)
+    mid_passed = trials[f"{mids[0]:.4g}"] >= refine.TARGET_ACCEPTANCE
+    assert np.isclose(step, first * 2**0.5 if mid_passed else first, rtol=1e-9)
 
 
 def test_refine_rescales_with_the_anchor_norms_and_returns_canonical_draws():
