@@ -143,7 +143,7 @@ impl Model {
     /// The start time sampling uses when the options leave it unset (0 without anchors), for
     /// unrefined draws and draws with log-densities (refined ones: `default_refine_start_time`).
     pub fn default_start_time(&self) -> f64 {
-        self.manifest.flow.default_start_time.unwrap_or(0.0)
+        self.manifest.default_start_time()
     }
 
     /// Number of stored anchor draws (0 when the bundle has none).
@@ -182,7 +182,7 @@ impl Model {
     /// `refine.start_time` (format version 4; 1 refines the stored draws themselves), else
     /// `default_start_time`.
     pub fn default_refine_start_time(&self) -> f64 {
-        self.manifest.refine.as_ref().and_then(|r| r.start_time).unwrap_or_else(|| self.default_start_time())
+        self.manifest.default_refine_start_time()
     }
 
     /// Draw `n` posterior weight samples (and their log-densities when `options.trace` asks).

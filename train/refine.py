@@ -33,7 +33,8 @@ and this module implement the same law:
 
 `tune_step` picks ε: the largest step on a ×2 grid around the NUTS step size whose mean
 acceptance probability over 5 pilot transitions started at the stored (aligned) draws is
->= 0.65, or the ×√2 midpoint above it when that passes too. `choose_transitions` picks the bundle's default K from the refinement sweep."""
+>= 0.65, or the ×√2 midpoint above it when that passes too. `choose_transitions` picks the
+bundle's default K from the refinement sweep."""
 
 import jax
 import jax.numpy as jnp

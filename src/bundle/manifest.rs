@@ -35,6 +35,20 @@ pub struct Manifest {
     pub reference_metrics: serde_json::Value,
 }
 
+impl Manifest {
+    /// The start time of unrefined draws and draws with log-densities when the caller gives
+    /// none: `flow.default_start_time`, else 0.
+    pub fn default_start_time(&self) -> f64 {
+        self.flow.default_start_time.unwrap_or(0.0)
+    }
+
+    /// The start time of refined draws when the caller gives none: `refine.start_time`
+    /// (format version 4), else `default_start_time`.
+    pub fn default_refine_start_time(&self) -> f64 {
+        self.refine.as_ref().and_then(|r| r.start_time).unwrap_or_else(|| self.default_start_time())
+    }
+}
+
 fn default_tensors_file() -> String {
     "tensors.safetensors".into()
 }

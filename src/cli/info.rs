@@ -82,13 +82,13 @@ fn info_json(bundle: &Bundle) -> Value {
             "anchors": anchor_count(bundle),
             "eval_inputs": bundle.tensors.eval_x.nrows(),
         },
-        "default_start_time": default_start_time(m),
+        "default_start_time": m.default_start_time(),
         "refine": m.refine.as_ref().map(|r| json!({
             "graph": {"file": r.graph, "bytes": bundle.graphs.posterior.as_ref().map_or(0, Vec::len)},
             "leapfrog_steps": r.leapfrog_steps,
             "step_size": r.step_size,
             "default_transitions": r.default_transitions,
-            "start_time": r.start_time.unwrap_or_else(|| default_start_time(m)),
+            "start_time": m.default_refine_start_time(),
             "canonical": bundle.tensors.refine.as_ref().is_some_and(|t| t.anchor_unit_norms.is_some()),
         })),
         "default_solver": m.flow.default_solver,
@@ -101,11 +101,6 @@ fn info_json(bundle: &Bundle) -> Value {
 /// Stored anchor draws (`flow.anchors`), 0 without.
 fn anchor_count(bundle: &Bundle) -> usize {
     bundle.tensors.anchors.as_ref().map_or(0, |a| a.nrows())
-}
-
-/// The start time sampling uses when none is given (as `Model::default_start_time`).
-fn default_start_time(m: &Manifest) -> f64 {
-    m.flow.default_start_time.unwrap_or(0.0)
 }
 
 /// `flow.geometry` and what it makes of the weights: how many unit spheres (one per
@@ -244,7 +239,7 @@ fn info_text(bundle: &Bundle, v: &Value) -> String {
         bundle.tensors.posterior_theta.nrows(),
         bundle.tensors.eval_x.nrows()
     );
-    let t0 = default_start_time(m);
+    let t0 = m.default_start_time();
     let what = if anchors == 0 {
         "fresh flow samples (no anchor draws to start from)".to_string()
     } else if t0 == 0.0 {
@@ -256,7 +251,7 @@ fn info_text(bundle: &Bundle, v: &Value) -> String {
     };
     let _ = writeln!(o, "start time   {t0} by default: {what}");
     if let Some(r) = &m.refine {
-        let refine_t0 = r.start_time.unwrap_or_else(|| default_start_time(m));
+        let refine_t0 = m.default_refine_start_time();
         let _ = writeln!(
             o,
             "refinement   {} HMC transitions by default (draws without log-densities; --refine K), {} leapfrog steps \
