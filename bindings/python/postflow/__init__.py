@@ -86,7 +86,11 @@ DEVICES = {"cpu": 0, "cuda": 1}
 #: ``solver`` names accepted by the sampling methods (``pf_solver``; "default": the bundle's).
 SOLVERS = {"default": 0, "euler": 1, "heun": 2, "rk4": 3, "dopri5": 4}
 #: ``trace`` names accepted by the sampling methods (``pf_trace``; "none": no log-densities).
-TRACES = {"none": 0, "hutchinson": 1, "hutchinson-gaussian": 2, "exact": 3}
+#: "hutchinson" is the bundle's own estimator (:attr:`Model.hutchinson_trace`), as on the command
+#: line; the code 1 alone (``PF_TRACE_HUTCHINSON``) is Rademacher probes.
+TRACES = {"none": 0, "hutchinson": 1, "hutchinson-rademacher": 1, "hutchinson-gaussian": 2, "exact": 3}
+#: ``pf_trace`` codes of a bundle's estimator to their :data:`TRACES` names.
+HUTCHINSON_NAMES = {1: "hutchinson-rademacher", 2: "hutchinson-gaussian"}
 #: ``pf_task`` values to :attr:`Model.task` names.
 TASKS = {0: "classification", 1: "regression"}
 
@@ -493,8 +497,9 @@ class Model:
         self.default_start_time: float = info.default_start_time
         #: Stored draws (anchors) the bundle carries; start times above 0 need them.
         self.anchor_count: int = info.anchor_count
-        #: The bundle's own Hutchinson estimator, a :data:`TRACES` name, and its probe count.
-        self.hutchinson_trace: str = {v: k for k, v in TRACES.items()}[info.hutchinson_trace]
+        #: The bundle's own Hutchinson estimator ("hutchinson-rademacher" or "hutchinson-gaussian",
+        #: what ``trace="hutchinson"`` selects) and its probe count.
+        self.hutchinson_trace: str = HUTCHINSON_NAMES[info.hutchinson_trace]
         self.hutchinson_probes: int = info.hutchinson_probes
         #: HMC transitions on the posterior that ``refine_transitions=None`` runs after drawing
         #: without log-densities (0: the bundle has no refinement; format versions 3 and 4).
@@ -604,13 +609,20 @@ class Model:
             o.struct_size = _int(struct_size, "struct_size")
         return o
 
+    def _bundle_trace(self, options: Dict[str, Any]) -> Dict[str, Any]:
+        """``options`` with ``trace="hutchinson"`` read as the bundle's own estimator."""
+        if options.get("trace") == "hutchinson":
+            return {**options, "trace": self.hutchinson_trace}
+        return options
+
     def sample(self, n: int, **options: Any) -> Samples:
         """Draw ``n`` weight samples.
 
         Options (``pf_sample_options``): ``seed``, ``solver`` (a :data:`SOLVERS` name),
         ``steps``, ``rtol``, ``atol``, ``max_steps``, ``start_time`` (None: the bundle's; for
         refined samples :attr:`default_refine_start_time`),
-        ``trace`` (a :data:`TRACES` name; anything but "none" adds log-densities), ``probes``
+        ``trace`` (a :data:`TRACES` name; anything but "none" adds log-densities; "hutchinson"
+        is the bundle's estimator, :attr:`hutchinson_trace`), ``probes``
         and ``batch_size`` (samples integrated together per ONNX Runtime call, 0: 128; trades
         memory for speed, never changes results), ``refine_transitions`` (HMC transitions on the
         posterior after drawing, bundles with refinement only; None: the bundle's default
@@ -621,7 +633,7 @@ class Model:
         values, floats and bools raise :class:`InvalidArgumentError`.
         """
         n = _int(n, "n", 8 * ctypes.sizeof(ctypes.c_size_t))
-        o = self._options(**options)
+        o = self._options(**self._bundle_trace(options))
         if n * self.weight_dim * 4 > sys.maxsize:  # the C API's own limit; numpy would fail less clearly
             raise InvalidArgumentError(ERR_INVALID_ARGUMENT, f"n x weight_dim = {n} x {self.weight_dim} is too large")
         with_density = o.trace != TRACES["none"]
@@ -647,7 +659,7 @@ class Model:
         norm 0 stays an error); other bundles ignore ``project_to_slice``.
         """
         options.setdefault("trace", "exact")
-        o = self._options(**options)
+        o = self._options(**self._bundle_trace(options))
         t = _as_f32(theta, "theta", 2)
         n = t.shape[0]
         logd = np.empty(n, dtype=np.float32)
@@ -689,7 +701,7 @@ class Model:
         """Draw ``n`` samples (:meth:`sample`'s options, ``batch_size`` included) and average
         their predictions at ``x``."""
         n = _int(n, "n", 8 * ctypes.sizeof(ctypes.c_size_t))
-        o = self._options(**options)
+        o = self._options(**self._bundle_trace(options))
         xa = _as_f32(x, "x", 2)
         p, mean, us = self._prediction(xa.shape[0])
         with self._call() as handle:

@@ -59,7 +59,7 @@ def test_info(cls, reg, tmp_path):
     assert (reg.task, reg.input_dim, reg.output_dim, reg.weight_dim, reg.uncertainty_dim) == ("regression", 1, 1, 13, 1)
     # What sampling does by default: fresh samples without stored draws; the bundle's estimator.
     assert (cls.default_start_time, cls.anchor_count) == (0.0, 0)
-    assert cls.hutchinson_trace in ("hutchinson", "hutchinson-gaussian") and cls.hutchinson_probes >= 1
+    assert cls.hutchinson_trace in ("hutchinson-rademacher", "hutchinson-gaussian") and cls.hutchinson_probes >= 1
     with postflow.Model(FIXTURES / "affine_anchored") as anchored:  # 24 stored draws, default t0 0.5
         assert (anchored.default_start_time, anchored.anchor_count) == (0.5, 24)
     # A bundle whose estimator is Gaussian says so.
@@ -70,6 +70,15 @@ def test_info(cls, reg, tmp_path):
     (gauss / "postflow.json").write_text(json.dumps(manifest))
     with postflow.Model(gauss) as g:
         assert (g.hutchinson_trace, g.hutchinson_probes) == ("hutchinson-gaussian", 3)
+        # trace="hutchinson" is the bundle's estimator (as on the command line): Gaussian probes here,
+        # so it reproduces "hutchinson-gaussian" and differs from explicit Rademacher probes.
+        for method in (lambda **o: g.sample(4, seed=5, start_time=0.0, **o).log_density,
+                       lambda **o: g.log_prob(theta, seed=5, **o)[0]):
+            theta = g.sample(4, seed=5, start_time=0.0).theta
+            own = method(trace="hutchinson", probes=2)
+            np.testing.assert_array_equal(own, method(trace="hutchinson-gaussian", probes=2))
+            assert not np.allclose(own, method(trace="hutchinson-rademacher", probes=2))
+            np.testing.assert_array_equal(method(trace="hutchinson-rademacher", probes=2), method(trace=1, probes=2))
 
 
 def test_load_errors(tmp_path):
