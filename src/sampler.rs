@@ -89,6 +89,9 @@ pub struct Samples {
     /// Standard error of each Hutchinson estimate (only with more than one probe).
     pub log_density_stderr: Option<Vec<f32>>,
     pub stats: OdeStats,
+    /// The start time the samples were drawn from (the caller's, else the bundle's default
+    /// for this kind of draw: refinement's own start time when they were refined).
+    pub start_time: f64,
     /// Refinement's transitions and acceptance, when samples were refined.
     pub refine: Option<RefineStats>,
 }
@@ -277,6 +280,7 @@ impl FlowContext<'_> {
             log_density: (accs > 0).then_some(logd),
             log_density_stderr: (accs > 1).then_some(stderr),
             stats,
+            start_time: t_start,
             refine: None,
         })
     }
@@ -389,7 +393,8 @@ impl FlowContext<'_> {
                 *out = self.whiten_mean[i] + self.whiten_scale[i] * x;
             }
         }
-        Ok(Samples { theta, log_density: None, log_density_stderr: None, stats: OdeStats::default(), refine: None })
+        let stats = OdeStats::default();
+        Ok(Samples { theta, log_density: None, log_density_stderr: None, stats, start_time: 1.0, refine: None })
     }
 
     fn integrate(

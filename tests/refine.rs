@@ -151,17 +151,22 @@ fn refined_sampling_starts_at_the_bundles_refinement_start_time() {
     let o = SampleOptions { seed: 4, ..Default::default() };
     let refined = model.sample(12, &o).unwrap();
     assert_eq!(refined.refine.as_ref().unwrap().transitions, k);
+    assert_eq!(refined.start_time, 1.0, "Samples report the start time they were drawn from");
     let from_stored = SampleOptions { start_time: Some(1.0), refine_transitions: Some(k), ..o.clone() };
     assert_eq!(refined.theta, model.sample(12, &from_stored).unwrap().theta);
     assert_eq!(refined.theta, plain.sample(12, &from_stored).unwrap().theta);
     assert_ne!(refined.theta, plain.sample(12, &o).unwrap().theta, "the plain bundle refines from t0 = 0.5");
     // Explicit start time: the same as the plain bundle's.
     let at_half = SampleOptions { start_time: Some(0.5), ..o.clone() };
-    assert_eq!(model.sample(12, &at_half).unwrap().theta, plain.sample(12, &o).unwrap().theta);
+    let explicit = model.sample(12, &at_half).unwrap();
+    assert_eq!(explicit.theta, plain.sample(12, &o).unwrap().theta);
+    assert_eq!((explicit.start_time, plain.sample(12, &o).unwrap().start_time), (0.5, 0.5));
     // Unrefined and density draws keep flow.default_start_time (0.5: not the stored copies).
-    let unrefined = model.sample(12, &SampleOptions { refine_transitions: Some(0), ..o.clone() }).unwrap().theta;
+    let unrefined = model.sample(12, &SampleOptions { refine_transitions: Some(0), ..o.clone() }).unwrap();
+    assert_eq!(unrefined.start_time, 0.5);
+    let unrefined = unrefined.theta;
     assert_eq!(unrefined, plain.sample(12, &SampleOptions { refine_transitions: Some(0), ..o.clone() }).unwrap().theta);
     let with_density = model.sample(12, &SampleOptions { trace: TraceMode::Exact, ..o }).unwrap();
     assert!(with_density.log_density.is_some());
-    assert_eq!(with_density.theta, unrefined);
+    assert_eq!((&with_density.theta, with_density.start_time), (&unrefined, 0.5));
 }

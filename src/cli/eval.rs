@@ -293,11 +293,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
     };
 
     let drawn = draw(&model, n, &options, args.model.quiet)?;
-    let refined = drawn.refine.transitions > 0;
-    let start_time = args.start_time.unwrap_or_else(|| match refined {
-        true => model.default_refine_start_time(),
-        false => model.default_start_time(),
-    });
+    let start_time = drawn.start_time;
     let x = model.tensors().eval_x.view();
     let targets = model.tensors().eval.clone();
     let flow_pred = model.predict(x, drawn.theta.view(), None, &PredictOptions::default())?;

@@ -46,6 +46,8 @@ pub(super) struct Drawn {
     pub theta: Array2<f32>,
     pub seconds: f64,
     pub stats: OdeStats,
+    /// The start time the samples were drawn from (`Samples::start_time`).
+    pub start_time: f64,
     pub refine: RefineStats,
 }
 
@@ -59,6 +61,7 @@ pub(super) fn draw(model: &Model, n: usize, base: &SampleOptions, quiet: bool) -
     let mut theta = crate::sampler::zeroed_samples(n, model.weight_dim())?;
     let mut stats = OdeStats::default();
     let mut refine = RefineStats::default();
+    let mut start_time = f64::NAN;
     let bar = progress::bar(n as u64, "sampling", quiet);
     let started = std::time::Instant::now();
     for first in (0..n).step_by(step) {
@@ -68,11 +71,12 @@ pub(super) fn draw(model: &Model, n: usize, base: &SampleOptions, quiet: bool) -
         theta.slice_mut(s![first..first + count, ..]).assign(&samples.theta);
         stats += samples.stats;
         refine += samples.refine.unwrap_or_default();
+        start_time = samples.start_time; // the same for every batch: one set of options
         bar.inc(count as u64);
     }
     let seconds = started.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    Ok(Drawn { theta, seconds, stats, refine })
+    Ok(Drawn { theta, seconds, stats, start_time, refine })
 }
 
 /// Most flow samples a manifest's `reference_metrics.flow_samples` may ask for by default.
