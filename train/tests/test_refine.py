@@ -83,18 +83,39 @@ def test_tune_step_picks_the_largest_step_meeting_the_target():
     run = _gaussian_kernel(jnp.zeros(4), jnp.ones(4))
     starts = jax.random.normal(jax.random.PRNGKey(0), (200, 4))
     step, trials = refine.tune_step(run, starts, jax.random.PRNGKey(1), 0.25)
-    assert trials[f"{step:.4g}"] >= refine.TARGET_ACCEPTANCE
-    # walked from the largest step down: every larger step was tried and failed, no smaller grid
-    # step tried; then the ×√2 midpoint above the first passing grid step
-    assert all(a < refine.TARGET_ACCEPTANCE for s, a in trials.items() if float(s) > step)
-    on_grid = lambda s: abs(np.log2(float(s) / 0.25) - round(np.log2(float(s) / 0.25))) < 1e-3
-    grid = sorted(float(s) for s in trials if on_grid(s))
-    first = grid[0]
-    assert len(grid) == 3 - round(np.log2(first / 0.25)) + 1
-    mids = [float(s) for s in trials if float(s) not in grid]
-    assert len(mids) == 1 and np.isclose(mids[0], first * 2**0.5, rtol=1e-3)
-    mid_passed = trials[f"{mids[0]:.4g}"] >= refine.TARGET_ACCEPTANCE
-    assert np.isclose(step, first * 2**0.5 if mid_passed else first, rtol=1e-9)
+    passed = {float(s): a >= refine.TARGET_ACCEPTANCE for s, a in trials.items()}
+    assert passed[float(f"{step:.4g}")]
+    # walked from the largest grid step down: every larger step was tried and failed
+    assert not any(ok for s, ok in passed.items() if s > step * (1 + 1e-3))
+    on_grid = lambda s: abs(np.log2(s / 0.25) - round(np.log2(s / 0.25))) < 1e-3
+    grid = sorted(s for s in passed if on_grid(s))
+    first = grid[0]  # the first passing grid step; no smaller one tried
+    assert passed[first] and len(grid) == 3 - round(np.log2(first / 0.25)) + 1
+    # then BISECTION_LEVELS geometric bisections of [first, 2 first]: the step is within a factor
+    # 2^(1/8) of the acceptance boundary, and the smallest failed step is that factor above it
+    between = sorted(s for s in passed if not on_grid(s))
+    assert len(between) == refine.BISECTION_LEVELS
+    assert all(first < s < 2 * first for s in between)
+    failed_above = min(s for s, ok in passed.items() if not ok and s > step)
+    assert np.isclose(failed_above / step, 2 ** (1 / 2**refine.BISECTION_LEVELS), rtol=1e-3)
+
+
+def test_tune_step_bisection_finds_a_known_boundary():
+    """A kernel whose acceptance is a known decreasing function of the step: the tuned step
+    is the largest on the bisection lattice below the boundary."""
+    boundary = 0.37
+
+    def kernel(key, starts, step, transitions):
+        return starts, jnp.where(step <= boundary, 0.9, 0.1)
+    step, trials = refine.tune_step(kernel, jnp.zeros((2, 3)), jax.random.PRNGKey(0), 0.1)
+    # grid: 0.8, 0.4 fail, 0.2 passes; bisection of [0.2, 0.4] to a factor 2^(1/8)
+    lattice = 0.2 * 2 ** (np.arange(9) / 8)
+    assert np.isclose(step, lattice[lattice <= boundary].max(), rtol=1e-6)
+    assert len(trials) == 3 + refine.BISECTION_LEVELS
+    top, _ = refine.tune_step(lambda k, s, e, t: (s, jnp.float32(1.0)), jnp.zeros((2, 3)), jax.random.PRNGKey(0), 0.1)
+    assert np.isclose(top, 0.8)  # the largest grid step passes: no bracket to bisect
+    low, _ = refine.tune_step(lambda k, s, e, t: (s, jnp.float32(0.0)), jnp.zeros((2, 3)), jax.random.PRNGKey(0), 0.1)
+    assert np.isclose(low, 0.1 / 16)
 
 
 def test_refine_rescales_with_the_anchor_norms_and_returns_canonical_draws():

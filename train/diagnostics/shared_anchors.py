@@ -1,0 +1,78 @@
+"""More draws than stored draws: do refined draws that start at the same stored draw stay apart?
+
+`POSTFLOW_LIB=target/release/libpostflow.so PYTHONPATH=bindings/python
+python -m train.diagnostics.shared_anchors models/NAME [--n 400] [--seed 0] [--refine K] [--json OUT]`
+
+A bundle's refined draws start at its stored draws in a seeded order, so draw j and draw
+j + A (A: the number of stored draws) start at the same one. The runtime draws A + n samples
+from refinement's start time with K transitions (default: the bundle's) and compares, in the whitened coordinates the memorization ratio
+uses (x = (θ − mean) / scale):
+
+    same-anchor pair       |x_j − x_{A+j}|,                     j < n
+    nearest other draw     min_{k ≠ j} |x_j − x_{A+k}|,          j, k < n
+    to the stored draws    min_a |x_j − a|,  beside the same for the held-out HMC chain
+
+Medians over j. When the same-anchor pair is no closer than the nearest draw from another
+anchor, sharing a start costs nothing: the pairs are as far apart as unrelated draws."""
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+
+def pairwise(x, y):
+    """Euclidean distances [len(x), len(y)]."""
+    d = (x**2).sum(1)[:, None] + (y**2).sum(1)[None] - 2.0 * x @ y.T
+    return np.sqrt(np.maximum(d, 0.0))
+
+
+def measure(bundle, n=400, seed=0, transitions=None):
+    import postflow  # the Python binding; needs POSTFLOW_LIB or an installed wheel
+
+    t = load_file(str(Path(bundle) / "tensors.safetensors"))
+    mean, scale = t["flow.whiten.mean"].astype(np.float64), t["flow.whiten.scale"].astype(np.float64)
+    anchors = t["flow.anchors"].astype(np.float64)
+    held_out = (t["posterior.theta"] - mean) / scale
+    with postflow.Model(bundle) as model:
+        count = model.anchor_count
+        if count == 0:
+            raise SystemExit(f"{bundle}: no stored draws")
+        k = model.default_refine_transitions if transitions is None else transitions
+        theta = model.sample(count + n, seed=seed, start_time=model.default_refine_start_time,
+                             refine_transitions=k).theta.astype(np.float64)
+    x = (theta - mean) / scale
+    first, again = x[:n], x[count:count + n]
+    cross = pairwise(first, again)
+    same = np.diag(cross).copy()
+    np.fill_diagonal(cross, np.inf)
+    return {"bundle": str(bundle), "stored_draws": count, "n": n, "seed": seed,
+            "transitions": k,
+            "same_anchor_pair": float(np.median(same)),
+            "nearest_other_draw": float(np.median(cross.min(1))),
+            "to_stored_draws": float(np.median(pairwise(first, anchors).min(1))),
+            "held_out_to_stored_draws": float(np.median(pairwise(held_out, anchors).min(1)))}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m train.diagnostics.shared_anchors")
+    p.add_argument("bundle")
+    p.add_argument("--n", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--refine", type=int, default=None, help="transitions (default: the bundle's)")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    r = measure(a.bundle, a.n, a.seed, a.refine)
+    print(f"{r['bundle']}: {r['stored_draws']} stored draws, K = {r['transitions']}, n = {r['n']}; "
+          f"median whitened distance: same-anchor pair {r['same_anchor_pair']:.2f}, nearest draw from another "
+          f"anchor {r['nearest_other_draw']:.2f} (ratio {r['same_anchor_pair'] / r['nearest_other_draw']:.2f}); "
+          f"to the stored draws {r['to_stored_draws']:.2f} (held-out chain {r['held_out_to_stored_draws']:.2f})")
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=1))
+    return r
+
+
+if __name__ == "__main__":
+    main()

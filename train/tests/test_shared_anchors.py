@@ -1,0 +1,42 @@
+"""train/diagnostics/shared_anchors.py through the Python binding and the built library: draws
+j and A + j start at the same stored draw, so without refinement they coincide, and refinement
+moves them apart."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LIB = Path(os.environ.get("POSTFLOW_LIB", ROOT / "target" / "release" / "libpostflow.so"))
+
+
+def run(bundle, out, *args):
+    env = {**os.environ, "POSTFLOW_LIB": str(LIB), "PYTHONPATH": str(ROOT / "bindings" / "python")}
+    subprocess.run([sys.executable, "-m", "train.diagnostics.shared_anchors", str(bundle), "--n", "8",
+                    "--json", str(out), *args], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.skipif(not LIB.exists(), reason=f"no libpostflow at {LIB} (set POSTFLOW_LIB)")
+def test_pairs_share_their_stored_draw(tmp_path):
+    bundle = tmp_path / "affine_refine_v4"  # refined draws start at the 24 stored draws themselves
+    shutil.copytree(ROOT / "tests" / "fixtures" / "bundles" / "affine_refine", bundle)
+    manifest = json.loads((bundle / "postflow.json").read_text())
+    manifest["format_version"] = 4
+    manifest["refine"]["start_time"] = 1.0
+    (bundle / "postflow.json").write_text(json.dumps(manifest))
+
+    copies = run(bundle, tmp_path / "k0.json", "--refine", "0")
+    assert copies["stored_draws"] == 24 and copies["transitions"] == 0
+    # the stored draws themselves (f16 anchors through f32 whitening: rounding only)
+    assert copies["same_anchor_pair"] == 0.0 and copies["to_stored_draws"] < 1e-3
+    assert copies["nearest_other_draw"] > 0.1
+
+    refined = run(bundle, tmp_path / "k.json")
+    assert refined["transitions"] == manifest["refine"]["default_transitions"] > 0
+    assert refined["same_anchor_pair"] > 0.1 and refined["to_stored_draws"] > 0.1
+    assert refined["held_out_to_stored_draws"] == copies["held_out_to_stored_draws"] > 0
