@@ -1,5 +1,7 @@
 """Model card (models/NAME/README.md) rendered from the stage reports."""
 
+from pathlib import Path
+
 from . import sphere
 
 CLS_COLS = ["accuracy", "nll", "ece", "brier", "agreement", "tv"]
@@ -220,6 +222,16 @@ def geometry_line(fl):
             "relative to Lebesgue measure on R^D")
 
 
+def rebuild_config(ctx, name):
+    """The config path of the card's rebuild command: relative to the repository root when the
+    build's config lies inside it (the shipped bundles: train/configs/NAME.toml), else absolute."""
+    path = ctx.get("config_path")
+    if path is None:
+        return f"train/configs/{name}.toml"
+    root = Path(__file__).resolve().parents[1]
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+
+
 def render(ctx, man, figs):
     cfg, rep, data = ctx["cfg"], ctx["reports"], ctx["data"]
     post, ev, fl = rep["posterior"], rep["evaluate"], rep["flow"]
@@ -229,7 +241,7 @@ def render(ctx, man, figs):
     L = []
     L += [f"# {cfg['name']} — postflow bundle", "", cfg["description"], ""]
     L += ["Rebuild (from the repository root):", "", "```",
-          f"nice -n 10 .venv/bin/python -m train build train/configs/{cfg['name']}.toml --out models/{cfg['name']}",
+          f"nice -n 10 .venv/bin/python -m train build {rebuild_config(ctx, cfg['name'])} --out models/{cfg['name']}",
           "```", ""]
     L += ["## Data", "",
           f"- source: `{cfg['data']['source']}` {cfg['data']['args'] or ''}; task: {cfg['data']['task']}",

@@ -138,7 +138,8 @@ def build(config_path, out, work=None, from_stage=None, ray_address=None):
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     # stages write to "out" (the temporary folder) and name "final_out" (--out) in what they print
     ctx = {"cfg": cfg, "work": work, "out": partial, "final_out": out, "reports": {}, "timings": {},
-           "config_dir": Path(config_path).resolve().parent, "ray_address": ray_address}
+           "config_path": Path(config_path).resolve(), "config_dir": Path(config_path).resolve().parent,
+           "ray_address": ray_address}
     try:
         _run_stages(ctx, from_stage)
         if out.exists():

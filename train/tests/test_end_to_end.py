@@ -105,6 +105,8 @@ def test_anchors_and_start_time_sweep(built):
     assert "memorization ratio" in card and (out / "figures" / "start_time_sweep.png").exists()
     assert "- geometry: `euclidean`" in card and "t₀·a + (1 − t₀)·z around" in card
     assert "- weights: rounded to float16 after training" in card  # flow.weight_dtype = "f16"
+    # the rebuild command names the config the build read (inside the repository: relative to it)
+    assert "-m train build train/configs/tiny.toml --out models/tiny\n" in card
 
 
 def test_default_solver_is_the_sweeps_choice(built):

@@ -174,6 +174,8 @@ def check_outputs(tmp_path, runs, outputs):
     manifest = json.loads((bundle / "postflow.json").read_text())
     assert manifest["name"] == "mine" and manifest["task"]["class_names"] == ["no", "yes"]
     assert manifest["input"]["dim"] == 20
+    # the card's rebuild command names the user's own config (outside the repository: absolute)
+    assert f"-m train build {(tmp_path / 'mine.toml').resolve()} --out models/mine\n" in (bundle / "README.md").read_text()
     info = block_with(runs, outputs, '"$postflow" info')
     assert re.search(r"^task +classification, 2 classes \(no, yes\)$", info, re.M), info
     assert re.search(r"d_in = 20, D = 738 weights", info), info
