@@ -10,9 +10,9 @@
 
 /** Version of this header (the library's run-time version is pf_version()). */
 #define PF_VERSION_MAJOR 0
-#define PF_VERSION_MINOR 6
+#define PF_VERSION_MINOR 7
 #define PF_VERSION_PATCH 0
-#define PF_VERSION_STRING "0.6.0"
+#define PF_VERSION_STRING "0.7.0"
 
 /**
  * `pf_model_options.flags`: let ONNX Runtime's worker threads spin (busy-wait) between runs.
@@ -326,7 +326,7 @@ typedef struct {
      */
     uint32_t max_steps;
     /**
-     * Samples integrated together per ONNX Runtime call (memory vs speed; never changes results);
+     * Samples integrated together per ONNX Runtime call (memory vs speed; changes results only by float rounding);
      * 0 = 128. (Added in 0.1; older callers get 0.)
      */
     uint32_t batch_size;
@@ -352,6 +352,14 @@ typedef struct {
      * log-density (trace must be none). (Added in 0.5; older callers get `PF_REFINE_BUNDLE`.)
      */
     int64_t refine_transitions;
+    /**
+     * Index of the call's first sample: sample `i` of the call is sample `first_index + i` of
+     * `seed` (its stream, its stored draw at start time 1, its Hutchinson probes in
+     * `pf_log_prob`), so calls over consecutive ranges give what one call over their union
+     * gives: bitwise when each split falls on a multiple of `batch_size`, else to float
+     * rounding. `first_index + n` must not overflow. (Added in 0.7; older callers get 0.)
+     */
+    uint64_t first_index;
 } pf_sample_options;
 
 /**

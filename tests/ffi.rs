@@ -499,3 +499,68 @@ fn c_abi_refined_draws_start_at_the_refinement_start_time() {
     // SAFETY: frees once.
     unsafe { pf_model_free(model) };
 }
+
+/// `first_index` (0.7): calls over consecutive index ranges split on a batch boundary give
+/// bitwise what one call over their union gives (the flow's draws with their Hutchinson
+/// estimates, the stored draws' seeded order, refined draws), `pf_log_prob` uses the probes of
+/// the matching samples, a caller whose struct stops before the field gets 0, and a range past
+/// u64 is refused.
+#[test]
+fn c_abi_first_index_continues_the_same_draws() {
+    type Draw = (Vec<f32>, Vec<f32>);
+    let draw = |model: *mut pf_model, o: &pf_sample_options, n: usize, d: usize, density: bool| -> Draw {
+        let mut theta = vec![0f32; n * d];
+        let mut logd = vec![0f32; if density { n } else { 0 }];
+        let logd_ptr = if density { logd.as_mut_ptr() } else { null_mut() };
+        // SAFETY: buffers of the stated lengths; options valid.
+        let st =
+            unsafe { pf_sample(model, o, n, theta.as_mut_ptr(), theta.len(), logd_ptr, logd.len(), null_mut(), 0) };
+        assert_eq!(st, pf_status::PF_OK, "{}", last_error());
+        (theta, logd)
+    };
+    let cases = [
+        ("affine_cls", PF_START_TIME_BUNDLE, pf_trace::PF_TRACE_HUTCHINSON as u32, PF_REFINE_BUNDLE),
+        ("affine_anchored", 1.0, pf_trace::PF_TRACE_NONE as u32, PF_REFINE_BUNDLE), // the stored draws, cycled
+        ("affine_refine", PF_START_TIME_BUNDLE, pf_trace::PF_TRACE_NONE as u32, 2),
+    ];
+    for (name, start_time, trace, refine) in cases {
+        let model = load(name);
+        let d = common::open(name).weight_dim();
+        let density = trace != pf_trace::PF_TRACE_NONE as u32;
+        let mut o = sample_options();
+        assert_eq!(o.first_index, 0);
+        (o.seed, o.start_time, o.trace, o.refine_transitions, o.batch_size) = (13, start_time, trace, refine, 8);
+        let whole = draw(model, &o, 30, d, density); // past the 24 stored draws of affine_anchored
+        let head = draw(model, &o, 16, d, density);
+        o.first_index = 16;
+        let tail = draw(model, &o, 14, d, density);
+        assert_eq!([head.0, tail.0].concat(), whole.0, "{name}: theta");
+        assert_eq!([head.1, tail.1].concat(), whole.1, "{name}: log-densities");
+        assert_ne!(whole.0[..d], whole.0[16 * d..17 * d], "{name}: another sample at index 16");
+        // A 0.6 caller's struct stops before first_index: it is 0 whatever the bytes there hold.
+        // SAFETY: pf_sample_options is plain old data (integers and floats).
+        let mut short = unsafe { std::ptr::read(&o) };
+        short.struct_size = std::mem::offset_of!(pf_sample_options, first_index) as u32;
+        assert_eq!(draw(model, &short, 30, d, density), whole, "{name}: an older caller");
+        if density {
+            // pf_log_prob of samples 16.. with first_index 16 uses their probes: their own estimates
+            let mut logd = vec![0f32; 14];
+            let rows = &whole.0[16 * d..];
+            // SAFETY: buffers of the stated lengths; options valid.
+            let st =
+                unsafe { pf_log_prob(model, &o, rows.as_ptr(), 14, rows.len(), logd.as_mut_ptr(), 14, null_mut(), 0) };
+            assert_eq!(st, pf_status::PF_OK, "{}", last_error());
+            for (got, want) in logd.iter().zip(&whole.1[16..]) {
+                assert!((got - want).abs() < 1e-3, "{name}: log_prob {got} against the sample's {want}");
+            }
+        }
+        o.first_index = u64::MAX - 3;
+        let mut theta = vec![0f32; 4 * d];
+        // SAFETY: buffers of the stated lengths; options valid.
+        let st = unsafe { pf_sample(model, &o, 4, theta.as_mut_ptr(), theta.len(), null_mut(), 0, null_mut(), 0) };
+        assert_eq!(st, pf_status::PF_ERR_INVALID_ARGUMENT, "{name}");
+        assert!(last_error().contains("first_index"), "{}", last_error());
+        // SAFETY: frees once.
+        unsafe { pf_model_free(model) };
+    }
+}

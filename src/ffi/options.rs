@@ -52,7 +52,7 @@ pub struct pf_sample_options {
     pub probes: u32,
     /// Cap on attempted `PF_SOLVER_DOPRI5` steps; 0 = 10000. (Added in 0.1; older callers get 0.)
     pub max_steps: u32,
-    /// Samples integrated together per ONNX Runtime call (memory vs speed; never changes results);
+    /// Samples integrated together per ONNX Runtime call (memory vs speed; changes results only by float rounding);
     /// 0 = 128. (Added in 0.1; older callers get 0.)
     pub batch_size: u32,
     /// Start time t0 in [0, 1], or `PF_START_TIME_BUNDLE` (-1, the default) for the bundle's
@@ -71,6 +71,12 @@ pub struct pf_sample_options {
     /// default when `trace` is `PF_TRACE_NONE` and none otherwise. Refined samples have no
     /// log-density (trace must be none). (Added in 0.5; older callers get `PF_REFINE_BUNDLE`.)
     pub refine_transitions: i64,
+    /// Index of the call's first sample: sample `i` of the call is sample `first_index + i` of
+    /// `seed` (its stream, its stored draw at start time 1, its Hutchinson probes in
+    /// `pf_log_prob`), so calls over consecutive ranges give what one call over their union
+    /// gives: bitwise when each split falls on a multiple of `batch_size`, else to float
+    /// rounding. `first_index + n` must not overflow. (Added in 0.7; older callers get 0.)
+    pub first_index: u64,
 }
 
 /// `pf_sample_options.start_time` value that selects the bundle's default start time.
@@ -113,6 +119,7 @@ pub(super) fn sample_options_defaults() -> pf_sample_options {
         start_time: PF_START_TIME_BUNDLE,
         project_to_slice: 0,
         refine_transitions: PF_REFINE_BUNDLE,
+        first_index: 0,
     }
 }
 
@@ -289,6 +296,7 @@ struct RawSampleOptions {
     start_time: f64,
     project_to_slice: u32,
     refine_transitions: i64,
+    first_index: u64,
 }
 
 /// Read the caller's sample options (NULL = defaults) and turn them into `SampleOptions`.
@@ -311,6 +319,7 @@ pub(super) unsafe fn read_sample_options(p: *const pf_sample_options, model: &Mo
             start_time: d.start_time,
             project_to_slice: d.project_to_slice,
             refine_transitions: d.refine_transitions,
+            first_index: d.first_index,
         }
     } else {
         // SAFETY: forwarded caller contract.
@@ -330,13 +339,14 @@ pub(super) unsafe fn read_sample_options(p: *const pf_sample_options, model: &Mo
                 .unwrap_or(d.project_to_slice),
             refine_transitions: get_field!(p, size, pf_sample_options, refine_transitions: i64)
                 .unwrap_or(d.refine_transitions),
+            first_index: get_field!(p, size, pf_sample_options, first_index: u64).unwrap_or(d.first_index),
         }
     };
     convert_sample_options(&raw, model)
 }
 
 fn convert_sample_options(raw: &RawSampleOptions, model: &Model) -> Result<SampleOptions> {
-    let mut o = SampleOptions { seed: raw.seed, ..SampleOptions::default() };
+    let mut o = SampleOptions { seed: raw.seed, first_index: raw.first_index, ..SampleOptions::default() };
     o.solver = match raw.solver {
         0 => None,
         1 => Some(SolverKind::Euler),

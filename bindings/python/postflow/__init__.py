@@ -182,7 +182,8 @@ class _SampleOptions(ctypes.Structure):
                 ("steps", ctypes.c_uint32), ("rtol", ctypes.c_double), ("atol", ctypes.c_double),
                 ("trace", ctypes.c_uint32), ("probes", ctypes.c_uint32), ("max_steps", ctypes.c_uint32),
                 ("batch_size", ctypes.c_uint32), ("start_time", ctypes.c_double),
-                ("project_to_slice", ctypes.c_uint32), ("refine_transitions", ctypes.c_int64)]
+                ("project_to_slice", ctypes.c_uint32), ("refine_transitions", ctypes.c_int64),
+                ("first_index", ctypes.c_uint64)]
 
 
 #: ``pf_sample_options.start_time`` value that selects the bundle's default start time.
@@ -584,7 +585,8 @@ class Model:
     def _options(seed: int = 0, solver: Union[str, int] = "default", steps: int = 0, rtol: float = 0.0,
                  atol: float = 0.0, trace: Union[str, int] = "none", probes: int = 0, max_steps: int = 0,
                  batch_size: int = 0, start_time: Optional[float] = None, project_to_slice: bool = False,
-                 refine_transitions: Optional[int] = None, struct_size: Optional[int] = None) -> _SampleOptions:
+                 refine_transitions: Optional[int] = None, first_index: int = 0,
+                 struct_size: Optional[int] = None) -> _SampleOptions:
         o = _SampleOptions()
         _check(_lib().pf_sample_options_init(ctypes.byref(o), ctypes.sizeof(o)))
         o.seed = _int(seed, "seed", 64)
@@ -605,6 +607,7 @@ class Model:
         # None: the bundle's default refinement (applied to draws without log-densities only).
         o.refine_transitions = (REFINE_BUNDLE if refine_transitions is None
                                 else _int(refine_transitions, "refine_transitions"))
+        o.first_index = _int(first_index, "first_index", 64)
         if struct_size is not None:
             o.struct_size = _int(struct_size, "struct_size")
         return o
@@ -624,10 +627,12 @@ class Model:
         ``trace`` (a :data:`TRACES` name; anything but "none" adds log-densities; "hutchinson"
         is the bundle's estimator, :attr:`hutchinson_trace`), ``probes``
         and ``batch_size`` (samples integrated together per ONNX Runtime call, 0: 128; trades
-        memory for speed, never changes results), ``refine_transitions`` (HMC transitions on the
+        memory for speed, changes results only by float rounding), ``refine_transitions`` (HMC transitions on the
         posterior after drawing, bundles with refinement only; None: the bundle's default
         :attr:`default_refine_transitions` when ``trace`` is "none", none otherwise; refined
-        samples have no log-density). ``project_to_slice`` is accepted and
+        samples have no log-density), ``first_index`` (0: the call's sample ``i`` is sample
+        ``first_index + i`` of the seed, so consecutive calls continue one run; bitwise when
+        each split falls on a multiple of ``batch_size``). ``project_to_slice`` is accepted and
         ignored here (it is :meth:`log_prob`'s). Sample ``i`` depends only on ``(seed, i)``.
         Integers must fit their C fields (``seed`` a uint64, the others uint32): out-of-range
         values, floats and bools raise :class:`InvalidArgumentError`.
@@ -653,7 +658,7 @@ class Model:
         """Log-densities of the rows of ``theta`` ``[n, D]``: ``(log_density, stderr)``, each ``[n]``.
 
         Takes :meth:`sample`'s options (``batch_size`` included: rows per ONNX Runtime call,
-        0: 128, never changes results); ``trace`` defaults to "exact". On a ``sphere_product``
+        0: 128, changes results only by float rounding); ``trace`` defaults to "exact". On a ``sphere_product``
         bundle, rows with a hidden unit's (w, b) off its unit sphere are refused unless
         ``project_to_slice=True`` renormalizes each unit onto its sphere first (a unit of
         norm 0 stays an error); other bundles ignore ``project_to_slice``.

@@ -47,7 +47,7 @@ def reference():
 
 
 def test_version_and_library():
-    assert postflow.version() == "0.6.0"
+    assert postflow.version() == "0.7.0"
     lib = Path(postflow.library_path())
     assert lib.name in ("libpostflow.so", "libpostflow.abi3.so")
     if INSTALLED:  # the wheel's own copy, not the checkout's
@@ -197,6 +197,25 @@ def test_sample_properties(cls):
     assert np.all(c.stderr == 0)
     d = cls.sample(2, seed=3, solver="dopri5", rtol=1e-6, atol=1e-6, trace="exact")
     assert np.all(np.isfinite(d.log_density))
+
+
+def test_first_index_continues_one_run(cls):
+    """Sample i of a call with first_index k is sample k + i of the seed: chunks split on a
+    batch boundary reproduce one call bitwise, log_prob uses the matching probes, a 0.6
+    caller's layout gets 0, and a range past uint64 is refused."""
+    kw = dict(seed=4, trace="hutchinson", probes=2, batch_size=4)
+    whole = cls.sample(12, **kw)
+    head, tail = cls.sample(8, **kw), cls.sample(4, first_index=8, **kw)
+    np.testing.assert_array_equal(np.concatenate([head.theta, tail.theta]), whole.theta)
+    np.testing.assert_array_equal(np.concatenate([head.log_density, tail.log_density]), whole.log_density)
+    logd, _ = cls.log_prob(tail.theta, first_index=8, **kw)
+    np.testing.assert_allclose(logd, tail.log_density, atol=1e-3)
+    old = cls.sample(12, first_index=8, struct_size=80, **kw)  # 0.6's struct ends before first_index
+    np.testing.assert_array_equal(old.theta, whole.theta)
+    with pytest.raises(postflow.InvalidArgumentError, match="first_index"):
+        cls.sample(4, first_index=2**64 - 2, **kw)
+    with pytest.raises(postflow.InvalidArgumentError, match="first_index"):
+        cls.sample(4, first_index=-1, **kw)
 
 
 @pytest.mark.parametrize(
