@@ -348,3 +348,42 @@ fn hutchinson_takes_the_bundles_noise() {
     assert_eq!(lp(&[]), lp(&["--trace", "hutchinson-gaussian"]));
     assert_ne!(lp(&[]), lp(&["--trace", "hutchinson-rademacher"]));
 }
+
+/// `--first-index K`: runs over consecutive ranges (split on a batch boundary) write what one
+/// run writes, `log-prob --first-index` uses those samples' probes, and an index range past
+/// u64 is a one-line error.
+#[test]
+fn first_index_continues_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = common::fixture("affine_cls");
+    let bundle = bundle.to_str().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec!["sample", bundle, "--trace", "hutchinson", "--seed", "5", "--batch", "4", "-q"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["-o", out.to_str().unwrap()]);
+        let o = postflow(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        out
+    };
+    let whole = run("whole.safetensors", &["-n", "12"]);
+    let head = run("head.safetensors", &["-n", "8"]);
+    let tail = run("tail.safetensors", &["-n", "4", "--first-index", "8"]);
+    for name in ["theta", "log_density"] {
+        assert_eq!([tensor(&head, name), tensor(&tail, name)].concat(), tensor(&whole, name), "{name}");
+    }
+    assert_ne!(tensor(&tail, "theta"), tensor(&head, "theta")[..4 * 17], "index 8 is not index 0");
+
+    let lp = dir.path().join("lp.safetensors");
+    let args = ["log-prob", bundle, "--theta", tail.to_str().unwrap(), "--trace", "hutchinson", "--seed", "5"];
+    let o = postflow(&[&args[..], &["--batch", "4", "--first-index", "8", "-q", "-o", lp.to_str().unwrap()]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    for (got, want) in tensor(&lp, "log_density").iter().zip(tensor(&tail, "log_density")) {
+        assert!((got - want).abs() < 1e-3, "log-prob {got} against the sample's own {want}");
+    }
+    let out = dir.path().join("never.safetensors");
+    let o =
+        postflow(&["sample", bundle, "-n", "2", "--first-index", "18446744073709551615", "-o", out.to_str().unwrap()]);
+    assert_one_line_error(&o, "--first-index 18446744073709551615 + 2 samples overflows");
+    assert!(!out.exists());
+}

@@ -23,6 +23,8 @@ pub struct SampleArgs {
     /// Hutchinson probes per sample (default: the bundle's).
     #[arg(long, allow_negative_numbers = true)]
     probes: Option<u32>,
+    #[command(flatten)]
+    first: FirstIndexArg,
     /// Output safetensors file: theta [N,D], log_density [N], log_density_stderr [N].
     #[arg(short, long)]
     output: PathBuf,
@@ -50,9 +52,33 @@ pub struct LogProbArgs {
     /// first; without it, weights off the slice (|‖(w, b)‖ − 1| > 1e-4) are refused.
     #[arg(long)]
     project: bool,
+    #[command(flatten)]
+    first: FirstIndexArg,
     /// Output safetensors file: log_density [N] (and log_density_stderr [N]).
     #[arg(short, long)]
     output: PathBuf,
+}
+
+/// Where a run starts in the seed's sequence of samples.
+#[derive(Args)]
+struct FirstIndexArg {
+    /// Index of the first sample: sample i of this run is the seed's sample K + i (its noise,
+    /// stored draw, refinement and probes), so runs over consecutive ranges continue one run
+    /// (bitwise when K is a multiple of the batch size).
+    #[arg(long = "first-index", value_name = "K", default_value_t = 0, allow_negative_numbers = true)]
+    index: u64,
+}
+
+impl FirstIndexArg {
+    /// The run's first index, checked so that the `n` indices after it fit a u64.
+    fn checked(&self, n: usize) -> Result<u64> {
+        match self.index.checked_add(n as u64) {
+            Some(_) => Ok(self.index),
+            None => {
+                Err(Error::invalid(format!("--first-index {} + {n} samples overflows the sample index", self.index)))
+            }
+        }
+    }
 }
 
 /// Samples per progress update: whole batches, so chunking does not change results.
@@ -69,6 +95,7 @@ pub fn run_sample(args: &SampleArgs) -> Result<()> {
         return Err(Error::invalid("-n must be at least 1"));
     }
     output::check_path(&args.output)?;
+    let first_index = args.first.checked(args.n)?;
     let model = args.model.open()?;
     let trace = trace_mode(&model, args.trace, args.probes);
     let base = args.solver.options(trace);
@@ -85,7 +112,7 @@ pub fn run_sample(args: &SampleArgs) -> Result<()> {
     let step = chunk_len(&base);
     for first in (0..args.n).step_by(step) {
         let count = step.min(args.n - first);
-        let options = SampleOptions { first_index: first as u64, ..base.clone() };
+        let options = SampleOptions { first_index: first_index + first as u64, ..base.clone() };
         let samples = model.sample(count, &options)?;
         theta.slice_mut(s![first..first + count, ..]).assign(&samples.theta);
         logd.extend(samples.log_density.unwrap_or_default());
@@ -133,17 +160,18 @@ pub fn run_log_prob(args: &LogProbArgs) -> Result<()> {
     if args.solver.refine.is_some() {
         return Err(Error::invalid("--refine is for drawing samples; log-prob evaluates given weights"));
     }
+    let n = theta.nrows();
+    let first_index = args.first.checked(n)?;
     let model = args.model.open()?;
     let trace = trace_mode(&model, args.trace.into(), args.probes);
     let base = SampleOptions { project_to_slice: args.project, ..args.solver.options(trace) };
-    let n = theta.nrows();
     let mut logd = Vec::with_capacity(n);
     let mut stderr = Vec::with_capacity(n);
     let bar = progress::bar(n as u64, "log-prob", args.model.quiet);
     let step = chunk_len(&base);
     for first in (0..n).step_by(step) {
         let count = step.min(n - first);
-        let options = SampleOptions { first_index: first as u64, ..base.clone() };
+        let options = SampleOptions { first_index: first_index + first as u64, ..base.clone() };
         let lp = model.log_prob(theta.slice(s![first..first + count, ..]), &options)?;
         logd.extend(lp.log_density);
         stderr.extend(lp.log_density_stderr.unwrap_or_default());
