@@ -297,7 +297,9 @@ typedef struct {
      */
     uint32_t struct_size;
     /**
-     * Seed; sample `i` depends only on `(seed, i)`, never on batching or threads.
+     * Seed; sample `i` depends only on `(seed, first_index + i)`, not on threads, and on
+     * batching only through float rounding (`PF_SOLVER_DOPRI5`: the solver's tolerance, since
+     * a batch shares its adaptive steps).
      */
     uint64_t seed;
     /**
@@ -326,8 +328,9 @@ typedef struct {
      */
     uint32_t max_steps;
     /**
-     * Samples integrated together per ONNX Runtime call (memory vs speed; changes results only by float rounding);
-     * 0 = 128. (Added in 0.1; older callers get 0.)
+     * Samples integrated together per ONNX Runtime call (memory vs speed; see `seed` for what
+     * it changes); 0 = 128, lowered when a batch's working memory would pass 256 MiB.
+     * (Added in 0.1; older callers get 0.)
      */
     uint32_t batch_size;
     /**
@@ -354,10 +357,11 @@ typedef struct {
     int64_t refine_transitions;
     /**
      * Index of the call's first sample: sample `i` of the call is sample `first_index + i` of
-     * `seed` (its stream, its stored draw at start time 1, its Hutchinson probes in
-     * `pf_log_prob`), so calls over consecutive ranges give what one call over their union
-     * gives: bitwise when each split falls on a multiple of `batch_size`, else to float
-     * rounding. `first_index + n` must not overflow. (Added in 0.7; older callers get 0.)
+     * `seed` (its noise, its stored draw at start time 1, its refinement stream, its Hutchinson
+     * probes in `pf_log_prob`), so calls over consecutive ranges give what one call over their
+     * union gives: bitwise when each split falls on a multiple of the batch actually used
+     * (`batch_size`, 0 = 128, after the memory cap), else as `seed` says.
+     * `first_index + n` must not overflow. (Added in 0.7; older callers get 0.)
      */
     uint64_t first_index;
 } pf_sample_options;

@@ -37,7 +37,9 @@ pub const PF_MODEL_FLAG_ALLOW_SPINNING: u64 = 1;
 pub struct pf_sample_options {
     /// `sizeof(pf_sample_options)` as the caller knows it (set by the init functions).
     pub struct_size: u32,
-    /// Seed; sample `i` depends only on `(seed, i)`, never on batching or threads.
+    /// Seed; sample `i` depends only on `(seed, first_index + i)`, not on threads, and on
+    /// batching only through float rounding (`PF_SOLVER_DOPRI5`: the solver's tolerance, since
+    /// a batch shares its adaptive steps).
     pub seed: u64,
     /// `PF_SOLVER_DEFAULT` takes the bundle's solver and step count.
     pub solver: pf_solver_u32,
@@ -52,8 +54,9 @@ pub struct pf_sample_options {
     pub probes: u32,
     /// Cap on attempted `PF_SOLVER_DOPRI5` steps; 0 = 10000. (Added in 0.1; older callers get 0.)
     pub max_steps: u32,
-    /// Samples integrated together per ONNX Runtime call (memory vs speed; changes results only by float rounding);
-    /// 0 = 128. (Added in 0.1; older callers get 0.)
+    /// Samples integrated together per ONNX Runtime call (memory vs speed; see `seed` for what
+    /// it changes); 0 = 128, lowered when a batch's working memory would pass 256 MiB.
+    /// (Added in 0.1; older callers get 0.)
     pub batch_size: u32,
     /// Start time t0 in [0, 1], or `PF_START_TIME_BUNDLE` (-1, the default) for the bundle's
     /// default (for refined samples its refinement start time, `pf_model_info.default_refine_start_time`). 0: the plain flow from N(0, I); between: from t0·a + (1 − t0)·z around a stored
@@ -72,10 +75,11 @@ pub struct pf_sample_options {
     /// log-density (trace must be none). (Added in 0.5; older callers get `PF_REFINE_BUNDLE`.)
     pub refine_transitions: i64,
     /// Index of the call's first sample: sample `i` of the call is sample `first_index + i` of
-    /// `seed` (its stream, its stored draw at start time 1, its Hutchinson probes in
-    /// `pf_log_prob`), so calls over consecutive ranges give what one call over their union
-    /// gives: bitwise when each split falls on a multiple of `batch_size`, else to float
-    /// rounding. `first_index + n` must not overflow. (Added in 0.7; older callers get 0.)
+    /// `seed` (its noise, its stored draw at start time 1, its refinement stream, its Hutchinson
+    /// probes in `pf_log_prob`), so calls over consecutive ranges give what one call over their
+    /// union gives: bitwise when each split falls on a multiple of the batch actually used
+    /// (`batch_size`, 0 = 128, after the memory cap), else as `seed` says.
+    /// `first_index + n` must not overflow. (Added in 0.7; older callers get 0.)
     pub first_index: u64,
 }
 

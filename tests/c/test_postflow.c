@@ -8,6 +8,7 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -108,8 +109,13 @@ static void test_options_init(void) {
     CHECK(so.struct_size == sizeof so, "sample options struct_size %u", so.struct_size);
     CHECK(so.seed == 0 && so.solver == PF_SOLVER_DEFAULT && so.steps == 0 && so.rtol == 0.0 && so.atol == 0.0 &&
               so.trace == PF_TRACE_NONE && so.probes == 0 && so.max_steps == 0 && so.batch_size == 0 &&
-              so.start_time == PF_START_TIME_BUNDLE,
+              so.start_time == PF_START_TIME_BUNDLE && so.project_to_slice == 0 &&
+              so.refine_transitions == PF_REFINE_BUNDLE && so.first_index == 0,
           "sample option defaults");
+    /* The layouts docs/c-api.md publishes (64-bit): first_index (0.7) at offset 80, 88 bytes. */
+    CHECK(sizeof(void *) != 8 || (offsetof(pf_sample_options, refine_transitions) == 72 &&
+                                  offsetof(pf_sample_options, first_index) == 80 && sizeof so == 88),
+          "pf_sample_options layout");
     (pf_sample_options_default)(NULL);
     memset(&so, 0xAB, sizeof so);
     (pf_sample_options_default)(&so);

@@ -9,11 +9,14 @@ from refinement's start time with K transitions (default: the bundle's) and comp
 uses (x = (θ − mean) / scale):
 
     same-anchor pair       |x_j − x_{A+j}|,                     j < n
-    nearest other draw     min_{k ≠ j} |x_j − x_{A+k}|,          j, k < n
+    nearest other draw     min_{k ≠ j} |x_j − x_{A+k}|,          j, k < n (n − 1 others)
     to the stored draws    min_a |x_j − a|,  beside the same for the held-out HMC chain
 
 Medians over j. When the same-anchor pair is no closer than the nearest draw from another
-anchor, sharing a start costs nothing: the pairs are as far apart as unrelated draws."""
+anchor, sharing a start costs nothing: the pairs are as far apart as unrelated draws. The
+pairing holds only where refinement starts at the stored draws themselves (start time 1: a
+start time below 1 picks each sample's stored draw from its own stream), and n must not exceed
+A (else the "other" draws share starts too): other bundles are refused."""
 
 import argparse
 import json
@@ -38,15 +41,18 @@ def measure(bundle, n=400, seed=0, transitions=None):
     held_out = (t["posterior.theta"] - mean) / scale
     with postflow.Model(bundle) as model:
         count = model.anchor_count
-        if count == 0:
-            raise SystemExit(f"{bundle}: no stored draws")
+        if count == 0 or model.default_refine_start_time != 1.0:
+            raise SystemExit(f"{bundle}: refinement does not start at stored draws (start time "
+                             f"{model.default_refine_start_time}, {count} stored draws)")
+        if not 1 < n <= count:
+            raise SystemExit(f"--n {n}: must be in [2, {count}] (the stored draws)")
         k = model.default_refine_transitions if transitions is None else transitions
         theta = model.sample(count + n, seed=seed, start_time=model.default_refine_start_time,
                              refine_transitions=k).theta.astype(np.float64)
     x = (theta - mean) / scale
     first, again = x[:n], x[count:count + n]
+    same = np.linalg.norm(first - again, axis=1)  # exact 0 for identical rows
     cross = pairwise(first, again)
-    same = np.diag(cross).copy()
     np.fill_diagonal(cross, np.inf)
     return {"bundle": str(bundle), "stored_draws": count, "n": n, "seed": seed,
             "transitions": k,

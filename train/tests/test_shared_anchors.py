@@ -14,11 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 LIB = Path(os.environ.get("POSTFLOW_LIB", ROOT / "target" / "release" / "libpostflow.so"))
 
 
-def run(bundle, out, *args):
+def run(bundle, out, *args, check=True):
     env = {**os.environ, "POSTFLOW_LIB": str(LIB), "PYTHONPATH": str(ROOT / "bindings" / "python")}
-    subprocess.run([sys.executable, "-m", "train.diagnostics.shared_anchors", str(bundle), "--n", "8",
-                    "--json", str(out), *args], cwd=ROOT, env=env, check=True, capture_output=True, text=True)
-    return json.loads(out.read_text())
+    r = subprocess.run([sys.executable, "-m", "train.diagnostics.shared_anchors", str(bundle), "--n", "8",
+                        "--json", str(out), *args], cwd=ROOT, env=env, check=check, capture_output=True, text=True)
+    return json.loads(out.read_text()) if check else r
 
 
 @pytest.mark.skipif(not LIB.exists(), reason=f"no libpostflow at {LIB} (set POSTFLOW_LIB)")
@@ -40,3 +40,10 @@ def test_pairs_share_their_stored_draw(tmp_path):
     assert refined["transitions"] == manifest["refine"]["default_transitions"] > 0
     assert refined["same_anchor_pair"] > 0.1 and refined["to_stored_draws"] > 0.1
     assert refined["held_out_to_stored_draws"] == copies["held_out_to_stored_draws"] > 0
+
+    # refused where the pairing does not hold: more draws than stored, or refinement that starts
+    # below 1 (the format-3 original: its stored draw per sample comes from the sample's stream)
+    too_many = run(bundle, tmp_path / "x.json", "--n", "25", check=False)
+    assert too_many.returncode != 0 and "must be in [2, 24]" in too_many.stderr
+    below = run(ROOT / "tests" / "fixtures" / "bundles" / "affine_refine", tmp_path / "y.json", check=False)
+    assert below.returncode != 0 and "does not start at stored draws (start time 0.5" in below.stderr

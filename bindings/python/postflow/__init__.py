@@ -627,14 +627,17 @@ class Model:
         ``trace`` (a :data:`TRACES` name; anything but "none" adds log-densities; "hutchinson"
         is the bundle's estimator, :attr:`hutchinson_trace`), ``probes``
         and ``batch_size`` (samples integrated together per ONNX Runtime call, 0: 128; trades
-        memory for speed, changes results only by float rounding), ``refine_transitions`` (HMC transitions on the
+        memory for speed, changes results only by float rounding; dopri5: by its tolerance),
+        ``refine_transitions`` (HMC transitions on the
         posterior after drawing, bundles with refinement only; None: the bundle's default
         :attr:`default_refine_transitions` when ``trace`` is "none", none otherwise; refined
         samples have no log-density), ``first_index`` (0: the call's sample ``i`` is sample
         ``first_index + i`` of the seed, so consecutive calls continue one run; bitwise when
-        each split falls on a multiple of ``batch_size``). ``project_to_slice`` is accepted and
-        ignored here (it is :meth:`log_prob`'s). Sample ``i`` depends only on ``(seed, i)``.
-        Integers must fit their C fields (``seed`` a uint64, the others uint32): out-of-range
+        each split falls on a multiple of the batch used: ``batch_size``, 0: 128, lowered past
+        256 MiB). ``project_to_slice`` is accepted and ignored here (it is :meth:`log_prob`'s).
+        Sample ``i`` depends only on ``(seed, first_index + i)``.
+        Integers must fit their C fields (``seed`` and ``first_index`` a uint64,
+        ``refine_transitions`` an int64, the others uint32): out-of-range
         values, floats and bools raise :class:`InvalidArgumentError`.
         """
         n = _int(n, "n", 8 * ctypes.sizeof(ctypes.c_size_t))
