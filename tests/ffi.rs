@@ -500,21 +500,6 @@ fn c_abi_refined_draws_start_at_the_refinement_start_time() {
     unsafe { pf_model_free(model) };
 }
 
-/// The layouts docs/c-api.md publishes for 64-bit targets.
-#[test]
-#[cfg(target_pointer_width = "64")]
-fn c_abi_struct_layouts_match_the_published_table() {
-    use std::mem::{offset_of, size_of};
-    assert_eq!((offset_of!(pf_sample_options, probes), offset_of!(pf_sample_options, start_time)), (44, 56));
-    assert_eq!(
-        (offset_of!(pf_sample_options, refine_transitions), offset_of!(pf_sample_options, first_index)),
-        (72, 80)
-    );
-    assert_eq!(size_of::<pf_sample_options>(), 88);
-    assert_eq!((offset_of!(pf_model_info, default_refine_start_time), size_of::<pf_model_info>()), (72, 80));
-    assert_eq!((size_of::<pf_model_options>(), size_of::<pf_prediction>()), (40, 80));
-}
-
 /// `first_index` (0.7): calls over consecutive index ranges split on a batch boundary give
 /// bitwise what one call over their union gives (the flow's draws with their Hutchinson
 /// estimates, the stored draws' seeded order, refined draws), `pf_log_prob` uses the probes of

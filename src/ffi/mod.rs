@@ -182,11 +182,13 @@ mod tests {
         assert_eq!(offset_of!(pf_model_info, default_refine_start_time), 72);
         assert_eq!(offset_of!(pf_sample_options, seed), 8);
         assert_eq!(SAMPLE_OPTIONS_MIN, 48);
-        assert_eq!(size_of::<pf_sample_options>(), 80);
+        assert_eq!(size_of::<pf_sample_options>(), 88);
         assert_eq!(offset_of!(pf_sample_options, start_time), 56);
         assert_eq!(offset_of!(pf_sample_options, project_to_slice), 64);
         // 0.5's field starts past 0.4's whole struct (72 bytes with padding), never in its padding.
         assert_eq!(offset_of!(pf_sample_options, refine_transitions), 72);
+        // 0.7's field follows 0.6's whole struct (80 bytes, no padding at its end).
+        assert_eq!(offset_of!(pf_sample_options, first_index), 80);
         assert_eq!(PREDICTION_MIN, 72);
         assert_eq!(size_of::<pf_prediction>(), 80);
     }
