@@ -208,7 +208,7 @@ impl FlowContext<'_> {
     /// Draw `n` samples, then refine them when asked (or by the bundle's default). Refined
     /// sampling without a start time starts at the bundle's refinement start time.
     pub fn sample(&self, n: usize, o: &SampleOptions) -> Result<Samples> {
-        check_index_range(o.first_index, n)?;
+        check_index_range("first_index", o.first_index, n)?;
         let transitions = self.refine_transitions(o)?;
         let default_t0 = if transitions > 0 { self.default_refine_start_time } else { self.default_start_time };
         let start_at = self.start_at(o.start_time.unwrap_or(default_t0))?;
@@ -298,7 +298,7 @@ impl FlowContext<'_> {
                 "log_prob needs a trace mode (hutchinson, hutchinson-gaussian or exact), not none",
             ));
         }
-        check_index_range(o.first_index, theta.nrows())?;
+        check_index_range("first_index", o.first_index, theta.nrows())?;
         check_finite_rows(theta, None, o.first_index, "theta")?;
         let start_at = self.start(o)?;
         if let Start::Anchors(_) = start_at {
@@ -693,13 +693,12 @@ fn mean_and_stderr(est: &[f64]) -> (f64, f64) {
     (mean, (var / k).sqrt())
 }
 
-/// Sample indices `first_index .. first_index + n` must fit a u64 (they name random streams).
-fn check_index_range(first_index: u64, n: usize) -> Result<()> {
+/// Sample indices `first_index .. first_index + n` must fit a u64 (they name random streams);
+/// `name` is what the caller calls the first index.
+pub(crate) fn check_index_range(name: &str, first_index: u64, n: usize) -> Result<()> {
     match first_index.checked_add(n as u64) {
         Some(_) => Ok(()),
-        None => {
-            Err(Error::invalid(format!("first_index {first_index} + {n} samples overflows the sample index (u64)")))
-        }
+        None => Err(Error::invalid(format!("{name} {first_index} + {n} samples overflows the sample index (u64)"))),
     }
 }
 

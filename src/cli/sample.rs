@@ -72,12 +72,8 @@ struct FirstIndexArg {
 impl FirstIndexArg {
     /// The run's first index, checked so that the `n` indices after it fit a u64.
     fn checked(&self, n: usize) -> Result<u64> {
-        match self.index.checked_add(n as u64) {
-            Some(_) => Ok(self.index),
-            None => {
-                Err(Error::invalid(format!("--first-index {} + {n} samples overflows the sample index", self.index)))
-            }
-        }
+        crate::sampler::check_index_range("--first-index", self.index, n)?;
+        Ok(self.index)
     }
 }
 
