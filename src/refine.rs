@@ -15,6 +15,28 @@
 //! accept (θ', p') with probability min(1, exp(H(θ, p) − H(θ', p'))); a non-finite H' rejects
 //! ```
 //!
+//! That is the `endpoint` kernel (the default): a rejected transition keeps its start, so
+//! with one transition from the stored draws a share `1 − acceptance` of the samples are those
+//! draws unchanged. The `multinomial` kernel (NUTS's trajectory sampling with a fixed depth
+//! instead of the no-U-turn rule) nearly never keeps the start:
+//!
+//! ```text
+//! p ~ N(0, diag(1/m));  tree T = {(θ, p)};  W(T) = 1;  choice c = (θ, p)
+//! for level = 0 .. d − 1  (d doublings, 2^d − 1 ≥ L leapfrog steps in all):
+//!     a uniformly random direction; extend T's end on that side by 2^level leapfrog steps
+//!     (step −ε backwards): the new states S, each weighing w = exp(H(θ, p) − H(state))
+//!     (0 when not finite); s ∈ S drawn with probability w(s) / W(S)
+//!     c ← s with probability min(1, W(S) / W(T))      biased progressive sampling
+//!     T ← T ∪ S
+//! the transition returns c
+//! ```
+//!
+//! The trajectory holds the start at a uniformly random place whatever the directions, and
+//! the draw favours the newest half, far from the start; the choice is reversible for the
+//! trajectory, so the kernel leaves the posterior invariant (Hoffman and Gelman's NUTS with
+//! Betancourt's multinomial sampling, the U-turn check left out so every batch row runs the
+//! same number of gradients).
+//!
 //! Canonical bundles (`refine.anchor_unit_norms` present) store weights with every hidden
 //! unit's `(w, b)` scaled to norm 1, while the posterior is a density over the weights at the
 //! scale they were sampled at. A sample is therefore first given back the unit norms `n` of its
@@ -109,21 +131,62 @@ pub fn decanonicalize(theta: &mut [f32], norms: &[f32], layers: &[HiddenLayer]) 
     }
 }
 
+/// Which HMC transition refinement runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RefineKernel {
+    /// `L` leapfrog steps, then the end point or, when Metropolis rejects it, the start.
+    #[default]
+    Endpoint,
+    /// A trajectory of `2^d` states built by `d` doublings in random directions
+    /// (`2^d − 1 ≥ L` leapfrog steps), and one of its states drawn by weight `exp(−H)`,
+    /// biased toward the newest doubling: nearly never the start.
+    Multinomial,
+}
+
+impl RefineKernel {
+    pub const NAMES: [(&'static str, RefineKernel); 2] =
+        [("endpoint", RefineKernel::Endpoint), ("multinomial", RefineKernel::Multinomial)];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES.iter().find(|(_, k)| *k == self).map(|(n, _)| *n).expect("every kernel is named")
+    }
+}
+
+/// What one refinement call runs on each sample.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefineRun {
+    pub transitions: u32,
+    pub kernel: RefineKernel,
+    /// Leapfrog steps per trajectory; `None` takes the bundle's `refine.leapfrog_steps`.
+    pub leapfrog: Option<u32>,
+}
+
 /// Transitions run and accepted, over all samples of a call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RefineStats {
     /// Transitions per sample.
     pub transitions: u32,
     pub proposed: u64,
+    /// Transitions that moved their sample (endpoint: accepted; multinomial: drew a state
+    /// other than the start).
     pub accepted: u64,
+    /// Samples that at least one transition moved; the others are their start unchanged.
+    pub moved: u64,
+    /// Samples refined.
+    pub samples: u64,
+    /// Leapfrog steps per trajectory (the multinomial kernel's `2^d − 1`).
+    pub leapfrog: u32,
 }
 
 impl std::ops::AddAssign for RefineStats {
     /// Counts of calls with the same transitions per sample, combined.
     fn add_assign(&mut self, other: RefineStats) {
         self.transitions = self.transitions.max(other.transitions);
+        self.leapfrog = self.leapfrog.max(other.leapfrog);
         self.proposed += other.proposed;
         self.accepted += other.accepted;
+        self.moved += other.moved;
+        self.samples += other.samples;
     }
 }
 
@@ -133,6 +196,14 @@ impl RefineStats {
             return f64::NAN;
         }
         self.accepted as f64 / self.proposed as f64
+    }
+
+    /// The share of samples that refinement moved off their start.
+    pub fn moved_fraction(&self) -> f64 {
+        if self.samples == 0 {
+            return f64::NAN;
+        }
+        self.moved as f64 / self.samples as f64
     }
 }
 
@@ -159,6 +230,30 @@ struct Work {
     logp_new: Vec<f32>,
     momentum: Vec<f32>,
     energy: Vec<f64>,
+    /// Per row: whether any transition moved it.
+    moved: Vec<bool>,
+    tree: Tree,
+}
+
+/// One state per batch row: position, momentum, gradient and log-density.
+#[derive(Default)]
+struct States {
+    x: Vec<f32>,
+    p: Vec<f32>,
+    grad: Vec<f32>,
+    logp: Vec<f32>,
+}
+
+/// The multinomial kernel's trajectory: its two ends, the newest subtree's candidate, and
+/// per row the log total weight of the trajectory so far and of the newest subtree.
+#[derive(Default)]
+struct Tree {
+    left: States,
+    right: States,
+    candidate: States,
+    log_tree: Vec<f64>,
+    log_subtree: Vec<f64>,
+    forward: Vec<bool>,
 }
 
 impl<'a> Refiner<'a> {
@@ -174,14 +269,14 @@ impl<'a> Refiner<'a> {
         }
     }
 
-    /// Run `transitions` HMC transitions on every row of `theta` (`n·D`, changed in place).
+    /// Run `run.transitions` HMC transitions on every row of `theta` (`n·D`, changed in place).
     /// `anchor_of[j]` is the anchor row `j` was drawn around (`None`: start time 0, an anchor
     /// is chosen from the row's stream). Row `j` uses stream `first_index + j` of `seed`.
     pub fn refine(
         &self,
         theta: &mut [f32],
         anchor_of: &[Option<usize>],
-        transitions: u32,
+        run: &RefineRun,
         seed: u64,
         first_index: u64,
         batch: usize,
@@ -189,10 +284,16 @@ impl<'a> Refiner<'a> {
         let d = self.dim;
         let n = theta.len() / d;
         debug_assert_eq!(anchor_of.len(), n);
+        let transitions = run.transitions;
         let mut stats = RefineStats { transitions, ..Default::default() };
         if transitions == 0 || n == 0 {
             return Ok(stats);
         }
+        let leapfrog = run.leapfrog.unwrap_or(self.leapfrog);
+        stats.leapfrog = match run.kernel {
+            RefineKernel::Endpoint => leapfrog,
+            RefineKernel::Multinomial => (1u32 << doublings(leapfrog)) - 1,
+        };
         let mut work = Work::default();
         let mut start = 0;
         while start < n {
@@ -214,9 +315,16 @@ impl<'a> Refiner<'a> {
                     decanonicalize(row, norms.row(a).as_slice().expect("standard layout"), &self.layers);
                 }
             }
-            let accepted = self.transitions(rows, b, transitions, &mut streams, &mut work)?;
+            let accepted = match run.kernel {
+                RefineKernel::Endpoint => self.transitions(rows, b, transitions, leapfrog, &mut streams, &mut work)?,
+                RefineKernel::Multinomial => {
+                    self.multinomial(rows, b, transitions, doublings(leapfrog), &mut streams, &mut work)?
+                }
+            };
             stats.proposed += b as u64 * u64::from(transitions);
             stats.accepted += accepted;
+            stats.moved += work.moved.iter().filter(|m| **m).count() as u64;
+            stats.samples += b as u64;
             if self.norms.is_some() {
                 for row in rows.chunks_exact_mut(d) {
                     canonicalize(row, &self.layers);
@@ -227,26 +335,19 @@ impl<'a> Refiner<'a> {
         Ok(stats)
     }
 
-    /// `transitions` HMC transitions of the `b` rows of `x`; returns how many were accepted.
+    /// `transitions` HMC transitions of the `b` rows of `x`; returns how many were accepted
+    /// and marks the rows any of them moved.
     fn transitions<R: RngCore>(
         &self,
         x: &mut [f32],
         b: usize,
         transitions: u32,
+        leapfrog: u32,
         streams: &mut [R],
         w: &mut Work,
     ) -> Result<u64> {
         let d = self.dim;
-        let oom = || Error::invalid(format!("refinement: cannot allocate buffers for {b} samples of D = {d}"));
-        for buf in [&mut w.x, &mut w.grad, &mut w.x_new, &mut w.grad_new, &mut w.momentum] {
-            alloc::resize(buf, b * d, oom)?;
-        }
-        alloc::resize(&mut w.logp, b, oom)?;
-        alloc::resize(&mut w.logp_new, b, oom)?;
-        w.energy.clear();
-        w.energy.resize(b, 0.0);
-        w.x.copy_from_slice(x);
-        self.engine.log_posterior(&w.x, b, &mut w.logp, &mut w.grad)?;
+        self.start(x, b, w)?;
         let half = (0.5 * self.step) as f32;
         let eps = self.step as f32;
         let mut accepted = 0;
@@ -261,7 +362,7 @@ impl<'a> Refiner<'a> {
             }
             w.x_new.copy_from_slice(&w.x);
             w.grad_new.copy_from_slice(&w.grad);
-            for _ in 0..self.leapfrog {
+            for _ in 0..leapfrog {
                 for j in 0..b {
                     let (p, g) = (&mut w.momentum[j * d..(j + 1) * d], &w.grad_new[j * d..(j + 1) * d]);
                     let xs = &mut w.x_new[j * d..(j + 1) * d];
@@ -286,10 +387,33 @@ impl<'a> Refiner<'a> {
                     w.grad[r.clone()].copy_from_slice(&w.grad_new[r]);
                     w.logp[j] = w.logp_new[j];
                     accepted += 1;
+                    w.moved[j] = true;
                 }
             }
         }
         x.copy_from_slice(&w.x);
+        Self::check_final_log_densities(w, b)?;
+        Ok(accepted)
+    }
+
+    /// Loads the batch's current states and their log-densities and gradients.
+    fn start(&self, x: &[f32], b: usize, w: &mut Work) -> Result<()> {
+        let d = self.dim;
+        let oom = || Error::invalid(format!("refinement: cannot allocate buffers for {b} samples of D = {d}"));
+        for buf in [&mut w.x, &mut w.grad, &mut w.x_new, &mut w.grad_new, &mut w.momentum] {
+            alloc::resize(buf, b * d, oom)?;
+        }
+        alloc::resize(&mut w.logp, b, oom)?;
+        alloc::resize(&mut w.logp_new, b, oom)?;
+        w.energy.clear();
+        w.energy.resize(b, 0.0);
+        w.moved.clear();
+        w.moved.resize(b, false);
+        w.x.copy_from_slice(x);
+        self.engine.log_posterior(&w.x, b, &mut w.logp, &mut w.grad)
+    }
+
+    fn check_final_log_densities(w: &Work, b: usize) -> Result<()> {
         if let Some(j) = (0..b).find(|j| !w.logp[*j].is_finite()) {
             return Err(Error::numeric(format!(
                 "refinement: the posterior graph gives log-density {} for a sample that no transition could move \
@@ -297,12 +421,142 @@ impl<'a> Refiner<'a> {
                 w.logp[j]
             )));
         }
-        Ok(accepted)
+        Ok(())
+    }
+
+    /// `transitions` multinomial HMC transitions of the `b` rows of `x` with `depth` doublings
+    /// (see the module docs); returns how many moved their row and marks the rows moved.
+    fn multinomial<R: RngCore>(
+        &self,
+        x: &mut [f32],
+        b: usize,
+        transitions: u32,
+        depth: u32,
+        streams: &mut [R],
+        w: &mut Work,
+    ) -> Result<u64> {
+        let d = self.dim;
+        self.start(x, b, w)?;
+        let oom = || Error::invalid(format!("refinement: cannot allocate buffers for {b} samples of D = {d}"));
+        let t = &mut w.tree;
+        for buf in [&mut t.left, &mut t.right, &mut t.candidate] {
+            for part in [&mut buf.x, &mut buf.p, &mut buf.grad] {
+                alloc::resize(part, b * d, oom)?;
+            }
+            alloc::resize(&mut buf.logp, b, oom)?;
+        }
+        for v in [&mut t.log_tree, &mut t.log_subtree] {
+            v.clear();
+            v.resize(b, 0.0);
+        }
+        t.forward.clear();
+        t.forward.resize(b, true);
+        let mut moves = 0;
+        for _ in 0..transitions {
+            let mut moved_now = vec![false; b];
+            for (j, stream) in streams.iter_mut().enumerate() {
+                let p = &mut w.momentum[j * d..(j + 1) * d];
+                rng::fill_standard_normal(stream, p);
+                for (pi, mi) in p.iter_mut().zip(self.inverse_mass) {
+                    *pi /= mi.sqrt();
+                }
+                w.energy[j] = -f64::from(w.logp[j]) + self.kinetic(p);
+            }
+            for side in [&mut t.left, &mut t.right] {
+                side.x.copy_from_slice(&w.x);
+                side.p.copy_from_slice(&w.momentum);
+                side.grad.copy_from_slice(&w.grad);
+                side.logp.copy_from_slice(&w.logp);
+            }
+            t.log_tree.fill(0.0); // the start's weight, exp(H₀ − H₀)
+            for level in 0..depth {
+                for (j, stream) in streams.iter_mut().enumerate() {
+                    t.forward[j] = stream.next_u64() >> 63 == 1;
+                    let side = if t.forward[j] { &t.right } else { &t.left };
+                    let r = j * d..(j + 1) * d;
+                    w.x_new[r.clone()].copy_from_slice(&side.x[r.clone()]);
+                    w.momentum[r.clone()].copy_from_slice(&side.p[r.clone()]);
+                    w.grad_new[r.clone()].copy_from_slice(&side.grad[r]);
+                }
+                t.log_subtree.fill(f64::NEG_INFINITY);
+                for _ in 0..1u64 << level {
+                    for j in 0..b {
+                        let eps = if t.forward[j] { self.step as f32 } else { -self.step as f32 };
+                        let (p, g) = (&mut w.momentum[j * d..(j + 1) * d], &w.grad_new[j * d..(j + 1) * d]);
+                        let xs = &mut w.x_new[j * d..(j + 1) * d];
+                        for i in 0..d {
+                            p[i] += 0.5 * eps * g[i];
+                            xs[i] += eps * self.inverse_mass[i] * p[i];
+                        }
+                    }
+                    self.engine.log_posterior(&w.x_new, b, &mut w.logp_new, &mut w.grad_new)?;
+                    for (j, stream) in streams.iter_mut().enumerate() {
+                        let eps = if t.forward[j] { self.step as f32 } else { -self.step as f32 };
+                        let r = j * d..(j + 1) * d;
+                        for (p, g) in w.momentum[r.clone()].iter_mut().zip(&w.grad_new[r.clone()]) {
+                            *p += 0.5 * eps * g;
+                        }
+                        let energy = -f64::from(w.logp_new[j]) + self.kinetic(&w.momentum[r.clone()]);
+                        // A state's weight is exp(H₀ − H); a non-finite energy weighs nothing.
+                        let log_weight = if energy.is_finite() { w.energy[j] - energy } else { f64::NEG_INFINITY };
+                        let total = log_add_exp(t.log_subtree[j], log_weight);
+                        // Weighted reservoir sampling: the subtree's candidate is each state
+                        // with probability its share of the subtree's weight.
+                        let u = uniform(stream);
+                        if log_weight > f64::NEG_INFINITY && u < (log_weight - total).exp() {
+                            t.candidate.x[r.clone()].copy_from_slice(&w.x_new[r.clone()]);
+                            t.candidate.grad[r.clone()].copy_from_slice(&w.grad_new[r]);
+                            t.candidate.logp[j] = w.logp_new[j];
+                        }
+                        t.log_subtree[j] = total;
+                    }
+                }
+                for (j, stream) in streams.iter_mut().enumerate() {
+                    let r = j * d..(j + 1) * d;
+                    let side = if t.forward[j] { &mut t.right } else { &mut t.left };
+                    side.x[r.clone()].copy_from_slice(&w.x_new[r.clone()]);
+                    side.p[r.clone()].copy_from_slice(&w.momentum[r.clone()]);
+                    side.grad[r.clone()].copy_from_slice(&w.grad_new[r.clone()]);
+                    // Biased progressive sampling: the new subtree's candidate replaces the
+                    // current choice with probability min(1, W_new / W_old).
+                    let u = uniform(stream);
+                    if t.log_subtree[j] > f64::NEG_INFINITY && u.ln() < t.log_subtree[j] - t.log_tree[j] {
+                        w.x[r.clone()].copy_from_slice(&t.candidate.x[r.clone()]);
+                        w.grad[r.clone()].copy_from_slice(&t.candidate.grad[r]);
+                        w.logp[j] = t.candidate.logp[j];
+                        moved_now[j] = true;
+                    }
+                    t.log_tree[j] = log_add_exp(t.log_tree[j], t.log_subtree[j]);
+                }
+            }
+            for (m, now) in w.moved.iter_mut().zip(&moved_now) {
+                *m |= *now;
+            }
+            moves += moved_now.iter().filter(|m| **m).count() as u64;
+        }
+        x.copy_from_slice(&w.x);
+        Self::check_final_log_densities(w, b)?;
+        Ok(moves)
     }
 
     fn kinetic(&self, p: &[f32]) -> f64 {
         0.5 * p.iter().zip(self.inverse_mass).map(|(p, m)| f64::from(*m) * f64::from(*p).powi(2)).sum::<f64>()
     }
+}
+
+/// The multinomial kernel's doublings for a trajectory of at least `leapfrog` steps:
+/// the smallest `d` with `2^d − 1 ≥ leapfrog`.
+pub fn doublings(leapfrog: u32) -> u32 {
+    32 - leapfrog.leading_zeros()
+}
+
+/// `ln(e^a + e^b)` without overflow; `−∞` is the empty sum.
+fn log_add_exp(a: f64, b: f64) -> f64 {
+    let (hi, lo) = if a > b { (a, b) } else { (b, a) };
+    if lo == f64::NEG_INFINITY {
+        return hi;
+    }
+    hi + (lo - hi).exp().ln_1p()
 }
 
 /// A uniform draw in `[0, 1)` with 53 random bits.
@@ -407,5 +661,22 @@ mod tests {
         assert_eq!(theta[13], -1.0);
         let after = forward(&theta, &[0.5, 0.5, 0.5]);
         assert!((before[0] - after[0]).abs() < 1e-5);
+    }
+
+    #[test]
+    fn doublings_give_the_shortest_trajectory_of_at_least_l_steps() {
+        for (l, d) in [(1, 1), (2, 2), (3, 2), (4, 3), (7, 3), (8, 4), (200, 8), (255, 8), (256, 9), (1000, 10)] {
+            assert_eq!(doublings(l), d, "L = {l}");
+            assert!((1u32 << d) > l && (1u32 << (d - 1)) - 1 < l);
+        }
+    }
+
+    #[test]
+    fn log_add_exp_is_the_log_of_a_sum() {
+        assert!((log_add_exp(0.0, 0.0) - 2f64.ln()).abs() < 1e-15);
+        assert!((log_add_exp(1000.0, 999.0) - (1000.0 + (-1f64).exp().ln_1p())).abs() < 1e-12);
+        assert_eq!(log_add_exp(f64::NEG_INFINITY, -3.0), -3.0);
+        assert_eq!(log_add_exp(-3.0, f64::NEG_INFINITY), -3.0);
+        assert_eq!(log_add_exp(f64::NEG_INFINITY, f64::NEG_INFINITY), f64::NEG_INFINITY);
     }
 }

@@ -11,7 +11,7 @@ use ndarray::{Array2, ArrayView2};
 use crate::engine::Engine;
 use crate::geometry::{Geometry, SLICE_TOLERANCE};
 use crate::ode::{self, OdeStats, SolverConfig, SolverKind, VectorField, Workspace};
-use crate::refine::{RefineStats, Refiner};
+use crate::refine::{RefineKernel, RefineRun, RefineStats, Refiner};
 use crate::trace::TraceMode;
 use crate::{alloc, rng};
 use crate::{Error, Result};
@@ -47,6 +47,10 @@ pub struct SampleOptions {
     /// `None` takes the bundle's `refine.default_transitions` when no log-density is asked for
     /// and none otherwise (refined samples have no density). See `crate::refine`.
     pub refine_transitions: Option<u32>,
+    /// The HMC transition refinement runs (see `crate::refine`).
+    pub refine_kernel: RefineKernel,
+    /// Leapfrog steps per refinement trajectory; `None` takes the bundle's.
+    pub refine_leapfrog: Option<u32>,
 }
 
 impl Default for SampleOptions {
@@ -65,6 +69,8 @@ impl Default for SampleOptions {
             start_time: None,
             project_to_slice: false,
             refine_transitions: None,
+            refine_kernel: RefineKernel::Endpoint,
+            refine_leapfrog: None,
         }
     }
 }
@@ -210,6 +216,14 @@ impl FlowContext<'_> {
     pub fn sample(&self, n: usize, o: &SampleOptions) -> Result<Samples> {
         check_index_range("first_index", o.first_index, n)?;
         let transitions = self.refine_transitions(o)?;
+        if let Some(l) = o.refine_leapfrog {
+            if !(1..=crate::bundle::MAX_LEAPFROG_STEPS).contains(&l) {
+                return Err(Error::invalid(format!(
+                    "refine_leapfrog {l} is outside [1, {}] (0 or unset: the bundle's refine.leapfrog_steps)",
+                    crate::bundle::MAX_LEAPFROG_STEPS
+                )));
+            }
+        }
         let default_t0 = if transitions > 0 { self.default_refine_start_time } else { self.default_start_time };
         let start_at = self.start_at(o.start_time.unwrap_or(default_t0))?;
         let solver = self.solver(o)?; // checked at t₀ = 1 too: a bad request is refused whatever the start
@@ -221,7 +235,8 @@ impl FlowContext<'_> {
         if let (Some((refiner, _)), true) = (&self.refiner, transitions > 0) {
             let rows = samples.theta.as_slice_mut().expect("standard layout");
             let batch = self.batch_size(o);
-            samples.refine = Some(refiner.refine(rows, &anchor_of, transitions, o.seed, o.first_index, batch)?);
+            let run = RefineRun { transitions, kernel: o.refine_kernel, leapfrog: o.refine_leapfrog };
+            samples.refine = Some(refiner.refine(rows, &anchor_of, &run, o.seed, o.first_index, batch)?);
             check_finite_rows(samples.theta.view(), None, o.first_index, "refined weights")?;
         }
         Ok(samples)

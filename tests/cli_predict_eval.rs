@@ -853,9 +853,26 @@ fn refinement_on_the_command_line() {
     let zero = &v["refine_sweep"][0];
     assert!(same(zero["tv"].as_f64().unwrap(), unrefined["methods"]["flow"]["tv"].as_f64().unwrap()));
     let text = ok(&["eval", b, "-n", "40", "-q", "--sweep"]);
-    for fragment in ["refined: 3 HMC transitions", "refinement sweep", "K = 10", "acceptance"] {
+    for fragment in
+        ["refined: 3 HMC transitions", "endpoint kernel, 5 leapfrog steps", "refinement sweep", "K = 10", "acceptance"]
+    {
         assert!(text.contains(fragment), "eval text lacks {fragment:?}:\n{text}");
     }
+    // The multinomial kernel on request: 2^3 - 1 = 7 steps for the fixture's L = 5, every
+    // sample moved; and a trajectory length of the caller's.
+    let m = json(&["eval", b, "-n", "40", "--json", "-q", "--refine-kernel", "multinomial"]);
+    assert_eq!(
+        (m["flow"]["refine_kernel"].as_str(), m["flow"]["refine_leapfrog"].as_u64()),
+        (Some("multinomial"), Some(7))
+    );
+    assert_eq!(m["flow"]["refine_moved"].as_f64(), Some(1.0));
+    assert_eq!(v["flow"]["refine_kernel"].as_str(), Some("endpoint"));
+    let l = json(&["eval", b, "-n", "40", "--json", "-q", "--refine-leapfrog", "12"]);
+    assert_eq!(l["flow"]["refine_leapfrog"].as_u64(), Some(12));
+    assert_one_line_error(
+        &postflow(&["eval", b, "-n", "8", "--refine-leapfrog", "0"]),
+        &["refine_leapfrog 0 is outside"],
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("s.safetensors");

@@ -4,6 +4,7 @@
 mod common;
 
 use common::{fixture, open};
+use postflow::refine::RefineKernel;
 use postflow::{ErrorKind, SampleOptions, TraceMode};
 
 struct Target {
@@ -80,6 +81,63 @@ fn transitions_carry_the_flows_samples_to_the_posterior_graphs_law() {
 }
 
 #[test]
+fn the_multinomial_kernel_carries_samples_to_the_posterior_graphs_law_and_moves_every_one() {
+    let model = open("affine_refine");
+    let t = target();
+    let n = 4000;
+    let o = SampleOptions {
+        seed: 5,
+        start_time: Some(0.0),
+        refine_transitions: Some(40),
+        refine_kernel: RefineKernel::Multinomial,
+        ..Default::default()
+    };
+    let refined = model.sample(n, &o).unwrap();
+    let bad = misfits(&refined.theta, &t);
+    assert!(bad.is_empty(), "multinomial draws do not match the posterior graph's Gaussian:\n{}", bad.join("\n"));
+    let stats = refined.refine.unwrap();
+    // The fixture's L = 5 leapfrog steps become 3 doublings: 2^3 - 1 = 7 steps.
+    assert_eq!((stats.transitions, stats.leapfrog, stats.samples), (40, 7, n as u64));
+    // A transition keeps its start only if every doubling's draw fails; the endpoint kernel
+    // with the same step keeps it in 10-20 % of transitions (the test above).
+    assert!(stats.acceptance_rate() > 0.99, "moved in {} of transitions", stats.acceptance_rate());
+    assert_eq!(stats.moved, n as u64);
+    // From the stored draws, one transition moves every draw, and `moved` counts the rows that
+    // differ from their start (for the endpoint kernel at K = 1: its accepted transitions).
+    let stored = SampleOptions { start_time: Some(1.0), refine_transitions: Some(1), ..o };
+    let copies = model.sample(200, &SampleOptions { refine_transitions: Some(0), ..stored.clone() }).unwrap().theta;
+    let multinomial = model.sample(200, &stored).unwrap();
+    let endpoint = model.sample(200, &SampleOptions { refine_kernel: RefineKernel::Endpoint, ..stored }).unwrap();
+    let unchanged = |theta: &ndarray::Array2<f32>| {
+        theta.rows().into_iter().zip(copies.rows()).filter(|(a, b)| a == b).count() as u64
+    };
+    assert_eq!(unchanged(&multinomial.theta), 0);
+    let e = endpoint.refine.unwrap();
+    assert_eq!(unchanged(&endpoint.theta), 200 - e.moved);
+    assert_eq!(e.moved, e.accepted);
+}
+
+#[test]
+fn the_trajectory_length_can_be_chosen_per_call() {
+    let model = open("affine_refine");
+    let o = SampleOptions { seed: 2, refine_transitions: Some(2), ..Default::default() };
+    let bundle = model.sample(8, &o).unwrap();
+    assert_eq!(bundle.refine.unwrap().leapfrog, 5);
+    let same = model.sample(8, &SampleOptions { refine_leapfrog: Some(5), ..o.clone() }).unwrap();
+    assert_eq!(same.theta, bundle.theta);
+    let longer = model.sample(8, &SampleOptions { refine_leapfrog: Some(9), ..o.clone() }).unwrap();
+    assert_eq!(longer.refine.unwrap().leapfrog, 9);
+    assert_ne!(longer.theta, bundle.theta);
+    let multinomial = SampleOptions { refine_leapfrog: Some(8), refine_kernel: RefineKernel::Multinomial, ..o.clone() };
+    assert_eq!(model.sample(8, &multinomial).unwrap().refine.unwrap().leapfrog, 15);
+    for bad in [0, 1001] {
+        let e = model.sample(8, &SampleOptions { refine_leapfrog: Some(bad), ..o.clone() }).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert!(e.message().contains(&format!("refine_leapfrog {bad} is outside [1, 1000]")), "{}", e.message());
+    }
+}
+
+#[test]
 fn the_bundles_default_applies_to_draws_without_a_density_only() {
     let model = open("affine_refine");
     let t = target();
@@ -100,8 +158,14 @@ fn the_bundles_default_applies_to_draws_without_a_density_only() {
 
 #[test]
 fn refined_samples_do_not_depend_on_batching_or_splitting() {
+    for kernel in [RefineKernel::Endpoint, RefineKernel::Multinomial] {
+        same_samples_whatever_the_batching(kernel);
+    }
+}
+
+fn same_samples_whatever_the_batching(kernel: RefineKernel) {
     let model = open("affine_refine");
-    let o = SampleOptions { seed: 9, refine_transitions: Some(7), ..Default::default() };
+    let o = SampleOptions { seed: 9, refine_transitions: Some(7), refine_kernel: kernel, ..Default::default() };
     let whole = model.sample(10, &o).unwrap().theta;
     let one_by_one = model.sample(10, &SampleOptions { batch_size: 1, ..o.clone() }).unwrap().theta;
     assert_eq!(whole, one_by_one);

@@ -16,7 +16,7 @@ use ndarray::{Array2, ArrayView2, Axis};
 use serde_json::{json, Map, Value};
 
 use super::predict::{draw, sample_count};
-use super::{output, plot, ModelArgs, SolverArg};
+use super::{output, plot, ModelArgs, RefineKernelArgs, SolverArg};
 use crate::bundle::{EvalTargets, Task};
 use crate::metrics::{nll_from_logits, ClassificationMetrics, RegressionMetrics};
 use crate::{spread, Error, Model, PredictOptions, Prediction, Result, SampleOptions, SolverKind};
@@ -86,6 +86,8 @@ pub struct EvalArgs {
     /// refine.default_transitions; 0 without refinement).
     #[arg(long, value_name = "K", allow_negative_numbers = true)]
     refine: Option<u32>,
+    #[command(flatten)]
+    kernel: RefineKernelArgs,
     /// Also evaluate every start time of the manifest's reference_metrics.start_time_sweep
     /// (without one: 0, 0.5, 0.8, 0.85, 0.9, 0.95, 1; only 0 without anchors), unrefined, beside
     /// its rows; and, for a bundle with refinement, every transition count of its
@@ -235,7 +237,13 @@ fn sweep_entry(
     extend(&mut row, metrics_of(&predictive(&p), targets, true)?.as_object().cloned().unwrap_or_default());
     extend(&mut row, spread_of(model, held, drawn.theta.view())?);
     if drawn.refine.transitions > 0 {
-        extend(&mut row, Map::from_iter([("acceptance".to_string(), json!(drawn.refine.acceptance_rate()))]));
+        extend(
+            &mut row,
+            Map::from_iter([
+                ("acceptance".to_string(), json!(drawn.refine.acceptance_rate())),
+                ("moved".to_string(), json!(drawn.refine.moved_fraction())),
+            ]),
+        );
     }
     Ok(row)
 }
@@ -282,7 +290,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
         batch_size: args.batch,
         start_time: args.start_time,
         refine_transitions: args.refine,
-        ..SampleOptions::default()
+        ..args.kernel.apply(SampleOptions::default())
     };
     let default = model.default_solver();
     let kind = solver.unwrap_or(default.kind);
@@ -345,6 +353,9 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
             "function_evaluations": drawn.stats.nfe,
             "refine_transitions": drawn.refine.transitions,
             "refine_acceptance": (drawn.refine.transitions > 0).then(|| drawn.refine.acceptance_rate()),
+            "refine_moved": (drawn.refine.transitions > 0).then(|| drawn.refine.moved_fraction()),
+            "refine_kernel": (drawn.refine.transitions > 0).then(|| options.refine_kernel.name()),
+            "refine_leapfrog": (drawn.refine.transitions > 0).then_some(drawn.refine.leapfrog),
         },
         "methods": {"flow": flow_metrics, "hmc": hmc_metrics, "map": map_metrics},
         "flow_stderr": stderr,
@@ -427,9 +438,13 @@ fn eval_text(model: &Model, r: &Value) -> String {
     if k > 0 {
         let _ = writeln!(
             o,
-            "refined: {k} HMC transitions per sample on the bundle's posterior graph (acceptance {:.3}): fresh \
-             posterior draws started from these samples",
-            f["refine_acceptance"].as_f64().unwrap_or(f64::NAN)
+            "refined: {k} HMC transitions per sample ({} kernel, {} leapfrog steps each) on the bundle's posterior \
+             graph (acceptance {:.3}): fresh posterior draws started from these samples; {:.1} % of them moved, the \
+             rest are their start unchanged",
+            f["refine_kernel"].as_str().unwrap_or("endpoint"),
+            f["refine_leapfrog"].as_u64().unwrap_or(0),
+            f["refine_acceptance"].as_f64().unwrap_or(f64::NAN),
+            100.0 * f["refine_moved"].as_f64().unwrap_or(f64::NAN)
         );
     }
     let _ = writeln!(o);

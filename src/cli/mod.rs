@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::refine::RefineKernel;
 use crate::{Model, ModelOptions, ProbeNoise, Result, SampleOptions, SolverKind, TraceMode};
 
 #[derive(Parser)]
@@ -162,6 +163,41 @@ pub(crate) struct SolverArgs {
     /// samples are fresh posterior draws and have no log-density.
     #[arg(long, value_name = "K", allow_negative_numbers = true)]
     pub refine: Option<u32>,
+    #[command(flatten)]
+    pub kernel: RefineKernelArgs,
+}
+
+/// Refinement kernel flags (sample, predict, eval).
+#[derive(Args, Clone)]
+pub(crate) struct RefineKernelArgs {
+    /// The HMC transition of refinement: endpoint (Metropolis on the trajectory's end: a
+    /// rejected transition keeps its start) or multinomial (one state of a trajectory built
+    /// by doublings, drawn by weight: nearly never the start).
+    #[arg(long, value_enum, default_value_t = RefineKernelArg::Endpoint)]
+    pub refine_kernel: RefineKernelArg,
+    /// Leapfrog steps per refinement trajectory (default: the bundle's refine.leapfrog_steps;
+    /// the multinomial kernel runs 2^d − 1 ≥ L of them).
+    #[arg(long, value_name = "L", allow_negative_numbers = true)]
+    pub refine_leapfrog: Option<u32>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum RefineKernelArg {
+    Endpoint,
+    Multinomial,
+}
+
+impl RefineKernelArgs {
+    pub fn apply(&self, o: SampleOptions) -> SampleOptions {
+        SampleOptions {
+            refine_kernel: match self.refine_kernel {
+                RefineKernelArg::Endpoint => RefineKernel::Endpoint,
+                RefineKernelArg::Multinomial => RefineKernel::Multinomial,
+            },
+            refine_leapfrog: self.refine_leapfrog,
+            ..o
+        }
+    }
 }
 
 impl SolverArgs {
@@ -181,7 +217,7 @@ impl SolverArgs {
             batch_size: self.batch,
             start_time: self.start_time,
             refine_transitions: self.refine,
-            ..SampleOptions::default()
+            ..self.kernel.apply(SampleOptions::default())
         }
     }
 }

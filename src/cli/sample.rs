@@ -138,9 +138,11 @@ pub fn run_sample(args: &SampleArgs) -> Result<()> {
         );
         if refined.transitions > 0 {
             eprintln!(
-                "refined by {} HMC transitions each on the posterior (acceptance {:.3})",
+                "refined by {} HMC transitions each on the posterior (acceptance {:.3}; {:.1} % of the samples moved, \
+                 the rest are their start unchanged)",
                 refined.transitions,
-                refined.acceptance_rate()
+                refined.acceptance_rate(),
+                100.0 * refined.moved_fraction()
             );
         }
     }
