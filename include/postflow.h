@@ -10,9 +10,9 @@
 
 /** Version of this header (the library's run-time version is pf_version()). */
 #define PF_VERSION_MAJOR 0
-#define PF_VERSION_MINOR 7
+#define PF_VERSION_MINOR 8
 #define PF_VERSION_PATCH 0
-#define PF_VERSION_STRING "0.7.0"
+#define PF_VERSION_STRING "0.8.0"
 
 /**
  * `pf_model_options.flags`: let ONNX Runtime's worker threads spin (busy-wait) between runs.
@@ -161,6 +161,34 @@ enum pf_trace
 typedef enum pf_trace pf_trace;
 #else
 typedef uint32_t pf_trace;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * The HMC transition that refinement runs (`pf_sample_options.refine_kernel`, added in 0.8).
+ */
+enum pf_refine_kernel
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /**
+     * Metropolis on the end of an `L`-step leapfrog trajectory; a rejected transition keeps
+     * its start (the default).
+     */
+    PF_REFINE_KERNEL_ENDPOINT = 0,
+    /**
+     * One state of a trajectory of `2^d − 1 ≥ L` leapfrog steps built by doublings in random
+     * directions, drawn by weight `exp(−H)` biased toward the newest doubling (NUTS's
+     * trajectory sampling without the U-turn rule): nearly never the start.
+     */
+    PF_REFINE_KERNEL_MULTINOMIAL = 1,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum pf_refine_kernel pf_refine_kernel;
+#else
+typedef uint32_t pf_refine_kernel;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
@@ -364,6 +392,22 @@ typedef struct {
      * `first_index + n` must not overflow. (Added in 0.7; older callers get 0.)
      */
     uint64_t first_index;
+    /**
+     * The HMC transition refinement runs: `PF_REFINE_KERNEL_ENDPOINT` (0, the default) is
+     * Metropolis on the end of the trajectory, a rejected transition keeping its start;
+     * `PF_REFINE_KERNEL_MULTINOMIAL` draws one state of a trajectory of 2^d − 1 ≥ L leapfrog
+     * steps built by doublings in random directions, by weight exp(−H) biased toward the newest
+     * doubling (NUTS's trajectory sampling without the U-turn rule): nearly never the start.
+     * Other values are refused; unrefined draws do not depend on it. (Added in 0.8; older
+     * callers get 0.)
+     */
+    pf_refine_kernel refine_kernel;
+    /**
+     * Leapfrog steps L per refinement trajectory, in [1, 1000] (others are refused); 0 = the
+     * bundle's `refine.leapfrog_steps`. Unrefined draws do not depend on it. (Added in 0.8;
+     * older callers get 0.)
+     */
+    uint32_t refine_leapfrog;
 } pf_sample_options;
 
 /**

@@ -564,3 +564,81 @@ fn c_abi_first_index_continues_the_same_draws() {
         unsafe { pf_model_free(model) };
     }
 }
+
+/// `refine_kernel` and `refine_leapfrog` (0.8): the defaults are the endpoint kernel and the
+/// bundle's `refine.leapfrog_steps`; `PF_REFINE_KERNEL_MULTINOMIAL` and an explicit leapfrog
+/// count equal the Rust API's `RefineKernel::Multinomial` and `refine_leapfrog`; a 0.7
+/// caller's struct (88 bytes) gets the defaults whatever the bytes past it hold; an unknown
+/// kernel and a leapfrog count past 1000 are refused.
+#[test]
+fn c_abi_refine_kernel_and_leapfrog_equal_the_rust_api() {
+    use postflow::refine::RefineKernel;
+    let model = load("affine_refine");
+    let rust = common::open("affine_refine");
+    let d = rust.weight_dim();
+    let n = 8;
+    let run = |o: &pf_sample_options| -> (pf_status, Vec<f32>) {
+        let mut theta = vec![0f32; n * d];
+        // SAFETY: buffers of the stated lengths; options valid.
+        let st = unsafe { pf_sample(model, o, n, theta.as_mut_ptr(), theta.len(), null_mut(), 0, null_mut(), 0) };
+        (st, theta)
+    };
+    let ok = |o: &pf_sample_options| -> Vec<f32> {
+        let (st, theta) = run(o);
+        assert_eq!(st, pf_status::PF_OK, "{}", last_error());
+        theta
+    };
+    // One transition from the stored draws (start time 1), seed 8.
+    let base = SampleOptions {
+        start_time: Some(1.0),
+        refine_transitions: Some(1),
+        ..rust_opts(8, None, None, TraceMode::None)
+    };
+    let rust_draw = |kernel: RefineKernel, leapfrog: Option<u32>| {
+        let s = rust.sample(n, &SampleOptions { refine_kernel: kernel, refine_leapfrog: leapfrog, ..base.clone() });
+        let s = s.unwrap();
+        (s.theta.as_slice().unwrap().to_vec(), s.refine.unwrap())
+    };
+    let mut o = sample_options();
+    assert_eq!((o.refine_kernel, o.refine_leapfrog), (pf_refine_kernel::PF_REFINE_KERNEL_ENDPOINT as u32, 0));
+    (o.seed, o.start_time, o.refine_transitions) = (8, 1.0, 1);
+    let (endpoint, stats) = rust_draw(RefineKernel::Endpoint, None);
+    assert_eq!(stats.leapfrog, 5, "the bundle's refine.leapfrog_steps");
+    assert_eq!(ok(&o), endpoint, "the defaults: endpoint, the bundle's leapfrog steps");
+
+    o.refine_kernel = pf_refine_kernel::PF_REFINE_KERNEL_MULTINOMIAL as u32;
+    let (multinomial, stats) = rust_draw(RefineKernel::Multinomial, None);
+    assert_eq!((stats.samples, stats.leapfrog), (n as u64, 7), "2^3 - 1 >= 5 leapfrog steps");
+    assert_eq!(ok(&o), multinomial, "PF_REFINE_KERNEL_MULTINOMIAL");
+    assert_ne!(multinomial, endpoint);
+
+    for (c_kernel, kernel, steps) in [
+        (pf_refine_kernel::PF_REFINE_KERNEL_ENDPOINT, RefineKernel::Endpoint, 9),
+        (pf_refine_kernel::PF_REFINE_KERNEL_MULTINOMIAL, RefineKernel::Multinomial, 15),
+    ] {
+        (o.refine_kernel, o.refine_leapfrog) = (c_kernel as u32, 9);
+        let (want, stats) = rust_draw(kernel, Some(9));
+        assert_eq!(stats.leapfrog, steps, "{kernel:?}");
+        assert_eq!(ok(&o), want, "{kernel:?} with refine_leapfrog 9");
+        assert_ne!(want, rust_draw(kernel, None).0, "{kernel:?}: 9 leapfrog steps change the draws");
+    }
+
+    // A 0.7 caller's struct stops before both fields: the defaults, whatever the bytes there hold.
+    // SAFETY: pf_sample_options is plain old data (integers and floats).
+    let mut short = unsafe { std::ptr::read(&o) };
+    short.struct_size = std::mem::offset_of!(pf_sample_options, refine_kernel) as u32;
+    assert_eq!(short.struct_size, 88);
+    (short.refine_kernel, short.refine_leapfrog) = (7, 5000); // beyond struct_size: never read
+    assert_eq!(ok(&short), endpoint, "an older caller");
+
+    (o.refine_kernel, o.refine_leapfrog) = (2, 0);
+    assert_eq!(run(&o).0, pf_status::PF_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("options->refine_kernel"), "{}", last_error());
+    (o.refine_kernel, o.refine_leapfrog) = (pf_refine_kernel::PF_REFINE_KERNEL_ENDPOINT as u32, 1001);
+    assert_eq!(run(&o).0, pf_status::PF_ERR_INVALID_ARGUMENT);
+    assert!(last_error().contains("refine_leapfrog 1001"), "{}", last_error());
+    o.refine_leapfrog = 1000;
+    ok(&o);
+    // SAFETY: frees once.
+    unsafe { pf_model_free(model) };
+}

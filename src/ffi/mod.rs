@@ -90,6 +90,19 @@ pub enum pf_trace {
     PF_TRACE_EXACT = 3,
 }
 
+/// The HMC transition that refinement runs (`pf_sample_options.refine_kernel`, added in 0.8).
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum pf_refine_kernel {
+    /// Metropolis on the end of an `L`-step leapfrog trajectory; a rejected transition keeps
+    /// its start (the default).
+    PF_REFINE_KERNEL_ENDPOINT = 0,
+    /// One state of a trajectory of `2^d − 1 ≥ L` leapfrog steps built by doublings in random
+    /// directions, drawn by weight `exp(−H)` biased toward the newest doubling (NUTS's
+    /// trajectory sampling without the U-turn rule): nearly never the start.
+    PF_REFINE_KERNEL_MULTINOMIAL = 1,
+}
+
 /// The bundle's task (`pf_model_info.task`).
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +118,7 @@ pub type pf_status_u32 = u32;
 pub type pf_device_u32 = u32;
 pub type pf_solver_u32 = u32;
 pub type pf_trace_u32 = u32;
+pub type pf_refine_kernel_u32 = u32;
 pub type pf_task_u32 = u32;
 
 static VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
@@ -182,13 +196,16 @@ mod tests {
         assert_eq!(offset_of!(pf_model_info, default_refine_start_time), 72);
         assert_eq!(offset_of!(pf_sample_options, seed), 8);
         assert_eq!(SAMPLE_OPTIONS_MIN, 48);
-        assert_eq!(size_of::<pf_sample_options>(), 88);
+        assert_eq!(size_of::<pf_sample_options>(), 96);
         assert_eq!(offset_of!(pf_sample_options, start_time), 56);
         assert_eq!(offset_of!(pf_sample_options, project_to_slice), 64);
         // 0.5's field starts past 0.4's whole struct (72 bytes with padding), never in its padding.
         assert_eq!(offset_of!(pf_sample_options, refine_transitions), 72);
         // 0.7's field follows 0.6's whole struct (80 bytes, no padding at its end).
         assert_eq!(offset_of!(pf_sample_options, first_index), 80);
+        // 0.8's fields follow 0.7's whole struct (88 bytes, no padding at its end).
+        assert_eq!(offset_of!(pf_sample_options, refine_kernel), 88);
+        assert_eq!(offset_of!(pf_sample_options, refine_leapfrog), 92);
         assert_eq!(PREDICTION_MIN, 72);
         assert_eq!(size_of::<pf_prediction>(), 80);
     }

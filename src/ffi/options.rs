@@ -81,6 +81,18 @@ pub struct pf_sample_options {
     /// (`batch_size`, 0 = 128, after the memory cap), else as `seed` says.
     /// `first_index + n` must not overflow. (Added in 0.7; older callers get 0.)
     pub first_index: u64,
+    /// The HMC transition refinement runs: `PF_REFINE_KERNEL_ENDPOINT` (0, the default) is
+    /// Metropolis on the end of the trajectory, a rejected transition keeping its start;
+    /// `PF_REFINE_KERNEL_MULTINOMIAL` draws one state of a trajectory of 2^d − 1 ≥ L leapfrog
+    /// steps built by doublings in random directions, by weight exp(−H) biased toward the newest
+    /// doubling (NUTS's trajectory sampling without the U-turn rule): nearly never the start.
+    /// Other values are refused; unrefined draws do not depend on it. (Added in 0.8; older
+    /// callers get 0.)
+    pub refine_kernel: pf_refine_kernel_u32,
+    /// Leapfrog steps L per refinement trajectory, in [1, 1000] (others are refused); 0 = the
+    /// bundle's `refine.leapfrog_steps`. Unrefined draws do not depend on it. (Added in 0.8;
+    /// older callers get 0.)
+    pub refine_leapfrog: u32,
 }
 
 /// `pf_sample_options.start_time` value that selects the bundle's default start time.
@@ -124,6 +136,8 @@ pub(super) fn sample_options_defaults() -> pf_sample_options {
         project_to_slice: 0,
         refine_transitions: PF_REFINE_BUNDLE,
         first_index: 0,
+        refine_kernel: pf_refine_kernel::PF_REFINE_KERNEL_ENDPOINT as u32,
+        refine_leapfrog: 0,
     }
 }
 
@@ -301,6 +315,8 @@ struct RawSampleOptions {
     project_to_slice: u32,
     refine_transitions: i64,
     first_index: u64,
+    refine_kernel: u32,
+    refine_leapfrog: u32,
 }
 
 /// Read the caller's sample options (NULL = defaults) and turn them into `SampleOptions`.
@@ -324,6 +340,8 @@ pub(super) unsafe fn read_sample_options(p: *const pf_sample_options, model: &Mo
             project_to_slice: d.project_to_slice,
             refine_transitions: d.refine_transitions,
             first_index: d.first_index,
+            refine_kernel: d.refine_kernel,
+            refine_leapfrog: d.refine_leapfrog,
         }
     } else {
         // SAFETY: forwarded caller contract.
@@ -344,6 +362,8 @@ pub(super) unsafe fn read_sample_options(p: *const pf_sample_options, model: &Mo
             refine_transitions: get_field!(p, size, pf_sample_options, refine_transitions: i64)
                 .unwrap_or(d.refine_transitions),
             first_index: get_field!(p, size, pf_sample_options, first_index: u64).unwrap_or(d.first_index),
+            refine_kernel: get_field!(p, size, pf_sample_options, refine_kernel: u32).unwrap_or(d.refine_kernel),
+            refine_leapfrog: get_field!(p, size, pf_sample_options, refine_leapfrog: u32).unwrap_or(d.refine_leapfrog),
         }
     };
     convert_sample_options(&raw, model)
@@ -422,5 +442,17 @@ fn convert_sample_options(raw: &RawSampleOptions, model: &Model) -> Result<Sampl
             )))
         }
     };
+    o.refine_kernel = match raw.refine_kernel {
+        0 => crate::refine::RefineKernel::Endpoint,
+        1 => crate::refine::RefineKernel::Multinomial,
+        other => {
+            return Err(Error::invalid(format!(
+                "options->refine_kernel is {other}, not a pf_refine_kernel \
+                 (PF_REFINE_KERNEL_ENDPOINT = 0, PF_REFINE_KERNEL_MULTINOMIAL = 1)"
+            )))
+        }
+    };
+    // The sampler refuses steps outside [1, MAX_LEAPFROG_STEPS], naming refine_leapfrog.
+    o.refine_leapfrog = (raw.refine_leapfrog > 0).then_some(raw.refine_leapfrog);
     Ok(o)
 }

@@ -110,11 +110,15 @@ static void test_options_init(void) {
     CHECK(so.seed == 0 && so.solver == PF_SOLVER_DEFAULT && so.steps == 0 && so.rtol == 0.0 && so.atol == 0.0 &&
               so.trace == PF_TRACE_NONE && so.probes == 0 && so.max_steps == 0 && so.batch_size == 0 &&
               so.start_time == PF_START_TIME_BUNDLE && so.project_to_slice == 0 &&
-              so.refine_transitions == PF_REFINE_BUNDLE && so.first_index == 0,
+              so.refine_transitions == PF_REFINE_BUNDLE && so.first_index == 0 &&
+              so.refine_kernel == PF_REFINE_KERNEL_ENDPOINT && so.refine_leapfrog == 0,
           "sample option defaults");
-    /* The layouts docs/c-api.md publishes (64-bit): first_index (0.7) at offset 80, 88 bytes. */
+    /* The layouts docs/c-api.md publishes (64-bit): first_index (0.7) at offset 80, refine_kernel
+     * and refine_leapfrog (0.8) at 88 and 92, 96 bytes. */
     CHECK(sizeof(void *) != 8 || (offsetof(pf_sample_options, refine_transitions) == 72 &&
-                                  offsetof(pf_sample_options, first_index) == 80 && sizeof so == 88),
+                                  offsetof(pf_sample_options, first_index) == 80 &&
+                                  offsetof(pf_sample_options, refine_kernel) == 88 &&
+                                  offsetof(pf_sample_options, refine_leapfrog) == 92 && sizeof so == 96),
           "pf_sample_options layout");
     (pf_sample_options_default)(NULL);
     memset(&so, 0xAB, sizeof so);

@@ -57,7 +57,7 @@ __all__ = [
     "RuntimeError_", "NumericError", "UnsupportedError", "PanicError", "LibraryError", "version",
     "library_path", "onnxruntime_library", "F32Array",
     "OK", "ERR_INVALID_ARGUMENT", "ERR_IO", "ERR_BUNDLE", "ERR_RUNTIME", "ERR_NUMERIC", "ERR_UNSUPPORTED", "ERR_PANIC",
-    "DEVICES", "SOLVERS", "TRACES", "TASKS", "MODEL_FLAG_ALLOW_SPINNING", "START_TIME_BUNDLE", "REFINE_BUNDLE",
+    "DEVICES", "SOLVERS", "TRACES", "REFINE_KERNELS", "TASKS", "MODEL_FLAG_ALLOW_SPINNING", "START_TIME_BUNDLE", "REFINE_BUNDLE",
 ]
 
 #: A float32 numpy array (every array this module returns).
@@ -89,6 +89,10 @@ SOLVERS = {"default": 0, "euler": 1, "heun": 2, "rk4": 3, "dopri5": 4}
 #: "hutchinson" is the bundle's own estimator (:attr:`Model.hutchinson_trace`), as on the command
 #: line; the code 1 alone (``PF_TRACE_HUTCHINSON``) is Rademacher probes.
 TRACES = {"none": 0, "hutchinson": 1, "hutchinson-rademacher": 1, "hutchinson-gaussian": 2, "exact": 3}
+#: ``refine_kernel`` names accepted by the sampling methods (``pf_refine_kernel``): "endpoint"
+#: (the default) keeps a rejected transition's start; "multinomial" (NUTS's trajectory sampling
+#: at a fixed depth, no U-turn rule) nearly never returns the start.
+REFINE_KERNELS = {"endpoint": 0, "multinomial": 1}
 #: ``pf_trace`` codes of a bundle's estimator to their :data:`TRACES` names.
 HUTCHINSON_NAMES = {1: "hutchinson-rademacher", 2: "hutchinson-gaussian"}
 #: ``pf_task`` values to :attr:`Model.task` names.
@@ -183,7 +187,8 @@ class _SampleOptions(ctypes.Structure):
                 ("trace", ctypes.c_uint32), ("probes", ctypes.c_uint32), ("max_steps", ctypes.c_uint32),
                 ("batch_size", ctypes.c_uint32), ("start_time", ctypes.c_double),
                 ("project_to_slice", ctypes.c_uint32), ("refine_transitions", ctypes.c_int64),
-                ("first_index", ctypes.c_uint64)]
+                ("first_index", ctypes.c_uint64), ("refine_kernel", ctypes.c_uint32),
+                ("refine_leapfrog", ctypes.c_uint32)]
 
 
 #: ``pf_sample_options.start_time`` value that selects the bundle's default start time.
@@ -586,6 +591,7 @@ class Model:
                  atol: float = 0.0, trace: Union[str, int] = "none", probes: int = 0, max_steps: int = 0,
                  batch_size: int = 0, start_time: Optional[float] = None, project_to_slice: bool = False,
                  refine_transitions: Optional[int] = None, first_index: int = 0,
+                 refine_kernel: Union[str, int] = "endpoint", refine_leapfrog: Optional[int] = None,
                  struct_size: Optional[int] = None) -> _SampleOptions:
         o = _SampleOptions()
         _check(_lib().pf_sample_options_init(ctypes.byref(o), ctypes.sizeof(o)))
@@ -608,6 +614,9 @@ class Model:
         o.refine_transitions = (REFINE_BUNDLE if refine_transitions is None
                                 else _int(refine_transitions, "refine_transitions"))
         o.first_index = _int(first_index, "first_index", 64)
+        o.refine_kernel = _enum(refine_kernel, REFINE_KERNELS, "refine_kernel")
+        # None or 0: the bundle's refine.leapfrog_steps; the library refuses counts past 1000.
+        o.refine_leapfrog = 0 if refine_leapfrog is None else _int(refine_leapfrog, "refine_leapfrog")
         if struct_size is not None:
             o.struct_size = _int(struct_size, "struct_size")
         return o
@@ -631,7 +640,13 @@ class Model:
         ``refine_transitions`` (HMC transitions on the
         posterior after drawing, bundles with refinement only; None: the bundle's default
         :attr:`default_refine_transitions` when ``trace`` is "none", none otherwise; refined
-        samples have no log-density), ``first_index`` (0: the call's sample ``i`` is sample
+        samples have no log-density), ``refine_kernel`` (a :data:`REFINE_KERNELS` name:
+        "endpoint", the default, is Metropolis on the trajectory's end, a rejected transition
+        keeping its start; "multinomial" draws one state of a trajectory of 2^d - 1 >= L
+        leapfrog steps built by doublings in random directions, by weight exp(-H) biased toward
+        the newest doubling, so it nearly never returns the start), ``refine_leapfrog``
+        (leapfrog steps L per trajectory, in [1, 1000]; None or 0: the bundle's
+        ``refine.leapfrog_steps``), ``first_index`` (0: the call's sample ``i`` is sample
         ``first_index + i`` of the seed, so consecutive calls continue one run; bitwise when
         each split falls on a multiple of the batch used: ``batch_size``, 0: 128, lowered past
         256 MiB). ``project_to_slice`` is accepted and ignored here (it is :meth:`log_prob`'s).

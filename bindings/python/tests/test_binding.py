@@ -47,7 +47,7 @@ def reference():
 
 
 def test_version_and_library():
-    assert postflow.version() == "0.7.0"
+    assert postflow.version() == "0.8.0"
     lib = Path(postflow.library_path())
     assert lib.name in ("libpostflow.so", "libpostflow.abi3.so")
     if INSTALLED:  # the wheel's own copy, not the checkout's
@@ -167,6 +167,48 @@ def test_refinement_matches_the_rust_api(cls):
             m.sample(2, refine_transitions=-1)
     with pytest.raises(postflow.InvalidArgumentError, match="needs a bundle with refinement"):
         cls.sample(2, refine_transitions=1)
+
+
+def test_refine_kernel_and_leapfrog():
+    """refine_kernel="multinomial" moves every stored draw in one transition (the endpoint
+    kernel keeps a rejected one's start); refine_leapfrog changes the draws (None, 0 and the
+    bundle's 5 agree); a 0.7 caller's layout gets the defaults; bad values are refused."""
+    with postflow.Model(FIXTURES / "affine_refine") as m:
+        kw = dict(seed=8, start_time=1.0, refine_transitions=1)
+        n = 16  # the fixture's stored draws
+        stored = m.sample(n, seed=8, start_time=1.0, refine_transitions=0).theta
+        endpoint = m.sample(n, **kw).theta
+        np.testing.assert_array_equal(m.sample(n, refine_kernel="endpoint", **kw).theta, endpoint)
+        multinomial = m.sample(n, refine_kernel="multinomial", **kw).theta
+        np.testing.assert_array_equal(m.sample(n, refine_kernel=postflow.REFINE_KERNELS["multinomial"], **kw).theta,
+                                      multinomial)
+        assert not np.array_equal(multinomial, endpoint)
+        assert not np.any(np.all(multinomial == stored, axis=1)), "a multinomial row kept its stored draw"
+        # With 9 leapfrog steps Metropolis rejects one of these endpoints; multinomial still moves all.
+        kept = [int(np.all(m.sample(n, refine_kernel=k, refine_leapfrog=9, **kw).theta == stored, axis=1).sum())
+                for k in ("endpoint", "multinomial")]
+        assert kept[0] > 0 and kept[1] == 0, kept
+        for kernel in postflow.REFINE_KERNELS:
+            default = m.sample(n, refine_kernel=kernel, **kw).theta
+            for same in (None, 0, 5):  # 5: the bundle's refine.leapfrog_steps
+                np.testing.assert_array_equal(m.sample(n, refine_kernel=kernel, refine_leapfrog=same, **kw).theta,
+                                              default)
+            assert not np.array_equal(m.sample(n, refine_kernel=kernel, refine_leapfrog=9, **kw).theta, default)
+        # 0.7's struct (88 bytes) ends before both fields: the endpoint kernel, the bundle's steps.
+        old = m.sample(n, refine_kernel="multinomial", refine_leapfrog=9, struct_size=88, **kw).theta
+        np.testing.assert_array_equal(old, endpoint)
+        x = np.array([[0.5, -1.0], [1.5, 0.25]], dtype=np.float32)
+        p = m.sample_predict(n, x, refine_kernel="multinomial", refine_leapfrog=9, **kw)
+        want = m.predict(x, m.sample(n, refine_kernel="multinomial", refine_leapfrog=9, **kw))
+        np.testing.assert_allclose(p.mean, want.mean, rtol=1e-6, atol=1e-6)
+        with pytest.raises(ValueError, match="unknown refine_kernel 'nuts'"):
+            m.sample(2, refine_kernel="nuts", **kw)
+        with pytest.raises(postflow.InvalidArgumentError, match="options->refine_kernel is 2"):
+            m.sample(2, refine_kernel=2, **kw)
+        with pytest.raises(postflow.InvalidArgumentError, match="refine_leapfrog 1001"):
+            m.sample(2, refine_leapfrog=1001, **kw)
+        with pytest.raises(postflow.InvalidArgumentError, match="refine_leapfrog"):
+            m.sample(2, refine_leapfrog=-1, **kw)
 
 
 def test_refined_draws_start_at_the_bundles_refinement_start_time(tmp_path):
