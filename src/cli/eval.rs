@@ -439,8 +439,8 @@ fn eval_text(model: &Model, r: &Value) -> String {
         let _ = writeln!(
             o,
             "refined: {k} HMC transitions per sample ({} kernel, {} leapfrog steps each) on the bundle's posterior \
-             graph (acceptance {:.3}): fresh posterior draws started from these samples; {:.1} % of them moved, the \
-             rest are their start unchanged",
+             graph (acceptance {:.3}): fresh posterior draws started from these samples\nmoved: {:.1} % of the \
+             samples; the others are their start unchanged (every transition rejected)",
             f["refine_kernel"].as_str().unwrap_or("endpoint"),
             f["refine_leapfrog"].as_u64().unwrap_or(0),
             f["refine_acceptance"].as_f64().unwrap_or(f64::NAN),

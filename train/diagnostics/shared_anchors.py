@@ -1,7 +1,8 @@
 """More draws than stored draws: do refined draws that start at the same stored draw stay apart?
 
 `POSTFLOW_LIB=target/release/libpostflow.so PYTHONPATH=bindings/python
-python -m train.diagnostics.shared_anchors models/NAME [--n 400] [--seed 0] [--refine K] [--json OUT]`
+python -m train.diagnostics.shared_anchors models/NAME [--n 400] [--seed 0] [--refine K]
+[--kernel endpoint|multinomial] [--leapfrog L] [--json OUT]`
 
 A bundle's refined draws start at its stored draws in a seeded order, so draw j and draw
 j + A (A: the number of stored draws) start at the same one. The runtime draws A + n samples
@@ -13,7 +14,13 @@ uses (x = (θ − mean) / scale):
     to the stored draws    min_a |x_j − a|,  beside the same for the held-out HMC chain
 
 Medians over j. When the same-anchor pair is no closer than the nearest draw from another
-anchor, sharing a start costs nothing: the pairs are as far apart as unrelated draws. The
+anchor, sharing a start costs nothing: the pairs are as far apart as unrelated draws.
+
+Medians hide copies: a rejected endpoint transition returns its start. So it also reports, per
+draw j < n, the ratio of its distance to the stored draws over the held-out chain's median
+(the memorization ratio is the median of these; here also their mean and 10 % / 25 %
+quantiles), the share of draws still at a stored draw (ratio < 0.01: unchanged) and the share
+of same-anchor pairs that are bitwise the same network. The
 pairing holds only where refinement starts at the stored draws themselves (start time 1: a
 start time below 1 picks each sample's stored draw from its own stream), and n must not exceed
 A (else the "other" draws share starts too): other bundles are refused."""
@@ -32,7 +39,7 @@ def pairwise(x, y):
     return np.sqrt(np.maximum(d, 0.0))
 
 
-def measure(bundle, n=400, seed=0, transitions=None):
+def measure(bundle, n=400, seed=0, transitions=None, kernel="endpoint", leapfrog=None):
     import postflow  # the Python binding; needs POSTFLOW_LIB or an installed wheel
 
     t = load_file(str(Path(bundle) / "tensors.safetensors"))
@@ -47,19 +54,26 @@ def measure(bundle, n=400, seed=0, transitions=None):
         if not 1 < n <= count:
             raise SystemExit(f"--n {n}: must be in [2, {count}] (the stored draws)")
         k = model.default_refine_transitions if transitions is None else transitions
-        theta = model.sample(count + n, seed=seed, start_time=model.default_refine_start_time,
-                             refine_transitions=k).theta.astype(np.float64)
+        drawn = model.sample(count + n, seed=seed, start_time=model.default_refine_start_time,
+                             refine_transitions=k, refine_kernel=kernel, refine_leapfrog=leapfrog or 0).theta
+    identical = np.all(drawn[:n] == drawn[count:count + n], axis=1)
+    theta = drawn.astype(np.float64)
     x = (theta - mean) / scale
     first, again = x[:n], x[count:count + n]
     same = np.linalg.norm(first - again, axis=1)  # exact 0 for identical rows
     cross = pairwise(first, again)
     np.fill_diagonal(cross, np.inf)
+    held_out_median = float(np.median(pairwise(held_out, anchors).min(1)))
+    ratio = pairwise(first, anchors).min(1) / held_out_median
     return {"bundle": str(bundle), "stored_draws": count, "n": n, "seed": seed,
-            "transitions": k,
+            "transitions": k, "kernel": kernel, "leapfrog": leapfrog,
+            "unchanged": float(np.mean(ratio < 0.01)), "identical_pairs": float(np.mean(identical)),
+            "ratio": {"mean": float(ratio.mean()), "q10": float(np.quantile(ratio, 0.1)),
+                      "q25": float(np.quantile(ratio, 0.25)), "median": float(np.median(ratio))},
             "same_anchor_pair": float(np.median(same)),
             "nearest_other_draw": float(np.median(cross.min(1))),
             "to_stored_draws": float(np.median(pairwise(first, anchors).min(1))),
-            "held_out_to_stored_draws": float(np.median(pairwise(held_out, anchors).min(1)))}
+            "held_out_to_stored_draws": held_out_median}
 
 
 def main(argv=None):
@@ -68,13 +82,19 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--refine", type=int, default=None, help="transitions (default: the bundle's)")
+    p.add_argument("--kernel", choices=("endpoint", "multinomial"), default="endpoint")
+    p.add_argument("--leapfrog", type=int, default=None, help="steps per trajectory (default: the bundle's)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
-    r = measure(a.bundle, a.n, a.seed, a.refine)
+    r = measure(a.bundle, a.n, a.seed, a.refine, a.kernel, a.leapfrog)
     print(f"{r['bundle']}: {r['stored_draws']} stored draws, K = {r['transitions']}, n = {r['n']}; "
           f"median whitened distance: same-anchor pair {r['same_anchor_pair']:.2f}, nearest draw from another "
           f"anchor {r['nearest_other_draw']:.2f} (ratio {r['same_anchor_pair'] / r['nearest_other_draw']:.2f}); "
           f"to the stored draws {r['to_stored_draws']:.2f} (held-out chain {r['held_out_to_stored_draws']:.2f})")
+    q = r["ratio"]
+    print(f"  {r['kernel']} kernel: unchanged {r['unchanged']:.1%}, identical same-anchor pairs "
+          f"{r['identical_pairs']:.1%}; distance to the stored draws over the held-out chain's median: "
+          f"mean {q['mean']:.3f}, q10 {q['q10']:.3f}, q25 {q['q25']:.3f}, median {q['median']:.3f}")
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=1))
     return r

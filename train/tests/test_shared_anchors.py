@@ -35,11 +35,17 @@ def test_pairs_share_their_stored_draw(tmp_path):
     # the stored draws themselves (f16 anchors through f32 whitening: rounding only)
     assert copies["same_anchor_pair"] == 0.0 and copies["to_stored_draws"] < 1e-3
     assert copies["nearest_other_draw"] > 0.1
+    assert copies["unchanged"] == 1.0 and copies["identical_pairs"] == 1.0 and copies["ratio"]["q25"] < 0.01
 
     refined = run(bundle, tmp_path / "k.json")
     assert refined["transitions"] == manifest["refine"]["default_transitions"] > 0
     assert refined["same_anchor_pair"] > 0.1 and refined["to_stored_draws"] > 0.1
     assert refined["held_out_to_stored_draws"] == copies["held_out_to_stored_draws"] > 0
+    # the multinomial kernel moves every draw, and two draws from one start are two networks
+    multinomial = run(bundle, tmp_path / "m.json", "--kernel", "multinomial", "--leapfrog", "9")
+    assert (multinomial["kernel"], multinomial["leapfrog"]) == ("multinomial", 9)
+    assert multinomial["unchanged"] == 0.0 and multinomial["identical_pairs"] == 0.0
+    assert multinomial["ratio"]["q10"] > 0.1 and multinomial["ratio"]["mean"] >= multinomial["ratio"]["q10"]
 
     # refused where the pairing does not hold: more draws than stored, or refinement that starts
     # below 1 (the format-3 original: its stored draw per sample comes from the sample's stream)
