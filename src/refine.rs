@@ -207,9 +207,21 @@ impl RefineStats {
     }
 }
 
+/// The log-density of the posterior and its gradient for `s` rows of `theta` (`s·D`): the
+/// bundle's posterior graph, or in tests a closed form.
+pub trait LogPosterior: Sync {
+    fn log_posterior(&self, theta: &[f32], s: usize, logp_out: &mut [f32], grad_out: &mut [f32]) -> Result<()>;
+}
+
+impl LogPosterior for Engine {
+    fn log_posterior(&self, theta: &[f32], s: usize, logp_out: &mut [f32], grad_out: &mut [f32]) -> Result<()> {
+        Engine::log_posterior(self, theta, s, logp_out, grad_out)
+    }
+}
+
 /// The HMC kernel of a bundle (see the module docs).
 pub struct Refiner<'a> {
-    engine: &'a Engine,
+    posterior: &'a dyn LogPosterior,
     dim: usize,
     inverse_mass: &'a [f32],
     step: f64,
@@ -259,7 +271,7 @@ struct Tree {
 impl<'a> Refiner<'a> {
     pub fn new(engine: &'a Engine, spec: &RefineSpec, tensors: &'a RefineTensors, layers: &[Layer]) -> Self {
         Refiner {
-            engine,
+            posterior: engine,
             dim: tensors.inverse_mass.len(),
             inverse_mass: &tensors.inverse_mass,
             step: spec.step_size,
@@ -371,7 +383,7 @@ impl<'a> Refiner<'a> {
                         xs[i] += eps * self.inverse_mass[i] * p[i];
                     }
                 }
-                self.engine.log_posterior(&w.x_new, b, &mut w.logp_new, &mut w.grad_new)?;
+                self.posterior.log_posterior(&w.x_new, b, &mut w.logp_new, &mut w.grad_new)?;
                 for (p, g) in w.momentum.iter_mut().zip(&w.grad_new) {
                     *p += half * g;
                 }
@@ -410,7 +422,7 @@ impl<'a> Refiner<'a> {
         w.moved.clear();
         w.moved.resize(b, false);
         w.x.copy_from_slice(x);
-        self.engine.log_posterior(&w.x, b, &mut w.logp, &mut w.grad)
+        self.posterior.log_posterior(&w.x, b, &mut w.logp, &mut w.grad)
     }
 
     fn check_final_log_densities(w: &Work, b: usize) -> Result<()> {
@@ -489,7 +501,7 @@ impl<'a> Refiner<'a> {
                             xs[i] += eps * self.inverse_mass[i] * p[i];
                         }
                     }
-                    self.engine.log_posterior(&w.x_new, b, &mut w.logp_new, &mut w.grad_new)?;
+                    self.posterior.log_posterior(&w.x_new, b, &mut w.logp_new, &mut w.grad_new)?;
                     for (j, stream) in streams.iter_mut().enumerate() {
                         let eps = if t.forward[j] { self.step as f32 } else { -self.step as f32 };
                         let r = j * d..(j + 1) * d;
@@ -678,5 +690,88 @@ mod tests {
         assert_eq!(log_add_exp(f64::NEG_INFINITY, -3.0), -3.0);
         assert_eq!(log_add_exp(-3.0, f64::NEG_INFINITY), -3.0);
         assert_eq!(log_add_exp(f64::NEG_INFINITY, f64::NEG_INFINITY), f64::NEG_INFINITY);
+    }
+
+    /// N(μ, diag σ²) in closed form.
+    struct Gaussian {
+        mean: Vec<f32>,
+        sd: Vec<f32>,
+    }
+
+    impl LogPosterior for Gaussian {
+        fn log_posterior(&self, theta: &[f32], s: usize, logp: &mut [f32], grad: &mut [f32]) -> Result<()> {
+            let d = self.mean.len();
+            for j in 0..s {
+                let mut l = 0.0f64;
+                for i in 0..d {
+                    let z = (theta[j * d + i] - self.mean[i]) / self.sd[i];
+                    l -= 0.5 * f64::from(z) * f64::from(z);
+                    grad[j * d + i] = -z / self.sd[i];
+                }
+                logp[j] = l as f32;
+            }
+            Ok(())
+        }
+    }
+
+    /// Rows drawn exactly from the target, moved by one transition, must still be exact draws:
+    /// the rows are independent, so their moments have i.i.d. standard errors. The unit inverse
+    /// mass against sds from 0.3 to 2 and a step of 0.5 make the energy error matter.
+    fn invariance_misfits(kernel: RefineKernel, leapfrog: u32) -> (Vec<String>, RefineStats) {
+        let target = Gaussian { mean: vec![1.0, -2.0, 0.5, 0.0], sd: vec![0.3, 1.0, 2.0, 0.6] };
+        let d = target.mean.len();
+        let n = 20_000;
+        let mut theta = vec![0.0f32; n * d];
+        let mut rng = rng::sample_stream(77, 0);
+        rng::fill_standard_normal(&mut rng, &mut theta);
+        for row in theta.chunks_exact_mut(d) {
+            for i in 0..d {
+                row[i] = target.mean[i] + target.sd[i] * row[i];
+            }
+        }
+        let start = theta.clone();
+        let inverse_mass = vec![1.0f32; d];
+        let refiner = Refiner {
+            posterior: &target,
+            dim: d,
+            inverse_mass: &inverse_mass,
+            step: 0.5,
+            leapfrog,
+            layers: vec![],
+            norms: None,
+        };
+        let run = RefineRun { transitions: 1, kernel, leapfrog: None };
+        let stats = refiner.refine(&mut theta, &vec![None; n], &run, 3, 0, 64).unwrap();
+        assert_ne!(theta, start);
+        let mut bad = Vec::new();
+        for i in 0..d {
+            let col: Vec<f64> = theta.iter().skip(i).step_by(d).map(|v| f64::from(*v)).collect();
+            let mean = col.iter().sum::<f64>() / n as f64;
+            let var = col.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+            let (mu, sd) = (f64::from(target.mean[i]), f64::from(target.sd[i]));
+            let z_mean = (mean - mu) / (sd / (n as f64).sqrt());
+            let z_var = (var / (sd * sd) - 1.0) / (2.0 / n as f64).sqrt();
+            if z_mean.abs() > 4.5 || z_var.abs() > 4.5 {
+                bad.push(format!("coordinate {i}: mean z {z_mean:.1}, variance z {z_var:.1}"));
+            }
+        }
+        (bad, stats)
+    }
+
+    #[test]
+    fn one_multinomial_transition_keeps_exact_draws_exact() {
+        let (bad, stats) = invariance_misfits(RefineKernel::Multinomial, 7);
+        assert!(bad.is_empty(), "{}", bad.join("; "));
+        assert_eq!(stats.leapfrog, 7);
+        assert!(stats.moved_fraction() > 0.99, "moved {}", stats.moved_fraction());
+    }
+
+    #[test]
+    fn one_endpoint_transition_keeps_exact_draws_exact() {
+        let (bad, stats) = invariance_misfits(RefineKernel::Endpoint, 7);
+        assert!(bad.is_empty(), "{}", bad.join("; "));
+        let a = stats.acceptance_rate();
+        assert!((0.3..0.98).contains(&a), "acceptance {a}: the test should reject some proposals");
+        assert_eq!(stats.moved, stats.accepted);
     }
 }
