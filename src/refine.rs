@@ -725,8 +725,8 @@ mod tests {
         let mut rng = rng::sample_stream(77, 0);
         rng::fill_standard_normal(&mut rng, &mut theta);
         for row in theta.chunks_exact_mut(d) {
-            for i in 0..d {
-                row[i] = target.mean[i] + target.sd[i] * row[i];
+            for ((v, m), sd) in row.iter_mut().zip(&target.mean).zip(&target.sd) {
+                *v = m + sd * *v;
             }
         }
         let start = theta.clone();
