@@ -173,16 +173,21 @@ enum pf_refine_kernel
 #endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
  {
     /**
-     * Metropolis on the end of an `L`-step leapfrog trajectory; a rejected transition keeps
-     * its start (the default).
+     * The bundle's kernel (the default): `PF_REFINE_KERNEL_ENDPOINT` for every bundle format
+     * so far (3 and 4), whose step and trajectory length were tuned for it.
      */
-    PF_REFINE_KERNEL_ENDPOINT = 0,
+    PF_REFINE_KERNEL_BUNDLE = 0,
+    /**
+     * Metropolis on the end of an `L`-step leapfrog trajectory; a rejected transition keeps
+     * its start.
+     */
+    PF_REFINE_KERNEL_ENDPOINT = 1,
     /**
      * One state of a trajectory of `2^d − 1 ≥ L` leapfrog steps built by doublings in random
      * directions, drawn by weight `exp(−H)` biased toward the newest doubling (NUTS's
      * trajectory sampling without the U-turn rule): nearly never the start.
      */
-    PF_REFINE_KERNEL_MULTINOMIAL = 1,
+    PF_REFINE_KERNEL_MULTINOMIAL = 2,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -393,7 +398,8 @@ typedef struct {
      */
     uint64_t first_index;
     /**
-     * The HMC transition refinement runs: `PF_REFINE_KERNEL_ENDPOINT` (0, the default) is
+     * The HMC transition refinement runs: `PF_REFINE_KERNEL_BUNDLE` (0, the default) is the
+     * bundle's, so far always the endpoint kernel; `PF_REFINE_KERNEL_ENDPOINT` (1) is
      * Metropolis on the end of the trajectory, a rejected transition keeping its start;
      * `PF_REFINE_KERNEL_MULTINOMIAL` draws one state of a trajectory of 2^d − 1 ≥ L leapfrog
      * steps built by doublings in random directions, by weight exp(−H) biased toward the newest

@@ -47,8 +47,9 @@ pub struct SampleOptions {
     /// `None` takes the bundle's `refine.default_transitions` when no log-density is asked for
     /// and none otherwise (refined samples have no density). See `crate::refine`.
     pub refine_transitions: Option<u32>,
-    /// The HMC transition refinement runs (see `crate::refine`).
-    pub refine_kernel: RefineKernel,
+    /// The HMC transition refinement runs (see `crate::refine`); `None` takes the bundle's,
+    /// the endpoint kernel for every format so far.
+    pub refine_kernel: Option<RefineKernel>,
     /// Leapfrog steps per refinement trajectory; `None` takes the bundle's.
     pub refine_leapfrog: Option<u32>,
 }
@@ -69,7 +70,7 @@ impl Default for SampleOptions {
             start_time: None,
             project_to_slice: false,
             refine_transitions: None,
-            refine_kernel: RefineKernel::Endpoint,
+            refine_kernel: None,
             refine_leapfrog: None,
         }
     }
@@ -235,7 +236,8 @@ impl FlowContext<'_> {
         if let (Some((refiner, _)), true) = (&self.refiner, transitions > 0) {
             let rows = samples.theta.as_slice_mut().expect("standard layout");
             let batch = self.batch_size(o);
-            let run = RefineRun { transitions, kernel: o.refine_kernel, leapfrog: o.refine_leapfrog };
+            let kernel = o.refine_kernel.unwrap_or_default();
+            let run = RefineRun { transitions, kernel, leapfrog: o.refine_leapfrog };
             samples.refine = Some(refiner.refine(rows, &anchor_of, &run, o.seed, o.first_index, batch)?);
             check_finite_rows(samples.theta.view(), None, o.first_index, "refined weights")?;
         }

@@ -565,8 +565,8 @@ fn c_abi_first_index_continues_the_same_draws() {
     }
 }
 
-/// `refine_kernel` and `refine_leapfrog` (0.8): the defaults are the endpoint kernel and the
-/// bundle's `refine.leapfrog_steps`; `PF_REFINE_KERNEL_MULTINOMIAL` and an explicit leapfrog
+/// `refine_kernel` and `refine_leapfrog` (0.8): the defaults are the bundle's kernel (the
+/// endpoint kernel) and its `refine.leapfrog_steps`; `PF_REFINE_KERNEL_MULTINOMIAL` and an explicit leapfrog
 /// count equal the Rust API's `RefineKernel::Multinomial` and `refine_leapfrog`; a 0.7
 /// caller's struct (88 bytes) gets the defaults whatever the bytes past it hold; an unknown
 /// kernel and a leapfrog count past 1000 are refused.
@@ -595,16 +595,20 @@ fn c_abi_refine_kernel_and_leapfrog_equal_the_rust_api() {
         ..rust_opts(8, None, None, TraceMode::None)
     };
     let rust_draw = |kernel: RefineKernel, leapfrog: Option<u32>| {
-        let s = rust.sample(n, &SampleOptions { refine_kernel: kernel, refine_leapfrog: leapfrog, ..base.clone() });
+        let s = rust.sample(n, &SampleOptions { refine_kernel: Some(kernel), refine_leapfrog: leapfrog, ..base.clone() });
         let s = s.unwrap();
         (s.theta.as_slice().unwrap().to_vec(), s.refine.unwrap())
     };
     let mut o = sample_options();
-    assert_eq!((o.refine_kernel, o.refine_leapfrog), (pf_refine_kernel::PF_REFINE_KERNEL_ENDPOINT as u32, 0));
+    assert_eq!((o.refine_kernel, o.refine_leapfrog), (pf_refine_kernel::PF_REFINE_KERNEL_BUNDLE as u32, 0));
     (o.seed, o.start_time, o.refine_transitions) = (8, 1.0, 1);
     let (endpoint, stats) = rust_draw(RefineKernel::Endpoint, None);
     assert_eq!(stats.leapfrog, 5, "the bundle's refine.leapfrog_steps");
-    assert_eq!(ok(&o), endpoint, "the defaults: endpoint, the bundle's leapfrog steps");
+    assert_eq!(ok(&o), endpoint, "the defaults: the bundle's kernel (endpoint) and leapfrog steps");
+    let default = rust.sample(n, &base).unwrap();
+    assert_eq!(default.theta.as_slice().unwrap(), endpoint, "Rust: None is the bundle's kernel, endpoint");
+    o.refine_kernel = pf_refine_kernel::PF_REFINE_KERNEL_ENDPOINT as u32;
+    assert_eq!(ok(&o), endpoint, "PF_REFINE_KERNEL_ENDPOINT");
 
     o.refine_kernel = pf_refine_kernel::PF_REFINE_KERNEL_MULTINOMIAL as u32;
     let (multinomial, stats) = rust_draw(RefineKernel::Multinomial, None);
@@ -631,7 +635,7 @@ fn c_abi_refine_kernel_and_leapfrog_equal_the_rust_api() {
     (short.refine_kernel, short.refine_leapfrog) = (7, 5000); // beyond struct_size: never read
     assert_eq!(ok(&short), endpoint, "an older caller");
 
-    (o.refine_kernel, o.refine_leapfrog) = (2, 0);
+    (o.refine_kernel, o.refine_leapfrog) = (3, 0);
     assert_eq!(run(&o).0, pf_status::PF_ERR_INVALID_ARGUMENT);
     assert!(last_error().contains("options->refine_kernel"), "{}", last_error());
     (o.refine_kernel, o.refine_leapfrog) = (pf_refine_kernel::PF_REFINE_KERNEL_ENDPOINT as u32, 1001);

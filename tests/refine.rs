@@ -89,7 +89,7 @@ fn the_multinomial_kernel_carries_samples_to_the_posterior_graphs_law_and_moves_
         seed: 5,
         start_time: Some(0.0),
         refine_transitions: Some(40),
-        refine_kernel: RefineKernel::Multinomial,
+        refine_kernel: Some(RefineKernel::Multinomial),
         ..Default::default()
     };
     let refined = model.sample(n, &o).unwrap();
@@ -107,7 +107,7 @@ fn the_multinomial_kernel_carries_samples_to_the_posterior_graphs_law_and_moves_
     let stored = SampleOptions { start_time: Some(1.0), refine_transitions: Some(1), ..o };
     let copies = model.sample(200, &SampleOptions { refine_transitions: Some(0), ..stored.clone() }).unwrap().theta;
     let multinomial = model.sample(200, &stored).unwrap();
-    let endpoint = model.sample(200, &SampleOptions { refine_kernel: RefineKernel::Endpoint, ..stored }).unwrap();
+    let endpoint = model.sample(200, &SampleOptions { refine_kernel: Some(RefineKernel::Endpoint), ..stored }).unwrap();
     let unchanged = |theta: &ndarray::Array2<f32>| {
         theta.rows().into_iter().zip(copies.rows()).filter(|(a, b)| a == b).count() as u64
     };
@@ -128,7 +128,7 @@ fn the_trajectory_length_can_be_chosen_per_call() {
     let longer = model.sample(8, &SampleOptions { refine_leapfrog: Some(9), ..o.clone() }).unwrap();
     assert_eq!(longer.refine.unwrap().leapfrog, 9);
     assert_ne!(longer.theta, bundle.theta);
-    let multinomial = SampleOptions { refine_leapfrog: Some(8), refine_kernel: RefineKernel::Multinomial, ..o.clone() };
+    let multinomial = SampleOptions { refine_leapfrog: Some(8), refine_kernel: Some(RefineKernel::Multinomial), ..o.clone() };
     assert_eq!(model.sample(8, &multinomial).unwrap().refine.unwrap().leapfrog, 15);
     for bad in [0, 1001] {
         let e = model.sample(8, &SampleOptions { refine_leapfrog: Some(bad), ..o.clone() }).unwrap_err();
@@ -165,7 +165,7 @@ fn refined_samples_do_not_depend_on_batching_or_splitting() {
 
 fn same_samples_whatever_the_batching(kernel: RefineKernel) {
     let model = open("affine_refine");
-    let o = SampleOptions { seed: 9, refine_transitions: Some(7), refine_kernel: kernel, ..Default::default() };
+    let o = SampleOptions { seed: 9, refine_transitions: Some(7), refine_kernel: Some(kernel), ..Default::default() };
     let whole = model.sample(10, &o).unwrap().theta;
     let one_by_one = model.sample(10, &SampleOptions { batch_size: 1, ..o.clone() }).unwrap().theta;
     assert_eq!(whole, one_by_one);

@@ -170,11 +170,12 @@ pub(crate) struct SolverArgs {
 /// Refinement kernel flags (sample, predict, eval).
 #[derive(Args, Clone)]
 pub(crate) struct RefineKernelArgs {
-    /// The HMC transition of refinement: endpoint (Metropolis on the trajectory's end: a
-    /// rejected transition keeps its start) or multinomial (one state of a trajectory built
-    /// by doublings, drawn by weight: nearly never the start).
-    #[arg(long, value_enum, default_value_t = RefineKernelArg::Endpoint)]
-    pub refine_kernel: RefineKernelArg,
+    /// The HMC transition of refinement (default: the bundle's, endpoint for every format so
+    /// far): endpoint (Metropolis on the trajectory's end: a rejected transition keeps its
+    /// start) or multinomial (one state of a trajectory built by doublings, drawn by weight:
+    /// nearly never the start).
+    #[arg(long, value_enum)]
+    pub refine_kernel: Option<RefineKernelArg>,
     /// Leapfrog steps per refinement trajectory (default: the bundle's refine.leapfrog_steps;
     /// the multinomial kernel runs 2^d − 1 ≥ L of them).
     #[arg(long, value_name = "L", allow_negative_numbers = true)]
@@ -190,10 +191,10 @@ pub(crate) enum RefineKernelArg {
 impl RefineKernelArgs {
     pub fn apply(&self, o: SampleOptions) -> SampleOptions {
         SampleOptions {
-            refine_kernel: match self.refine_kernel {
+            refine_kernel: self.refine_kernel.map(|k| match k {
                 RefineKernelArg::Endpoint => RefineKernel::Endpoint,
                 RefineKernelArg::Multinomial => RefineKernel::Multinomial,
-            },
+            }),
             refine_leapfrog: self.refine_leapfrog,
             ..o
         }

@@ -94,13 +94,16 @@ pub enum pf_trace {
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum pf_refine_kernel {
+    /// The bundle's kernel (the default): `PF_REFINE_KERNEL_ENDPOINT` for every bundle format
+    /// so far (3 and 4), whose step and trajectory length were tuned for it.
+    PF_REFINE_KERNEL_BUNDLE = 0,
     /// Metropolis on the end of an `L`-step leapfrog trajectory; a rejected transition keeps
-    /// its start (the default).
-    PF_REFINE_KERNEL_ENDPOINT = 0,
+    /// its start.
+    PF_REFINE_KERNEL_ENDPOINT = 1,
     /// One state of a trajectory of `2^d − 1 ≥ L` leapfrog steps built by doublings in random
     /// directions, drawn by weight `exp(−H)` biased toward the newest doubling (NUTS's
     /// trajectory sampling without the U-turn rule): nearly never the start.
-    PF_REFINE_KERNEL_MULTINOMIAL = 1,
+    PF_REFINE_KERNEL_MULTINOMIAL = 2,
 }
 
 /// The bundle's task (`pf_model_info.task`).

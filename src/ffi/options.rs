@@ -81,7 +81,8 @@ pub struct pf_sample_options {
     /// (`batch_size`, 0 = 128, after the memory cap), else as `seed` says.
     /// `first_index + n` must not overflow. (Added in 0.7; older callers get 0.)
     pub first_index: u64,
-    /// The HMC transition refinement runs: `PF_REFINE_KERNEL_ENDPOINT` (0, the default) is
+    /// The HMC transition refinement runs: `PF_REFINE_KERNEL_BUNDLE` (0, the default) is the
+    /// bundle's, so far always the endpoint kernel; `PF_REFINE_KERNEL_ENDPOINT` (1) is
     /// Metropolis on the end of the trajectory, a rejected transition keeping its start;
     /// `PF_REFINE_KERNEL_MULTINOMIAL` draws one state of a trajectory of 2^d − 1 ≥ L leapfrog
     /// steps built by doublings in random directions, by weight exp(−H) biased toward the newest
@@ -136,7 +137,7 @@ pub(super) fn sample_options_defaults() -> pf_sample_options {
         project_to_slice: 0,
         refine_transitions: PF_REFINE_BUNDLE,
         first_index: 0,
-        refine_kernel: pf_refine_kernel::PF_REFINE_KERNEL_ENDPOINT as u32,
+        refine_kernel: pf_refine_kernel::PF_REFINE_KERNEL_BUNDLE as u32,
         refine_leapfrog: 0,
     }
 }
@@ -443,12 +444,13 @@ fn convert_sample_options(raw: &RawSampleOptions, model: &Model) -> Result<Sampl
         }
     };
     o.refine_kernel = match raw.refine_kernel {
-        0 => crate::refine::RefineKernel::Endpoint,
-        1 => crate::refine::RefineKernel::Multinomial,
+        0 => None,
+        1 => Some(crate::refine::RefineKernel::Endpoint),
+        2 => Some(crate::refine::RefineKernel::Multinomial),
         other => {
             return Err(Error::invalid(format!(
                 "options->refine_kernel is {other}, not a pf_refine_kernel \
-                 (PF_REFINE_KERNEL_ENDPOINT = 0, PF_REFINE_KERNEL_MULTINOMIAL = 1)"
+                 (PF_REFINE_KERNEL_BUNDLE = 0, PF_REFINE_KERNEL_ENDPOINT = 1, PF_REFINE_KERNEL_MULTINOMIAL = 2)"
             )))
         }
     };

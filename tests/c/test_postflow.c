@@ -111,7 +111,7 @@ static void test_options_init(void) {
               so.trace == PF_TRACE_NONE && so.probes == 0 && so.max_steps == 0 && so.batch_size == 0 &&
               so.start_time == PF_START_TIME_BUNDLE && so.project_to_slice == 0 &&
               so.refine_transitions == PF_REFINE_BUNDLE && so.first_index == 0 &&
-              so.refine_kernel == PF_REFINE_KERNEL_ENDPOINT && so.refine_leapfrog == 0,
+              so.refine_kernel == PF_REFINE_KERNEL_BUNDLE && so.refine_leapfrog == 0,
           "sample option defaults");
     /* The layouts docs/c-api.md publishes (64-bit): first_index (0.7) at offset 80, refine_kernel
      * and refine_leapfrog (0.8) at 88 and 92, 96 bytes. */

@@ -89,10 +89,11 @@ SOLVERS = {"default": 0, "euler": 1, "heun": 2, "rk4": 3, "dopri5": 4}
 #: "hutchinson" is the bundle's own estimator (:attr:`Model.hutchinson_trace`), as on the command
 #: line; the code 1 alone (``PF_TRACE_HUTCHINSON``) is Rademacher probes.
 TRACES = {"none": 0, "hutchinson": 1, "hutchinson-rademacher": 1, "hutchinson-gaussian": 2, "exact": 3}
-#: ``refine_kernel`` names accepted by the sampling methods (``pf_refine_kernel``): "endpoint"
-#: (the default) keeps a rejected transition's start; "multinomial" (NUTS's trajectory sampling
-#: at a fixed depth, no U-turn rule) nearly never returns the start.
-REFINE_KERNELS = {"endpoint": 0, "multinomial": 1}
+#: ``refine_kernel`` names accepted by the sampling methods (``pf_refine_kernel``): "bundle"
+#: (the default) is the bundle's, the endpoint kernel for every format so far; "endpoint" keeps
+#: a rejected transition's start; "multinomial" (NUTS's trajectory sampling at a fixed depth,
+#: no U-turn rule) nearly never returns the start.
+REFINE_KERNELS = {"bundle": 0, "endpoint": 1, "multinomial": 2}
 #: ``pf_trace`` codes of a bundle's estimator to their :data:`TRACES` names.
 HUTCHINSON_NAMES = {1: "hutchinson-rademacher", 2: "hutchinson-gaussian"}
 #: ``pf_task`` values to :attr:`Model.task` names.
@@ -591,7 +592,7 @@ class Model:
                  atol: float = 0.0, trace: Union[str, int] = "none", probes: int = 0, max_steps: int = 0,
                  batch_size: int = 0, start_time: Optional[float] = None, project_to_slice: bool = False,
                  refine_transitions: Optional[int] = None, first_index: int = 0,
-                 refine_kernel: Union[str, int] = "endpoint", refine_leapfrog: Optional[int] = None,
+                 refine_kernel: Union[str, int] = "bundle", refine_leapfrog: Optional[int] = None,
                  struct_size: Optional[int] = None) -> _SampleOptions:
         o = _SampleOptions()
         _check(_lib().pf_sample_options_init(ctypes.byref(o), ctypes.sizeof(o)))
@@ -641,8 +642,8 @@ class Model:
         posterior after drawing, bundles with refinement only; None: the bundle's default
         :attr:`default_refine_transitions` when ``trace`` is "none", none otherwise; refined
         samples have no log-density), ``refine_kernel`` (a :data:`REFINE_KERNELS` name:
-        "endpoint", the default, is Metropolis on the trajectory's end, a rejected transition
-        keeping its start; "multinomial" draws one state of a trajectory of 2^d - 1 >= L
+        "bundle", the default, is the bundle's, so far always "endpoint"; "endpoint" is
+        Metropolis on the trajectory's end, a rejected transition keeping its start; "multinomial" draws one state of a trajectory of 2^d - 1 >= L
         leapfrog steps built by doublings in random directions, by weight exp(-H) biased toward
         the newest doubling, so it nearly never returns the start), ``refine_leapfrog``
         (leapfrog steps L per trajectory, in [1, 1000]; None or 0: the bundle's

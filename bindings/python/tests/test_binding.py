@@ -179,6 +179,7 @@ def test_refine_kernel_and_leapfrog():
         stored = m.sample(n, seed=8, start_time=1.0, refine_transitions=0).theta
         endpoint = m.sample(n, **kw).theta
         np.testing.assert_array_equal(m.sample(n, refine_kernel="endpoint", **kw).theta, endpoint)
+        np.testing.assert_array_equal(m.sample(n, refine_kernel="bundle", **kw).theta, endpoint)
         multinomial = m.sample(n, refine_kernel="multinomial", **kw).theta
         np.testing.assert_array_equal(m.sample(n, refine_kernel=postflow.REFINE_KERNELS["multinomial"], **kw).theta,
                                       multinomial)
@@ -203,8 +204,8 @@ def test_refine_kernel_and_leapfrog():
         np.testing.assert_allclose(p.mean, want.mean, rtol=1e-6, atol=1e-6)
         with pytest.raises(ValueError, match="unknown refine_kernel 'nuts'"):
             m.sample(2, refine_kernel="nuts", **kw)
-        with pytest.raises(postflow.InvalidArgumentError, match="options->refine_kernel is 2"):
-            m.sample(2, refine_kernel=2, **kw)
+        with pytest.raises(postflow.InvalidArgumentError, match="options->refine_kernel is 3"):
+            m.sample(2, refine_kernel=3, **kw)
         with pytest.raises(postflow.InvalidArgumentError, match="refine_leapfrog 1001"):
             m.sample(2, refine_leapfrog=1001, **kw)
         with pytest.raises(postflow.InvalidArgumentError, match="refine_leapfrog"):
