@@ -595,7 +595,8 @@ fn c_abi_refine_kernel_and_leapfrog_equal_the_rust_api() {
         ..rust_opts(8, None, None, TraceMode::None)
     };
     let rust_draw = |kernel: RefineKernel, leapfrog: Option<u32>| {
-        let s = rust.sample(n, &SampleOptions { refine_kernel: Some(kernel), refine_leapfrog: leapfrog, ..base.clone() });
+        let s =
+            rust.sample(n, &SampleOptions { refine_kernel: Some(kernel), refine_leapfrog: leapfrog, ..base.clone() });
         let s = s.unwrap();
         (s.theta.as_slice().unwrap().to_vec(), s.refine.unwrap())
     };

@@ -128,7 +128,8 @@ fn the_trajectory_length_can_be_chosen_per_call() {
     let longer = model.sample(8, &SampleOptions { refine_leapfrog: Some(9), ..o.clone() }).unwrap();
     assert_eq!(longer.refine.unwrap().leapfrog, 9);
     assert_ne!(longer.theta, bundle.theta);
-    let multinomial = SampleOptions { refine_leapfrog: Some(8), refine_kernel: Some(RefineKernel::Multinomial), ..o.clone() };
+    let multinomial =
+        SampleOptions { refine_leapfrog: Some(8), refine_kernel: Some(RefineKernel::Multinomial), ..o.clone() };
     assert_eq!(model.sample(8, &multinomial).unwrap().refine.unwrap().leapfrog, 15);
     for bad in [0, 1001] {
         let e = model.sample(8, &SampleOptions { refine_leapfrog: Some(bad), ..o.clone() }).unwrap_err();
