@@ -241,7 +241,8 @@ def refinement(ctx, tens):
             seconds += time.time() - t1
         done = k
         row, detail = score(np.asarray(canon.canonicalize(theta, sizes), np.float32))
-        rows.append({"transitions": k, **row})
+        rows.append({"transitions": k, **row, "at_stored_draws": detail["at_stored_draws"],
+                     "memorization_ratio_mean": detail["memorization_ratio_mean"]})
         details.append({"transitions": k, "acceptance_since_previous": acc, "hmc_seconds_so_far": round(seconds, 2),
                         **detail})
         print(f"  refine K={k}: {rows[-1]}", flush=True)

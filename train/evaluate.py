@@ -252,7 +252,11 @@ def sweep_scorer(ctx, anchors_x, ood_x):
         row = {**row, "memorization_ratio": float(np.median(nn) / nn_held),
                "epistemic_ratio_eval": epi["eval"] / hmc_epi["eval"],
                "epistemic_ratio_ood": epi["ood"] / hmc_epi["ood"]}
-        return row, {"metrics": full, "epistemic": epi, "nearest_anchor_distance_median": float(np.median(nn))}
+        # Medians hide copies: the share of samples still at a stored draw (a rejected HMC
+        # transition keeps its start), and the mean ratio, which counts them.
+        return row, {"metrics": full, "epistemic": epi, "nearest_anchor_distance_median": float(np.median(nn)),
+                     "at_stored_draws": float(np.mean(nn < 0.01 * nn_held)),
+                     "memorization_ratio_mean": float(np.mean(nn) / nn_held)}
     return score, hmc_epi, nn_held
 
 

@@ -246,7 +246,8 @@ def test_rust_runtime_start_times_match_the_pipeline(built, tmp_path):
 def test_rust_runtime_refinement_matches_the_pipeline(built, tmp_path):
     """The runtime's refinement (its own HMC on the bundle's posterior graph) against the
     pipeline's JAX refinement: at every K of the manifest's refinement sweep, BMA and
-    memorization ratio agree within sampling noise, and the default K is what sampling runs."""
+    memorization ratio and the share of samples still at a stored draw agree within sampling
+    noise, and the default K is what sampling runs."""
     binary = _postflow_bin()
     out, _ = built
     man = json.loads((out / "postflow.json").read_text())
@@ -269,6 +270,11 @@ def test_rust_runtime_refinement_matches_the_pipeline(built, tmp_path):
             assert ratio < 1e-3
         else:
             assert ratio == pytest.approx(row["memorization_ratio"], rel=0.3), (k, ratio, row)
+        # the share still at a stored draw (rejected transitions keep their start), both sides
+        nn = metrics.nearest_distance((theta - mean) / scale, a)
+        at_stored = float(np.mean(nn < 0.01 * np.median(metrics.nearest_distance(held_x, a))))
+        assert abs(at_stored - row["at_stored_draws"]) <= 0.3, (k, at_stored, row)
+        assert (row["at_stored_draws"] == 1.0) == (k == 0), row
     default = man["refine"]["default_transitions"]
     dflt, explicit = tmp_path / "d.safetensors", tmp_path / "e.safetensors"
     subprocess.run([str(binary), "sample", str(out), "-n", "16", "-q", "-o", str(dflt)], check=True, timeout=300)
