@@ -142,7 +142,7 @@ def refine_section(ctx):
          "copies: **at a stored draw** is the share of samples within 1 % of the held-out chain's median distance "
          "of a stored draw, the stored draws unchanged (an endpoint HMC transition that is rejected keeps its "
          "start), and **mean ratio** the mean of the per-sample ratios, which counts them. The runtime's "
-         "multinomial kernel (`--refine-kernel multinomial`) moves every sample (docs/fidelity.md).", ""]
+         "multinomial kernel (`--refine-kernel multinomial`) moves nearly every sample (docs/fidelity.md).", ""]
     head = (["K", "TV", "memorization ratio", "mean ratio", "at a stored draw", "NLL", "ECE", "agreement"]
             if classification else ["K", "NLL", "memorization ratio", "mean ratio", "at a stored draw", "RMSE",
                                     "coverage90"])
