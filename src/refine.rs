@@ -265,6 +265,11 @@ struct Tree {
     candidate: States,
     log_tree: Vec<f64>,
     log_subtree: Vec<f64>,
+    /// Per row, the energy weights are taken relative to: the start's, or 0 when that is not
+    /// finite (a start outside the support weighs nothing).
+    reference: Vec<f64>,
+    /// Per row, whether the newest subtree has drawn a candidate (some state of finite weight).
+    drawn: Vec<bool>,
     forward: Vec<bool>,
 }
 
@@ -457,12 +462,14 @@ impl<'a> Refiner<'a> {
             }
             alloc::resize(&mut buf.logp, b, oom)?;
         }
-        for v in [&mut t.log_tree, &mut t.log_subtree] {
+        for v in [&mut t.log_tree, &mut t.log_subtree, &mut t.reference] {
             v.clear();
             v.resize(b, 0.0);
         }
-        t.forward.clear();
-        t.forward.resize(b, true);
+        for v in [&mut t.forward, &mut t.drawn] {
+            v.clear();
+            v.resize(b, false);
+        }
         let mut moves = 0;
         for _ in 0..transitions {
             let mut moved_now = vec![false; b];
@@ -473,6 +480,11 @@ impl<'a> Refiner<'a> {
                     *pi /= mi.sqrt();
                 }
                 w.energy[j] = -f64::from(w.logp[j]) + self.kinetic(p);
+                // The start's weight: 1 (log 0) when its energy is finite, 0 when it is +∞
+                // (outside the support: any state of finite weight replaces it); with a NaN
+                // log-density nothing moves and the final check reports the row.
+                t.reference[j] = if w.energy[j].is_finite() { w.energy[j] } else { 0.0 };
+                t.log_tree[j] = t.reference[j] - w.energy[j];
             }
             for side in [&mut t.left, &mut t.right] {
                 side.x.copy_from_slice(&w.x);
@@ -480,7 +492,6 @@ impl<'a> Refiner<'a> {
                 side.grad.copy_from_slice(&w.grad);
                 side.logp.copy_from_slice(&w.logp);
             }
-            t.log_tree.fill(0.0); // the start's weight, exp(H₀ − H₀)
             for level in 0..depth {
                 for (j, stream) in streams.iter_mut().enumerate() {
                     t.forward[j] = stream.next_u64() >> 63 == 1;
@@ -491,6 +502,7 @@ impl<'a> Refiner<'a> {
                     w.grad_new[r.clone()].copy_from_slice(&side.grad[r]);
                 }
                 t.log_subtree.fill(f64::NEG_INFINITY);
+                t.drawn.fill(false);
                 for _ in 0..1u64 << level {
                     for j in 0..b {
                         let eps = if t.forward[j] { self.step as f32 } else { -self.step as f32 };
@@ -510,7 +522,7 @@ impl<'a> Refiner<'a> {
                         }
                         let energy = -f64::from(w.logp_new[j]) + self.kinetic(&w.momentum[r.clone()]);
                         // A state's weight is exp(H₀ − H); a non-finite energy weighs nothing.
-                        let log_weight = if energy.is_finite() { w.energy[j] - energy } else { f64::NEG_INFINITY };
+                        let log_weight = if energy.is_finite() { t.reference[j] - energy } else { f64::NEG_INFINITY };
                         let total = log_add_exp(t.log_subtree[j], log_weight);
                         // Weighted reservoir sampling: the subtree's candidate is each state
                         // with probability its share of the subtree's weight.
@@ -519,6 +531,7 @@ impl<'a> Refiner<'a> {
                             t.candidate.x[r.clone()].copy_from_slice(&w.x_new[r.clone()]);
                             t.candidate.grad[r.clone()].copy_from_slice(&w.grad_new[r]);
                             t.candidate.logp[j] = w.logp_new[j];
+                            t.drawn[j] = true;
                         }
                         t.log_subtree[j] = total;
                     }
@@ -532,7 +545,7 @@ impl<'a> Refiner<'a> {
                     // Biased progressive sampling: the new subtree's candidate replaces the
                     // current choice with probability min(1, W_new / W_old).
                     let u = uniform(stream);
-                    if t.log_subtree[j] > f64::NEG_INFINITY && u.ln() < t.log_subtree[j] - t.log_tree[j] {
+                    if t.drawn[j] && u.ln() < t.log_subtree[j] - t.log_tree[j] {
                         w.x[r.clone()].copy_from_slice(&t.candidate.x[r.clone()]);
                         w.grad[r.clone()].copy_from_slice(&t.candidate.grad[r]);
                         w.logp[j] = t.candidate.logp[j];
@@ -773,5 +786,60 @@ mod tests {
         let a = stats.acceptance_rate();
         assert!((0.3..0.98).contains(&a), "acceptance {a}: the test should reject some proposals");
         assert_eq!(stats.moved, stats.accepted);
+    }
+
+    /// N(0, I) cut to x₀ ≥ −1: log-density −∞ below.
+    struct Truncated;
+
+    impl LogPosterior for Truncated {
+        fn log_posterior(&self, theta: &[f32], s: usize, logp: &mut [f32], grad: &mut [f32]) -> Result<()> {
+            let d = theta.len() / s;
+            for j in 0..s {
+                let row = &theta[j * d..(j + 1) * d];
+                let inside = row[0] >= -1.0;
+                logp[j] = if inside { -0.5 * row.iter().map(|v| v * v).sum::<f32>() } else { f32::NEG_INFINITY };
+                for (g, v) in grad[j * d..(j + 1) * d].iter_mut().zip(row) {
+                    *g = -v;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// A start outside the support (log-density −∞) weighs nothing: either kernel moves it to
+    /// a state inside, never to a state of another row or of an earlier batch.
+    #[test]
+    fn a_start_outside_the_support_moves_inside() {
+        let d = 3;
+        let inverse_mass = vec![1.0f32; d];
+        let refiner = Refiner {
+            posterior: &Truncated,
+            dim: d,
+            inverse_mass: &inverse_mass,
+            step: 0.3,
+            leapfrog: 7,
+            layers: vec![],
+            norms: None,
+        };
+        // Batches of 2: the second batch reuses the first one's buffers.
+        let mut theta = vec![0.5, 0.2, -0.1, -1.5, 0.3, 0.0, -1.2, -0.4, 0.8, 0.9, 0.1, 0.2];
+        let n = theta.len() / d;
+        for kernel in [RefineKernel::Multinomial, RefineKernel::Endpoint] {
+            let mut rows = theta.clone();
+            let run = RefineRun { transitions: 1, kernel, leapfrog: None };
+            let stats = refiner.refine(&mut rows, &vec![None; n], &run, 11, 0, 2).unwrap();
+            for (j, row) in rows.chunks_exact(d).enumerate() {
+                assert!(row[0] >= -1.0, "{kernel:?} row {j} still outside: {row:?}");
+                assert!(rows.chunks_exact(d).enumerate().all(|(k, other)| k == j || other != row), "{kernel:?}");
+            }
+            // the two starts outside moved; the endpoint kernel may keep a start inside
+            let at_least = if kernel == RefineKernel::Multinomial { n } else { 2 };
+            assert!(stats.moved >= at_least as u64, "{kernel:?} moved {}", stats.moved);
+        }
+        // A start with a NaN log-density cannot move, and the call says so.
+        theta[0] = f32::NAN;
+        let run = RefineRun { transitions: 1, kernel: RefineKernel::Multinomial, leapfrog: None };
+        let e = refiner.refine(&mut theta, &vec![None; n], &run, 11, 0, 2).unwrap_err();
+        assert!(e.message().contains("outside the posterior's support"), "{}", e.message());
     }
 }

@@ -220,7 +220,7 @@ impl FlowContext<'_> {
         if let Some(l) = o.refine_leapfrog {
             if !(1..=crate::bundle::MAX_LEAPFROG_STEPS).contains(&l) {
                 return Err(Error::invalid(format!(
-                    "refine_leapfrog {l} is outside [1, {}] (0 or unset: the bundle's refine.leapfrog_steps)",
+                    "refine_leapfrog {l} is outside [1, {}]; leave it unset for the bundle's refine.leapfrog_steps",
                     crate::bundle::MAX_LEAPFROG_STEPS
                 )));
             }

@@ -273,8 +273,10 @@ def test_rust_runtime_refinement_matches_the_pipeline(built, tmp_path):
         # the share still at a stored draw (rejected transitions keep their start), both sides
         nn = metrics.nearest_distance((theta - mean) / scale, a)
         at_stored = float(np.mean(nn < 0.01 * np.median(metrics.nearest_distance(held_x, a))))
-        assert abs(at_stored - row["at_stored_draws"]) <= 0.3, (k, at_stored, row)
-        assert (row["at_stored_draws"] == 1.0) == (k == 0), row
+        # 100 samples: the standard error of a difference of two shares is at most 0.071
+        assert abs(at_stored - row["at_stored_draws"]) <= 0.2, (k, at_stored, row)
+        assert (row["at_stored_draws"] == 1.0) == (k == 0) == (at_stored == 1.0), (k, at_stored, row)
+        print(f"K={k}: at a stored draw {at_stored:.2f} (runtime) vs {row['at_stored_draws']:.2f} (pipeline)")
     default = man["refine"]["default_transitions"]
     dflt, explicit = tmp_path / "d.safetensors", tmp_path / "e.safetensors"
     subprocess.run([str(binary), "sample", str(out), "-n", "16", "-q", "-o", str(dflt)], check=True, timeout=300)

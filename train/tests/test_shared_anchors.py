@@ -45,7 +45,7 @@ def test_pairs_share_their_stored_draw(tmp_path):
     multinomial = run(bundle, tmp_path / "m.json", "--kernel", "multinomial", "--leapfrog", "9")
     assert (multinomial["kernel"], multinomial["leapfrog"]) == ("multinomial", 9)
     assert multinomial["unchanged"] == 0.0 and multinomial["identical_pairs"] == 0.0
-    assert multinomial["ratio"]["q10"] > 0.1 and multinomial["ratio"]["mean"] >= multinomial["ratio"]["q10"]
+    assert multinomial["ratio"]["q10"] > 0.1
 
     # refused where the pairing does not hold: more draws than stored, or refinement that starts
     # below 1 (the format-3 original: its stored draw per sample comes from the sample's stream)

@@ -175,7 +175,7 @@ def test_refine_kernel_and_leapfrog():
     bundle's 5 agree); a 0.7 caller's layout gets the defaults; bad values are refused."""
     with postflow.Model(FIXTURES / "affine_refine") as m:
         kw = dict(seed=8, start_time=1.0, refine_transitions=1)
-        n = 16  # the fixture's stored draws
+        n = 16  # of the fixture's 24 stored draws
         stored = m.sample(n, seed=8, start_time=1.0, refine_transitions=0).theta
         endpoint = m.sample(n, **kw).theta
         np.testing.assert_array_equal(m.sample(n, refine_kernel="endpoint", **kw).theta, endpoint)
