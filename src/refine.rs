@@ -365,33 +365,14 @@ impl<'a> Refiner<'a> {
     ) -> Result<u64> {
         let d = self.dim;
         self.start(x, b, w)?;
-        let half = (0.5 * self.step) as f32;
         let eps = self.step as f32;
         let mut accepted = 0;
         for _ in 0..transitions {
-            for (j, stream) in streams.iter_mut().enumerate() {
-                let p = &mut w.momentum[j * d..(j + 1) * d];
-                rng::fill_standard_normal(stream, p);
-                for (pi, mi) in p.iter_mut().zip(self.inverse_mass) {
-                    *pi /= mi.sqrt();
-                }
-                w.energy[j] = -f64::from(w.logp[j]) + self.kinetic(p);
-            }
+            self.draw_momenta(streams, w);
             w.x_new.copy_from_slice(&w.x);
             w.grad_new.copy_from_slice(&w.grad);
             for _ in 0..leapfrog {
-                for j in 0..b {
-                    let (p, g) = (&mut w.momentum[j * d..(j + 1) * d], &w.grad_new[j * d..(j + 1) * d]);
-                    let xs = &mut w.x_new[j * d..(j + 1) * d];
-                    for i in 0..d {
-                        p[i] += half * g[i];
-                        xs[i] += eps * self.inverse_mass[i] * p[i];
-                    }
-                }
-                self.posterior.log_posterior(&w.x_new, b, &mut w.logp_new, &mut w.grad_new)?;
-                for (p, g) in w.momentum.iter_mut().zip(&w.grad_new) {
-                    *p += half * g;
-                }
+                self.leapfrog_step(w, b, |_| eps)?;
             }
             for (j, stream) in streams.iter_mut().enumerate() {
                 let p = &w.momentum[j * d..(j + 1) * d];
@@ -455,7 +436,9 @@ impl<'a> Refiner<'a> {
         let d = self.dim;
         self.start(x, b, w)?;
         let oom = || Error::invalid(format!("refinement: cannot allocate buffers for {b} samples of D = {d}"));
-        let t = &mut w.tree;
+        // The tree's buffers leave `w` for the call, so `w`'s own can be lent alongside them.
+        let mut tree = std::mem::take(&mut w.tree);
+        let t = &mut tree;
         for buf in [&mut t.left, &mut t.right, &mut t.candidate] {
             for part in [&mut buf.x, &mut buf.p, &mut buf.grad] {
                 alloc::resize(part, b * d, oom)?;
@@ -470,16 +453,12 @@ impl<'a> Refiner<'a> {
             v.clear();
             v.resize(b, false);
         }
+        let eps = self.step as f32;
         let mut moves = 0;
         for _ in 0..transitions {
             let mut moved_now = vec![false; b];
-            for (j, stream) in streams.iter_mut().enumerate() {
-                let p = &mut w.momentum[j * d..(j + 1) * d];
-                rng::fill_standard_normal(stream, p);
-                for (pi, mi) in p.iter_mut().zip(self.inverse_mass) {
-                    *pi /= mi.sqrt();
-                }
-                w.energy[j] = -f64::from(w.logp[j]) + self.kinetic(p);
+            self.draw_momenta(streams, w);
+            for j in 0..b {
                 // The start's weight: 1 (log 0) when its energy is finite, 0 when it is +∞
                 // (outside the support: any state of finite weight replaces it); with a NaN
                 // log-density nothing moves and the final check reports the row.
@@ -504,22 +483,10 @@ impl<'a> Refiner<'a> {
                 t.log_subtree.fill(f64::NEG_INFINITY);
                 t.drawn.fill(false);
                 for _ in 0..1u64 << level {
-                    for j in 0..b {
-                        let eps = if t.forward[j] { self.step as f32 } else { -self.step as f32 };
-                        let (p, g) = (&mut w.momentum[j * d..(j + 1) * d], &w.grad_new[j * d..(j + 1) * d]);
-                        let xs = &mut w.x_new[j * d..(j + 1) * d];
-                        for i in 0..d {
-                            p[i] += 0.5 * eps * g[i];
-                            xs[i] += eps * self.inverse_mass[i] * p[i];
-                        }
-                    }
-                    self.posterior.log_posterior(&w.x_new, b, &mut w.logp_new, &mut w.grad_new)?;
+                    let forward = &t.forward;
+                    self.leapfrog_step(w, b, |j| if forward[j] { eps } else { -eps })?;
                     for (j, stream) in streams.iter_mut().enumerate() {
-                        let eps = if t.forward[j] { self.step as f32 } else { -self.step as f32 };
                         let r = j * d..(j + 1) * d;
-                        for (p, g) in w.momentum[r.clone()].iter_mut().zip(&w.grad_new[r.clone()]) {
-                            *p += 0.5 * eps * g;
-                        }
                         let energy = -f64::from(w.logp_new[j]) + self.kinetic(&w.momentum[r.clone()]);
                         // A state's weight is exp(H₀ − H); a non-finite energy weighs nothing.
                         let log_weight = if energy.is_finite() { t.reference[j] - energy } else { f64::NEG_INFINITY };
@@ -559,9 +526,45 @@ impl<'a> Refiner<'a> {
             }
             moves += moved_now.iter().filter(|m| **m).count() as u64;
         }
+        w.tree = tree;
         x.copy_from_slice(&w.x);
         Self::check_final_log_densities(w, b)?;
         Ok(moves)
+    }
+
+    /// Fresh momenta `p ~ N(0, diag(1/m))` for every row, and each row's energy.
+    fn draw_momenta<R: RngCore>(&self, streams: &mut [R], w: &mut Work) {
+        let d = self.dim;
+        for (j, stream) in streams.iter_mut().enumerate() {
+            let p = &mut w.momentum[j * d..(j + 1) * d];
+            rng::fill_standard_normal(stream, p);
+            for (pi, mi) in p.iter_mut().zip(self.inverse_mass) {
+                *pi /= mi.sqrt();
+            }
+            w.energy[j] = -f64::from(w.logp[j]) + self.kinetic(p);
+        }
+    }
+
+    /// One leapfrog step of every row of `w.x_new`, `w.momentum`, `w.grad_new` (and
+    /// `w.logp_new`), row `j` with step `eps_of(j)` (negative: backwards in time).
+    fn leapfrog_step(&self, w: &mut Work, b: usize, eps_of: impl Fn(usize) -> f32) -> Result<()> {
+        let d = self.dim;
+        for j in 0..b {
+            let (eps, r) = (eps_of(j), j * d..(j + 1) * d);
+            let (p, g, x) = (&mut w.momentum[r.clone()], &w.grad_new[r.clone()], &mut w.x_new[r]);
+            for (((p, g), x), m) in p.iter_mut().zip(g).zip(x.iter_mut()).zip(self.inverse_mass) {
+                *p += 0.5 * eps * g;
+                *x += eps * m * *p;
+            }
+        }
+        self.posterior.log_posterior(&w.x_new, b, &mut w.logp_new, &mut w.grad_new)?;
+        for j in 0..b {
+            let (eps, r) = (eps_of(j), j * d..(j + 1) * d);
+            for (p, g) in w.momentum[r.clone()].iter_mut().zip(&w.grad_new[r]) {
+                *p += 0.5 * eps * g;
+            }
+        }
+        Ok(())
     }
 
     fn kinetic(&self, p: &[f32]) -> f64 {
