@@ -268,13 +268,14 @@ def test_bundle_stage_writes_a_valid_version_4_bundle(built):
     sweep = rm["refine_sweep"]
     assert [r["transitions"] for r in sweep] == cfg["bundle"]["refine_transitions"]
     keys = {"transitions", "tv", "nll", "ece", "agreement", "memorization_ratio", "epistemic_ratio_eval",
-            "epistemic_ratio_ood"}
+            "epistemic_ratio_ood", "at_stored_draws", "memorization_ratio_mean"}
     for r in sweep:
         assert set(r) == keys and all(np.isfinite(v) for v in r.values()), r
     # K = 0 is the start-time sweep's row at refinement's start time (1: the stored draws)
     t1 = next(r for r in rm["start_time_sweep"] if r["start_time"] == rf["start_time"])
     assert sweep[0]["tv"] == pytest.approx(t1["tv"], abs=1e-4)
     assert sweep[0]["memorization_ratio"] == pytest.approx(0.0, abs=1e-3)
+    assert sweep[0]["at_stored_draws"] == 1.0 and all(0 <= r["at_stored_draws"] <= 1 for r in sweep)
     assert sweep[-1]["memorization_ratio"] > sweep[0]["memorization_ratio"]
     hmc, ece = rm["methods"]["hmc"], man["provenance"]["start_time"]["rule_ece"]
     want = refine.choose_transitions(sweep, lambda r: evaluate.start_time_failures(r, hmc, True, ece),
