@@ -144,11 +144,11 @@ pub enum RefineKernel {
 }
 
 impl RefineKernel {
-    pub const NAMES: [(&'static str, RefineKernel); 2] =
-        [("endpoint", RefineKernel::Endpoint), ("multinomial", RefineKernel::Multinomial)];
-
     pub fn name(self) -> &'static str {
-        Self::NAMES.iter().find(|(_, k)| *k == self).map(|(n, _)| *n).expect("every kernel is named")
+        match self {
+            RefineKernel::Endpoint => "endpoint",
+            RefineKernel::Multinomial => "multinomial",
+        }
     }
 }
 
@@ -176,6 +176,8 @@ pub struct RefineStats {
     pub samples: u64,
     /// Leapfrog steps per trajectory (the multinomial kernel's `2^d − 1`).
     pub leapfrog: u32,
+    /// The kernel that ran.
+    pub kernel: RefineKernel,
 }
 
 impl std::ops::AddAssign for RefineStats {
@@ -183,6 +185,9 @@ impl std::ops::AddAssign for RefineStats {
     fn add_assign(&mut self, other: RefineStats) {
         self.transitions = self.transitions.max(other.transitions);
         self.leapfrog = self.leapfrog.max(other.leapfrog);
+        if other.samples > 0 {
+            self.kernel = other.kernel;
+        }
         self.proposed += other.proposed;
         self.accepted += other.accepted;
         self.moved += other.moved;
@@ -302,14 +307,15 @@ impl<'a> Refiner<'a> {
         let n = theta.len() / d;
         debug_assert_eq!(anchor_of.len(), n);
         let transitions = run.transitions;
-        let mut stats = RefineStats { transitions, ..Default::default() };
+        let mut stats = RefineStats { transitions, kernel: run.kernel, ..Default::default() };
         if transitions == 0 || n == 0 {
             return Ok(stats);
         }
         let leapfrog = run.leapfrog.unwrap_or(self.leapfrog);
+        let depth = doublings(leapfrog);
         stats.leapfrog = match run.kernel {
             RefineKernel::Endpoint => leapfrog,
-            RefineKernel::Multinomial => (1u32 << doublings(leapfrog)) - 1,
+            RefineKernel::Multinomial => (1u32 << depth) - 1,
         };
         let mut work = Work::default();
         let mut start = 0;
@@ -334,9 +340,7 @@ impl<'a> Refiner<'a> {
             }
             let accepted = match run.kernel {
                 RefineKernel::Endpoint => self.transitions(rows, b, transitions, leapfrog, &mut streams, &mut work)?,
-                RefineKernel::Multinomial => {
-                    self.multinomial(rows, b, transitions, doublings(leapfrog), &mut streams, &mut work)?
-                }
+                RefineKernel::Multinomial => self.multinomial(rows, b, transitions, depth, &mut streams, &mut work)?,
             };
             stats.proposed += b as u64 * u64::from(transitions);
             stats.accepted += accepted;

@@ -354,7 +354,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<()> {
             "refine_transitions": drawn.refine.transitions,
             "refine_acceptance": (drawn.refine.transitions > 0).then(|| drawn.refine.acceptance_rate()),
             "refine_moved": (drawn.refine.transitions > 0).then(|| drawn.refine.moved_fraction()),
-            "refine_kernel": (drawn.refine.transitions > 0).then(|| options.refine_kernel.unwrap_or_default().name()),
+            "refine_kernel": (drawn.refine.transitions > 0).then(|| drawn.refine.kernel.name()),
             "refine_leapfrog": (drawn.refine.transitions > 0).then_some(drawn.refine.leapfrog),
         },
         "methods": {"flow": flow_metrics, "hmc": hmc_metrics, "map": map_metrics},
